@@ -1,0 +1,63 @@
+"""ModelRunner: owns the weights and the KV tensors, turns a StepPlan into one batched forward."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.model import CausalLM
+from kernels.attention import AttentionBackend, AttentionMetadata
+
+
+def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, backend: AttentionBackend, num_blocks: int, block_size: int,
+                 device: str = "cpu", kv_dtype: torch.dtype | None = None):
+        self.model = model
+        self.backend = backend
+        self.device = torch.device(device)
+        self.block_size = block_size
+        c = model.config
+        dtype = kv_dtype or next(model.parameters()).dtype
+        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(c.num_hidden_layers)]
+
+    def build_metadata(self, chunks: list[tuple[list[int], int]], bm: BlockManager,
+                       seq_ids: list[int]) -> tuple[list[int], list[int], AttentionMetadata]:
+        """chunks: (token ids to run, KV length before them) per request -> flat ids, positions, metadata."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        q_lens, kv_lens, tables = [], [], []
+        bs = self.block_size
+        for (tokens, start), sid in zip(chunks, seq_ids):
+            table = bm.table(sid)
+            ids.extend(tokens)
+            pos = range(start, start + len(tokens))
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            q_lens.append(len(tokens))
+            kv_lens.append(start + len(tokens))
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(q_lens, kv_lens, bt, torch.tensor(slots, dtype=torch.long, device=self.device), bs)
+        return ids, positions, meta
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[tuple[list[int], int]], bm: BlockManager, seq_ids: list[int],
+                logits_index: list[int]) -> torch.Tensor:
+        """Run the target on every request's new tokens; return float32 logits at the flat `logits_index` rows."""
+        ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
+        self.backend.plan(meta)
+        hidden, _ = self.model(
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            self.backend, self.kv_caches,
+        )
+        return self.model.logits(hidden[torch.tensor(logits_index, device=self.device)]).cpu()

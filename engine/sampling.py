@@ -1,0 +1,93 @@
+"""Per-request sampling parameters and the batched sampler (temperature, top-k, top-p, seeds, logprobs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob plus top-k alternatives
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5
+
+    def validate(self) -> None:
+        """Raise ValueError naming the parameter; the server turns it into a 400."""
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= -1, "top_k", "must be -1, 0 or positive"),
+            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise ValueError(f"{name} {msg}")
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    return g
+
+
+def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor):
+    """Temperature, top-k and top-p applied row-wise; returns probabilities [N, V]."""
+    logits = logits / temps[:, None]
+    vocab = logits.shape[-1]
+    if bool((top_ks > 0).any()) or bool((top_ps < 1).any()):
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        k = torch.where(top_ks > 0, top_ks, vocab)[:, None]
+        cut = ranks >= k
+        probs = sorted_logits.softmax(-1)
+        cut |= (probs.cumsum(-1) - probs) >= top_ps[:, None]  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits.softmax(-1)
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen lp, top-k [(id, lp)]) per row
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> SampleResult:
+    """One token per row of `logits` [N, V] (float32)."""
+    n = logits.shape[0]
+    tokens = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        sub = logits[rows]
+        temps = torch.tensor([params[i].temperature for i in rows], dtype=sub.dtype)
+        ks = torch.tensor([max(params[i].top_k, 0) for i in rows])
+        ps = torch.tensor([params[i].top_p for i in rows], dtype=sub.dtype)
+        probs = filter_logits(sub, temps, ks, ps)
+        for j, i in enumerate(rows):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    token_list = tokens.tolist()
+    lps: list = [None] * n
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if want:
+        logp = torch.log_softmax(logits[want], dim=-1)
+        kmax = max(params[i].logprobs for i in want)
+        top_v, top_i = logp.topk(max(kmax, 1), dim=-1) if kmax else (None, None)
+        for j, i in enumerate(want):
+            k = params[i].logprobs
+            top = list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist())) if k else []
+            lps[i] = (float(logp[j, token_list[i]]), top)
+    return SampleResult(token_list, lps)

@@ -1,0 +1,53 @@
+"""All settings in one pydantic model: defaults < configs/*.yaml < DSPARK_* env vars < CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "dspark-default"
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSPARK_", extra="forbid")
+
+    # model
+    model: str = Field(str(DEFAULT_MODEL), description="local Hugging Face model directory")
+    served_model_name: str | None = Field(None, description="name clients use; default: the directory's name")
+    device: str = "cpu"
+    dtype: str = Field("float32", description="float32 | bfloat16 | float16")
+    attention_backend: str = Field("torch", description="torch (reference) | flashinfer (CUDA)")
+    max_model_len: int | None = Field(None, description="context limit; default: the model's")
+    # KV cache and batching
+    block_size: int = 16
+    kv_cache_memory_mb: int = Field(512, description="memory for the paged KV cache")
+    num_kv_blocks: int | None = Field(None, description="overrides kv_cache_memory_mb")
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_n: int = 16
+    max_stop_sequences: int = 16
+    log_level: str = "info"
+    threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+def load_settings(config: str | Path | None = None, **overrides) -> Settings:
+    """YAML file (default configs/default.yaml), then env vars, then explicit overrides (CLI flags)."""
+    path = Path(config) if config else Path(os.environ.get("DSPARK_CONFIG", DEFAULT_CONFIG))
+    data = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+    env_set = {k for k in Settings.model_fields if f"DSPARK_{k.upper()}" in os.environ}
+    data = {k: v for k, v in data.items() if k not in env_set}  # env beats the file
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**data)
