@@ -12,7 +12,7 @@ from engine.model import load_model
 from engine.model_config import ModelConfig
 from engine.runner import ModelRunner, kv_bytes_per_token
 from engine.sampling import SamplingParams, make_generator, sample
-from engine.sequence import RequestOutput, Sequence, SeqStatus
+from engine.sequence import RequestOutput, SeqStatus, Sequence
 from engine.settings import Settings
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kernels.attention import make_backend

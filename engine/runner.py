@@ -24,8 +24,10 @@ class ModelRunner:
         c = model.config
         dtype = kv_dtype or next(model.parameters()).dtype
         shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(c.num_hidden_layers)]
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(c.num_hidden_layers)
+        ]
 
     def build_metadata(self, chunks: list[tuple[list[int], int]], bm: BlockManager,
                        seq_ids: list[int]) -> tuple[list[int], list[int], AttentionMetadata]:

@@ -43,7 +43,8 @@ class TorchPagedAttention:
         self.max_q, max_kv = int(q_lens.max()), int(kv_lens.max())
         self.slot_mapping = meta.slot_mapping
         j = torch.arange(max_kv, device=dev)
-        pages = meta.block_tables.gather(1, (j // meta.block_size).clamp(max=meta.block_tables.shape[1] - 1).expand(b, -1))
+        page_of = (j // meta.block_size).clamp(max=meta.block_tables.shape[1] - 1)
+        pages = meta.block_tables.gather(1, page_of.expand(b, -1))
         self.gather_slots = pages * meta.block_size + j % meta.block_size  # [B, max_kv]
         i = torch.arange(self.max_q, device=dev)
         qpos = (kv_lens - q_lens)[:, None] + i[None, :]  # absolute position of each padded query row

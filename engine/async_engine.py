@@ -1,0 +1,143 @@
+"""AsyncEngine: runs LLMEngine steps on its own thread; the event loop only awaits per-request queues.
+
+Adds and aborts cross into the engine thread through a thread-safe inbox and are applied between steps,
+so the engine's state is touched by one thread only. Outputs come back with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from engine import metrics
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.sequence import RequestOutput
+
+log = logging.getLogger("dspark.engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        metrics.KV_TOTAL.set(engine.block_manager.num_blocks)
+        metrics.KV_FREE.set(engine.block_manager.num_free)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Yield this request's deltas; aborting (client gone, task cancelled) frees its KV at the next step."""
+        if not self.alive:
+            raise EngineDeadError("engine is not running")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._inbox.put(("add", (request_id, prompt_ids, params)))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    # -- engine thread ----------------------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            kind, arg = self._inbox.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while True:
+            if kind == "add":
+                rid, prompt_ids, params = arg
+                try:
+                    self.engine.add_request(rid, prompt_ids, params)
+                    metrics.PROMPT_TOKENS.inc(len(prompt_ids))
+                except ValueError as e:
+                    self._deliver(rid, e)
+            elif kind == "abort":
+                self.engine.abort_request(arg)
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stop.is_set():
+            self._drain_inbox(block=not eng.has_unfinished())
+            self._gauges()
+            if not eng.has_unfinished():
+                continue
+            t0 = time.perf_counter()
+            preempted_before = eng.scheduler.num_preemptions
+            try:
+                outputs = eng.step()
+            except Exception as e:  # a failed step fails its requests, never hangs them
+                log.exception("engine step failed")
+                for rid in list(eng.seqs):
+                    eng.abort_request(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
+                continue
+            self._record(t0, outputs, eng.scheduler.num_preemptions - preempted_before)
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _record(self, t0: float, outputs: list[RequestOutput], preempted: int) -> None:
+        eng = self.engine
+        metrics.STEP_TIME.observe(time.perf_counter() - t0)
+        metrics.STEP_TOKENS.observe(eng.last_step_tokens)
+        metrics.GENERATION_TOKENS.inc(sum(len(o.token_ids) for o in outputs))
+        metrics.PREEMPTIONS.inc(preempted)
+        for o in outputs:
+            if o.finished:
+                metrics.FINISHED.labels(o.finish_reason).inc()
+        self._gauges()
+
+    def _gauges(self) -> None:
+        eng = self.engine
+        metrics.RUNNING.set(len(eng.scheduler.running))
+        metrics.WAITING.set(len(eng.scheduler.waiting))
+        metrics.KV_USAGE.set(eng.block_manager.usage)
+        metrics.KV_FREE.set(eng.block_manager.num_free)

@@ -1,0 +1,24 @@
+"""Every Prometheus metric the server exports, in one place (names prefixed `dspark_`)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("dspark_requests", "HTTP requests finished", ["endpoint", "status"])
+PROMPT_TOKENS = Counter("dspark_prompt_tokens", "Prompt tokens admitted")
+GENERATION_TOKENS = Counter("dspark_generation_tokens", "Tokens generated")
+FINISHED = Counter("dspark_request_finished", "Sequences finished", ["reason"])
+TTFT = Histogram("dspark_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS)
+ITL = Histogram("dspark_inter_token_latency_seconds", "Time between streamed tokens", buckets=LATENCY_BUCKETS)
+E2E = Histogram("dspark_request_latency_seconds", "Request latency, arrival to finish", buckets=LATENCY_BUCKETS)
+RUNNING = Gauge("dspark_num_requests_running", "Sequences in the running batch")
+WAITING = Gauge("dspark_num_requests_waiting", "Sequences waiting for admission")
+KV_USAGE = Gauge("dspark_kv_cache_usage_ratio", "Fraction of KV blocks in use")
+KV_FREE = Gauge("dspark_kv_free_blocks", "Free KV blocks")
+KV_TOTAL = Gauge("dspark_kv_total_blocks", "KV blocks in the pool")
+PREEMPTIONS = Counter("dspark_preemptions", "Sequences preempted for recompute")
+STEP_TOKENS = Histogram("dspark_batch_tokens_per_step", "Tokens run per engine step",
+                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+STEP_TIME = Histogram("dspark_step_seconds", "Engine step wall time", buckets=LATENCY_BUCKETS)

@@ -1,0 +1,85 @@
+"""`dspark` console script: serve, train-target, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine.settings import Settings, load_settings
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (--max-num-seqs ...), so the CLI never drifts from the settings model."""
+    p.add_argument("--config", help="YAML settings file (default configs/default.yaml)")
+    for name, field in Settings.model_fields.items():
+        ann = field.annotation
+        typ = int if ann in (int, int | None) else str
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=field.description)
+
+
+def _settings(args) -> Settings:
+    overrides = {k: getattr(args, k) for k in Settings.model_fields}
+    return load_settings(args.config, **overrides)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from engine.async_engine import AsyncEngine
+    from engine.llm_engine import LLMEngine
+    from server.app import create_app
+
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = AsyncEngine(LLMEngine(settings))
+    app = create_app(engine, settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def cmd_train_target(args) -> None:
+    from engine.training.train_target import train_target
+
+    train_target(args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
+                 threads=args.threads)
+
+
+def cmd_bench(args) -> None:
+    from loadtest.bench import run_bench
+
+    run_bench(_settings(args), tokens=args.tokens, concurrency=args.concurrency, write=args.write,
+              hf=not args.no_hf)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="dspark", description="OpenAI-compatible LLM server with DSpark")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="serve a model (default: the embedded one) on 127.0.0.1:8000")
+    _add_settings_flags(p)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("train-target", help="retrain the embedded default model and its tokenizer")
+    p.add_argument("--out", default="models/dspark-default")
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(fn=cmd_train_target)
+
+    p = sub.add_parser("bench", help="generated tokens/s at batch 1 and N concurrent, vs HF transformers")
+    _add_settings_flags(p)
+    p.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
+    p.set_defaults(fn=cmd_bench)
+
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+import random
+
+import pytest
+
+from engine.block_manager import BlockManager
+
+
+def test_allocate_grow_rollback_free():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    assert bm.allocate(1, 5) and len(bm.table(1)) == 2 and bm.num_free == 8
+    bm.allocate(1, 8)  # still two blocks
+    assert len(bm.table(1)) == 2
+    bm.allocate(1, 13)
+    assert len(bm.table(1)) == 4 and bm.num_free == 6
+    bm.rollback(1, 9)  # roll back the last 4 tokens: 9 tokens need 3 blocks
+    assert len(bm.table(1)) == 3 and bm.num_free == 7
+    bm.rollback(1, 0)
+    assert bm.table(1) == [] and bm.num_free == 10
+    bm.allocate(2, 40)
+    with pytest.raises(MemoryError):
+        bm.allocate(3, 1)
+    assert not bm.can_allocate(3, 1)
+    bm.free(2)
+    assert bm.num_free == 10
+    bm.check()
+
+
+def test_random_operations_never_leak():
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=64, block_size=8)
+    lengths: dict[int, int] = {}
+    for _ in range(5000):
+        sid = rng.randrange(8)
+        op = rng.random()
+        cur = lengths.get(sid, 0)
+        if op < 0.5:
+            n = cur + rng.randint(1, 20)
+            if bm.can_allocate(sid, n):
+                bm.allocate(sid, n)
+                lengths[sid] = n
+        elif op < 0.85 and cur:
+            lengths[sid] = cur - rng.randint(0, cur)
+            bm.rollback(sid, lengths[sid])
+        else:
+            bm.free(sid)
+            lengths.pop(sid, None)
+        for s, n in lengths.items():
+            assert len(bm.table(s)) == bm.blocks_for(n)
+        bm.check()
+    for s in list(lengths):
+        bm.free(s)
+    assert bm.num_free == 64

@@ -1,0 +1,212 @@
+"""End to end over real HTTP: a uvicorn server process, the official openai client and raw httpx SSE."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
+
+CODE_PROMPTS = [f"def {name}(" for name in ("parse", "main", "read", "write", "split", "join", "sort", "find",
+                                            "load", "save", "open", "close", "send", "recv", "copy", "walk")]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [server.name]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_chat_non_streaming(server, client):
+    r = client.chat.completions.create(model=server.name, max_tokens=12, temperature=0,
+                                       messages=[{"role": "user", "content": "Write a Python function that adds"}])
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5 and 1 <= r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+
+
+def test_chat_streaming_equals_non_streaming(server, client):
+    kw = dict(model=server.name, max_tokens=16, temperature=0, messages=[{"role": "user", "content": "Explain lists"}])
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_completions_logprobs_echo_and_multiple_prompts(server, client):
+    r = client.completions.create(model=server.name, prompt=["import os\n", "def main("], max_tokens=6,
+                                  temperature=0, logprobs=2, echo=True, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text.startswith("import os\n") and r.choices[2].text.startswith("def main(")
+    assert r.choices[0].text == r.choices[1].text  # greedy: both choices agree
+    lp = r.choices[0].logprobs
+    assert 1 <= len(lp.tokens) == len(lp.token_logprobs) <= 6
+    assert "".join(lp.tokens) == r.choices[0].text[len("import os\n"):]
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+def test_chat_logprobs(server, client):
+    r = client.chat.completions.create(model=server.name, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3, messages=[{"role": "user", "content": "hi"}])
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)  # greedy picks the top
+
+
+def test_n_choices_sampled_with_seed(server, client):
+    kw = dict(model=server.name, max_tokens=10, temperature=1.0, seed=7, n=3,
+              messages=[{"role": "user", "content": "Tell me about dictionaries"}])
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert len(a.choices) == 3 and [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len({c.message.content for c in a.choices}) > 1
+
+
+def test_stop_strings(server, client):
+    kw = dict(model=server.name, prompt="def read_lines(path):\n", max_tokens=24, temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    r = client.completions.create(**kw, stop=[stop, "@@never@@"])
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=stop, stream=True))
+    assert streamed == r.choices[0].text
+
+
+def test_sixteen_concurrent_greedy_streams_equal_solo_runs(server, client):
+    kw = dict(model=server.name, max_tokens=24, temperature=0)
+    solo = [client.completions.create(prompt=p, **kw).choices[0].text for p in CODE_PROMPTS]
+
+    async def one(ac, p):
+        text = ""
+        async for chunk in await ac.completions.create(prompt=p, stream=True, **kw):
+            text += chunk.choices[0].text
+        return text
+
+    async def all_at_once():
+        ac = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(ac, p) for p in CODE_PROMPTS))
+
+    assert asyncio.run(all_at_once()) == solo
+    assert len(set(solo)) > 4  # the prompts lead to different answers, so the comparison is not vacuous
+
+
+def test_raw_sse_format(server):
+    body = {"model": server.name, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+
+
+BAD = [
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "{m}"}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+     400, "temperature"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "user", "content": "x"}], "top_p": 0},
+     400, "top_p"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "user", "content": "x"}], "n": 1000}, 400, "n"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+     400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "user", "content": "x"}],
+                              "max_tokens": 10**7}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 50, "logprobs": True}, 400, "top_logprobs"),
+    ("/v1/completions", {"model": "{m}", "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": "{m}", "prompt": [10**8]}, 400, "prompt"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "stop": ["a"] * 100}, 400, "stop"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x" * 50000}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD)
+def test_bad_input_gets_openai_error(server, path, body, status, param):
+    body = {k: (server.name if v == "{m}" else v) for k, v in body.items()}
+    r = httpx.post(server.url + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert (err["param"] or "").startswith(param)
+
+
+def test_malformed_json_and_unknown_fields(server):
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/completions", json={"model": server.name, "prompt": "x", "max_tokens": 2,
+                                                         "some_future_field": {"a": 1}})
+    assert r.status_code == 200
+
+
+def test_openai_client_raises_typed_errors(server, client):
+    with pytest.raises(NotFoundError):
+        client.completions.create(model="missing", prompt="x")
+    with pytest.raises(BadRequestError):
+        client.completions.create(model=server.name, prompt="x", temperature=-1)
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_disconnect_mid_stream_frees_kv_blocks(server):
+    total = server.metric("dspark_kv_total_blocks")
+    assert wait_for(lambda: server.metric("dspark_kv_free_blocks") == total)
+    body = {"model": server.name, "prompt": "def main():\n" * 40, "max_tokens": 1500, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = 0
+        for line in lines:
+            if line.startswith("data: {"):
+                got += 1
+                if got == 3:
+                    break
+        assert server.metric("dspark_kv_free_blocks") < total  # the request holds blocks while streaming
+    # leaving the block closed the connection mid-stream
+    assert wait_for(lambda: server.metric("dspark_kv_free_blocks") == total), "KV blocks not freed"
+    assert wait_for(lambda: server.metric("dspark_num_requests_running") == 0)
+
+
+def test_disconnect_non_streaming_frees_kv_blocks(server):
+    total = server.metric("dspark_kv_total_blocks")
+    body = {"model": server.name, "prompt": "import os\n", "max_tokens": 1800, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+    assert wait_for(lambda: server.metric("dspark_kv_free_blocks") == total, 15), "KV blocks not freed"
+
+
+def test_metrics_exported(server):
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("dspark_requests_total", "dspark_prompt_tokens_total", "dspark_generation_tokens_total",
+                 "dspark_time_to_first_token_seconds_bucket", "dspark_inter_token_latency_seconds_bucket",
+                 "dspark_num_requests_running", "dspark_num_requests_waiting", "dspark_kv_cache_usage_ratio"):
+        assert name in text, name
+    assert server.metric("dspark_generation_tokens_total") > 0
