@@ -1,0 +1,121 @@
+"""`dspark bench`: generated tokens/s of our engine at batch 1 and N concurrent requests, against HF
+transformers `generate()` on the same weights, measured in one run on this machine.
+
+Every request generates exactly `tokens` tokens (greedy, EOS ignored), so the runs do the same work.
+The engine is driven directly (no HTTP), as `generate()` is; the HTTP load test is `loadtest/`.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.settings import Settings
+
+PROMPTS = [
+    "def parse_args(argv):\n", "import os\nimport sys\n\n\ndef main():\n", "class LRUCache:\n    def __init__(self",
+    "def read_file(path):\n    \"\"\"Return the contents of a file.\"\"\"\n", "for key, value in items:\n",
+    "def merge(a, b):\n", "import json\n\n\ndef load(path):\n", "try:\n    import ssl\nexcept ImportError:\n",
+]
+
+
+def _prompt(i: int) -> str:
+    return PROMPTS[i % len(PROMPTS)]
+
+
+def bench_engine(engine: LLMEngine, batch: int, tokens: int, repeats: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    ids = [engine.tokenizer.encode(_prompt(i)) for i in range(batch)]
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        seqs = engine.generate(ids, params)
+        dt = time.perf_counter() - t0
+        assert all(s.num_output == tokens for s in seqs)
+        runs.append(dt)
+    dt = statistics.median(runs)
+    return {"total_tps": batch * tokens / dt, "per_user_tps": tokens / dt, "seconds": dt}
+
+
+def bench_hf(model_dir: str, batch: int, tokens: int, repeats: int, dtype: torch.dtype) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    enc = tok([_prompt(i) for i in range(batch)], return_tensors="pt", padding=True, add_special_tokens=False)
+    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    runs = []
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(**enc, **kw)
+            runs.append(time.perf_counter() - t0)
+    assert out.shape[1] - enc["input_ids"].shape[1] == tokens
+    dt = statistics.median(runs)
+    return {"total_tps": batch * tokens / dt, "per_user_tps": tokens / dt, "seconds": dt}
+
+
+def run_bench(settings: Settings, tokens: int = 128, concurrency: int = 16, write: str = "docs/benchmarks.md",
+              hf: bool = True, repeats: int = 3) -> list[dict]:
+    torch.manual_seed(0)
+    engine = LLMEngine(settings)
+    engine.generate([engine.tokenizer.encode(_prompt(0))], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+    rows = []
+    for batch in (1, concurrency):
+        r = bench_engine(engine, batch, tokens, repeats)
+        rows.append({"system": "dspark engine (torch paged attention)", "batch": batch, **r})
+        print(f"dspark  batch {batch:>3}: {r['total_tps']:8.1f} tok/s total, {r['per_user_tps']:7.1f} tok/s per user")
+    if hf:
+        for batch in (1, concurrency):
+            r = bench_hf(settings.model, batch, tokens, repeats, engine.model.lm_head.weight.dtype)
+            rows.append({"system": "HF transformers generate()", "batch": batch, **r})
+            print(f"HF      batch {batch:>3}: {r['total_tps']:8.1f} tok/s total, "
+                  f"{r['per_user_tps']:7.1f} tok/s per user")
+    ours = {r["batch"]: r for r in rows if r["system"].startswith("dspark")}
+    ratios = {"batch_n_over_batch_1": ours[concurrency]["total_tps"] / ours[1]["total_tps"]}
+    theirs = {r["batch"]: r for r in rows if r["system"].startswith("HF")}
+    if theirs:
+        ratios["batch_1_vs_hf"] = ours[1]["total_tps"] / theirs[1]["total_tps"]
+        ratios[f"batch_{concurrency}_vs_hf"] = ours[concurrency]["total_tps"] / theirs[concurrency]["total_tps"]
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    if write:
+        write_markdown(Path(write), settings, rows, ratios, tokens, concurrency)
+    return rows
+
+
+def write_markdown(path: Path, settings: Settings, rows, ratios, tokens, concurrency) -> None:
+    cmd = f"dspark bench --tokens {tokens} --concurrency {concurrency}"
+    if settings.threads:
+        cmd += f" --threads {settings.threads}"
+    lines = [
+        "<!-- bench:serving-core -->",
+        "## Serving core: generated tokens/s vs HF transformers (CPU)",
+        "",
+        f"Command: `{cmd}` (model `{settings.model_name}`, dtype {settings.dtype}, "
+        f"{torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}). Each request generates exactly {tokens} tokens, greedy; median of 3 runs.",
+        "",
+        "| system | concurrent requests | total tok/s | per-user tok/s |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['system']} | {r['batch']} | {r['total_tps']:.1f} | {r['per_user_tps']:.1f} |" for r in rows]
+    lines += ["", "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()), "",
+              "<!-- /bench:serving-core -->"]
+    block = "\n".join(lines)
+    header = "# Benchmarks\n\nEvery figure here was printed by the command next to it.\n"
+    text = path.read_text() if path.exists() else header
+    pattern = re.compile(r"<!-- bench:serving-core -->.*?<!-- /bench:serving-core -->", re.S)
+    text = pattern.sub(block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
