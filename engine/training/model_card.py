@@ -81,8 +81,8 @@ def write_card(model_dir: str | Path) -> str:
         "## Samples (greedy, 80 tokens max, generated when this card was written)",
     ]
     for kind, prompt, text in samples(model_dir):
-        lines += ["", f"{kind} prompt: `{prompt!r}`", "", "```", (prompt if kind == "completion" else "") + text,
-                  "```"]
+        lines += ["", f"{kind} prompt: `{prompt!r}`", "", "~~~", (prompt if kind == "completion" else "") + text,
+                  "~~~"]
     card = "\n".join(lines) + "\n"
     (model_dir / "README.md").write_text(card)
     return card
