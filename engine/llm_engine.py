@@ -8,13 +8,15 @@ import time
 import torch
 
 from engine.block_manager import BlockManager
+from engine.drafters import load_drafter
 from engine.model import load_model
 from engine.model_config import ModelConfig
 from engine.runner import ModelRunner, kv_bytes_per_token
-from engine.sampling import SamplingParams, make_generator, sample
+from engine.sampling import SamplingParams, filter_logits, make_generator, sample
 from engine.sequence import RequestOutput, SeqStatus, Sequence
 from engine.settings import Settings
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.verify import accept_greedy, accept_sampled
 from kernels.attention import make_backend
 from scheduler.scheduler import Scheduler
 
@@ -40,7 +42,20 @@ class LLMEngine:
         model_len = self.model_config.max_position_embeddings
         self.max_model_len = min(settings.max_model_len or model_len, num_blocks * bs)
         self.block_manager = BlockManager(num_blocks, bs)
-        self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens)
+        self.drafter = None
+        self.tap_layers: tuple[int, ...] = ()
+        self.draft_ctx: dict[int, tuple[list, int]] = {}  # seq_id -> (per-layer drafter context K/V, length)
+        self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        draft_len = 0
+        if settings.drafter_path is not None:
+            self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
+            if self.drafter.cfg.method != settings.speculative:
+                raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, "
+                                 f"not {settings.speculative}")
+            self.tap_layers = tuple(self.drafter.cfg.target_layer_ids)
+            draft_len = min(settings.draft_len, self.drafter.cfg.block_size)
+        self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
+                                   draft_len, self.max_model_len)
         self.runner = ModelRunner(self.model, make_backend(settings.attention_backend), num_blocks, bs,
                                   settings.device, dtype)
         self.eos_ids = set(self.tokenizer.eos_ids) | set(self.model_config.eos_token_id)
@@ -72,39 +87,126 @@ class LLMEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is not None and not seq.finished:
             self.scheduler.finish(seq, "abort")
+            self.draft_ctx.pop(seq.seq_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     # -- one step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """schedule -> draft -> one batched target forward (prefill chunks, decodes, drafts) -> accept -> emit."""
         plan = self.scheduler.schedule()
+        for s in plan.preempted:
+            self.draft_ctx.pop(s.seq_id, None)
         if not plan.items:
             return []
-        chunks, seq_ids, logits_index, sampled = [], [], [], []
+        drafts = self._propose([it for it in plan.items if it.num_draft])
+        chunks, seq_ids, logits_index = [], [], []
         offset = 0
-        for item in plan.items:
-            s, n = item.seq, item.num_new_tokens
-            chunks.append((s.token_ids[s.num_computed : s.num_computed + n], s.num_computed))
+        for it in plan.items:
+            s = it.seq
+            if it.num_draft:
+                toks = [s.token_ids[-1], *drafts[s.seq_id].tokens]  # anchor (last committed) + drafts
+            else:
+                toks = s.token_ids[s.num_computed : s.num_computed + it.num_new_tokens]
+            chunks.append((toks, s.num_computed))
             seq_ids.append(s.seq_id)
-            offset += n
-            if item.samples:
-                logits_index.append(offset - 1)
-                sampled.append(s)
-        logits = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index) if sampled else None
-        for item in plan.items:
-            item.seq.num_computed += item.num_new_tokens
+            if it.num_draft:
+                logits_index.extend(range(offset, offset + len(toks)))
+            elif it.samples:
+                logits_index.append(offset + len(toks) - 1)
+            offset += len(toks)
+        logits, taps = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
         self.last_step_tokens = offset
+        now = time.monotonic()
+        plain = [i for i, it in enumerate(plan.items) if it.samples and not it.num_draft]
+        committed: dict[int, list] = {}  # item index -> [(token, logprob entry)]
+        rows, row = {}, 0
+        for i, it in enumerate(plan.items):
+            rows[i] = row
+            row += len(chunks[i][0]) if it.num_draft else int(it.samples)
+        if plain:
+            res = sample(logits[[rows[i] for i in plain]], [plan.items[i].seq.params for i in plain],
+                         [plan.items[i].seq.generator for i in plain])
+            for i, tok, lp in zip(plain, res.token_ids, res.logprobs):
+                committed[i] = [(tok, lp)]
         outputs = []
-        if sampled:
-            res = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
-            now = time.monotonic()
-            for s, tok, lp in zip(sampled, res.token_ids, res.logprobs):
+        tap_row = 0
+        for i, it in enumerate(plan.items):
+            s, n = it.seq, len(chunks[i][0])
+            if it.num_draft:
+                committed[i] = self._accept(s, drafts[s.seq_id], logits[rows[i] : rows[i] + n])
+                valid = len(committed[i])  # anchor + accepted drafts now have valid KV; the last token not yet
+            else:
+                valid = n
+            start = s.num_computed
+            s.num_computed += valid
+            if taps is not None:
+                self._extend_context(s, taps[tap_row : tap_row + valid], start)
+            tap_row += n
+            for tok, lp in committed.get(i, []):
                 self._append(s, tok, lp, now)
+                if s.finished:
+                    break
+            if s.finished:
+                self.draft_ctx.pop(s.seq_id, None)
+            else:
+                self.block_manager.rollback(s.seq_id, s.num_computed)
+            if i in committed:
                 outputs.append(s.take_output(self._holdback(s)))
                 if s.finished:
                     self.seqs.pop(s.request_id, None)
         return outputs
+
+    # -- speculation ------------------------------------------------------------------------------------------
+    def _propose(self, items) -> dict:
+        if not items:
+            return {}
+        seqs = [it.seq for it in items]
+        drafts = self.drafter.propose(
+            self.model.model.embed_tokens, self.model.lm_head, [s.token_ids[-1] for s in seqs],
+            [self.draft_ctx[s.seq_id] for s in seqs], [it.num_draft for it in items], [s.params for s in seqs],
+            [s.generator for s in seqs], self.settings.confidence_threshold)
+        self.stats["draft_rounds"] += len(seqs)
+        self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
+        return {s.seq_id: d for s, d in zip(seqs, drafts)}
+
+    def _accept(self, seq: Sequence, draft, logits: torch.Tensor) -> list:
+        """Verify one request's draft against the target's logits at [anchor, x_1..x_k]; lossless."""
+        p = seq.params
+        if p.greedy:
+            toks = accept_greedy(draft.tokens, logits.argmax(-1).tolist())
+        else:
+            n = logits.shape[0]
+            probs = filter_logits(logits, torch.full((n,), p.temperature), torch.full((n,), max(p.top_k, 0)),
+                                  torch.full((n,), p.top_p))
+            toks = accept_sampled(draft.tokens, draft.q, probs, seq.generator)
+        self.stats["accepted_tokens"] += len(toks) - 1
+        lps = [None] * len(toks)
+        if p.logprobs is not None:
+            logp = torch.log_softmax(logits[: len(toks)], -1)
+            for j, t in enumerate(toks):
+                top = logp[j].topk(p.logprobs) if p.logprobs else None
+                lps[j] = (float(logp[j, t]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
+        return list(zip(toks, lps))
+
+    def _extend_context(self, seq: Sequence, taps: torch.Tensor, start: int) -> None:
+        """Append the drafter's context K/V for tokens start..start+len(taps)-1 (their target hidden states)."""
+        if not len(taps):
+            return
+        with torch.inference_mode():
+            feats = self.drafter.fuse(taps.to(self.drafter.fc.weight.dtype))
+            pos = torch.arange(start, start + len(taps), device=feats.device)
+            new = self.drafter.context_kv(feats, pos)
+        old = self.draft_ctx.get(seq.seq_id)
+        if old is None:
+            assert start == 0, "drafter context must start at position 0"
+            self.draft_ctx[seq.seq_id] = (new, len(taps))
+            return
+        layers, n = old
+        assert n == start, f"drafter context gap: have {n} positions, got features from {start}"
+        merged = [(torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(layers, new)]
+        self.draft_ctx[seq.seq_id] = (merged, n + len(taps))
 
     def _holdback(self, seq: Sequence) -> int:
         return max((len(x) for x in seq.params.stop), default=1) - 1

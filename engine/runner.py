@@ -53,13 +53,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, chunks: list[tuple[list[int], int]], bm: BlockManager, seq_ids: list[int],
-                logits_index: list[int]) -> torch.Tensor:
-        """Run the target on every request's new tokens; return float32 logits at the flat `logits_index` rows."""
+                logits_index: list[int], tap_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the target on every request's new tokens.
+
+        Returns float32 logits at the flat `logits_index` rows, and the outputs of `tap_layers` (0-based
+        decoder layers) for every token, concatenated [T, len(tap_layers) * hidden], for the drafter."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
         self.backend.plan(meta)
-        hidden, _ = self.model(
+        hidden, taps = self.model(
             torch.tensor(ids, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
-            self.backend, self.kv_caches,
+            self.backend, self.kv_caches, hidden_layers=tuple(i + 1 for i in tap_layers),
         )
-        return self.model.logits(hidden[torch.tensor(logits_index, device=self.device)]).cpu()
+        logits = self.model.logits(hidden[torch.tensor(logits_index, device=self.device)]).cpu()
+        return logits, (torch.cat(taps, -1) if taps else None)

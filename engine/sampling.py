@@ -19,6 +19,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob plus top-k alternatives
     skip_special_tokens: bool = True
+    num_speculative_tokens: int | None = None  # per-request draft length cap (None = server default, 0 = off)
 
     @property
     def greedy(self) -> bool:

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", description="float32 | bfloat16 | float16")
     attention_backend: str = Field("torch", description="torch (reference) | flashinfer (CUDA)")
     max_model_len: int | None = Field(None, description="context limit; default: the model's")
+    # speculative decoding
+    speculative: str = Field("none", description="none | dspark | dflash | eagle3")
+    drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
+    draft_len: int = Field(7, description="most draft tokens per request per step")
+    confidence_threshold: float = Field(0.0, description="cut a draft where the confidence head falls below this")
     # KV cache and batching
     block_size: int = 16
     kv_cache_memory_mb: int = Field(512, description="memory for the paged KV cache")
@@ -37,6 +42,12 @@ class Settings(BaseSettings):
     max_stop_sequences: int = 16
     log_level: str = "info"
     threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
+
+    @property
+    def drafter_path(self) -> Path | None:
+        if self.speculative == "none":
+            return None
+        return Path(self.drafter) if self.drafter else Path(self.model) / "drafters" / self.speculative
 
     @property
     def model_name(self) -> str:

@@ -18,12 +18,13 @@ from engine.sequence import SeqStatus, Sequence
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # query tokens this step (prefill chunk or 1 decode token)
+    num_new_tokens: int  # query tokens this step: a prefill chunk, or 1 decode token + num_draft draft tokens
+    num_draft: int = 0  # draft tokens to propose and verify this step (decode steps only)
 
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's end, so this step yields its next token."""
-        return self.seq.num_computed + self.num_new_tokens == self.seq.num_tokens
+        return self.num_draft > 0 or self.seq.num_computed + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -37,8 +38,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 draft_len: int = 0, max_model_len: int | None = None):
         self.bm = block_manager
+        self.draft_len = draft_len  # 0 = no speculation
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -72,6 +76,15 @@ class Scheduler:
         pos = next((i for i, w in enumerate(self.waiting) if w.arrival > seq.arrival), len(self.waiting))
         self.waiting.insert(pos, seq)
 
+    def num_draft(self, seq: Sequence) -> int:
+        """Draft tokens for a decode step: the request's own setting or the server's, within its limits."""
+        k = seq.params.num_speculative_tokens
+        k = self.draft_len if k is None else min(k, self.draft_len)
+        k = min(k, seq.params.max_tokens - seq.num_output - 1)
+        if self.max_model_len:
+            k = min(k, self.max_model_len - seq.num_tokens - 1)
+        return max(k, 0)
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
@@ -80,6 +93,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            k = self.num_draft(seq) if n == 1 and seq.num_tokens - seq.num_computed == 1 else 0
+            k = min(k, budget - n)
+            n += k
             while not self.bm.can_allocate(seq.seq_id, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -89,7 +105,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 break  # seq preempted itself: everything after it was preempted too
             self.bm.allocate(seq.seq_id, seq.num_computed + n)
-            plan.items.append(ScheduledSeq(seq, n))
+            plan.items.append(ScheduledSeq(seq, n, k))
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:

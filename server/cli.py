@@ -14,7 +14,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML settings file (default configs/default.yaml)")
     for name, field in Settings.model_fields.items():
         ann = field.annotation
-        typ = int if ann in (int, int | None) else str
+        typ = int if ann in (int, int | None) else float if ann in (float, float | None) else str
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=field.description)
 
 

@@ -1,0 +1,192 @@
+"""Parallel block drafter: DSpark (with Markov and confidence heads) and DFlash (the same, without them).
+
+The block is [anchor, mask, ..., mask] (gamma positions) at positions a..a+gamma-1, where the anchor is the
+last committed token; position i predicts token a+i+1. Context enters every layer as extra keys/values made
+from fused target-layer hidden states of tokens 0..a-1. Queries come only from the block, which attends to
+itself bidirectionally. Embedding and LM head are the target's, frozen and not stored with the drafter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.drafters.config import DrafterConfig
+from engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
+from engine.model_config import ModelConfig
+from engine.sampling import SamplingParams, filter_logits
+
+
+class BlockAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lead = x.shape[:-1]
+        k = self.k_norm(self.k_proj(x).view(*lead, self.n_kv, self.head_dim))
+        v = self.v_proj(x).view(*lead, self.n_kv, self.head_dim)
+        return apply_rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2)), v
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
+        """x [B, Q, d]; ctx_k/v [B, C, Hkv, D]; mask [B, 1, Q, C + Q] (True = attend)."""
+        b, q_len, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, q_len, self.n_heads, self.head_dim))
+        q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        k, v = self.kv(x, cos, sin)
+        k, v = torch.cat([ctx_k, k], 1), torch.cat([ctx_v, v], 1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=self.n_heads != self.n_kv)
+        return self.o_proj(o.transpose(1, 2).reshape(b, q_len, -1))
+
+
+class BlockLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = BlockAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    q: torch.Tensor | None  # [k, V] distribution each token was drawn from (None when greedy)
+    confidence: list[float]  # calibrated survival probability of each drafted token, given the ones before
+
+
+class BlockDrafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig, target_cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = target_cfg.hidden_size
+        self.fc = nn.Linear(len(cfg.target_layer_ids) * d, d, bias=False)
+        self.hidden_norm = RMSNorm(d, target_cfg.rms_norm_eps)
+        self.mask_embedding = nn.Parameter(torch.randn(d) * 0.02)
+        self.layers = nn.ModuleList(BlockLayer(target_cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(d, target_cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(target_cfg)
+        r = cfg.markov_rank
+        if r:
+            self.markov_in = nn.Embedding(target_cfg.vocab_size, r)
+            self.markov_out = nn.Linear(r, target_cfg.vocab_size, bias=False)
+            nn.init.normal_(self.markov_in.weight, std=0.02)
+            nn.init.zeros_(self.markov_out.weight)  # starts as DFlash, learns the correction
+        if cfg.confidence_head:
+            self.confidence = nn.Linear(d + r, 1)
+        self.register_buffer("conf_temperature", torch.ones(cfg.block_size), persistent=True)
+
+    # -- shared pieces ------------------------------------------------------------------------------------------
+    def fuse(self, taps: torch.Tensor) -> torch.Tensor:
+        """Concatenated target hidden states [..., m*d] -> context features [..., d]."""
+        return self.hidden_norm(self.fc(taps))
+
+    def context_kv(self, feats: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cos, sin = self.rotary(positions, feats.dtype)
+        return [layer.self_attn.kv(feats, cos, sin) for layer in self.layers]
+
+    def block_hidden(self, block_emb, positions, ctx_kv, mask) -> torch.Tensor:
+        cos, sin = self.rotary(positions, block_emb.dtype)
+        x = block_emb
+        for layer, (ck, cv) in zip(self.layers, ctx_kv):
+            x = layer(x, cos, sin, ck, cv, mask)
+        return self.norm(x)
+
+    def markov_bias(self, prev: torch.Tensor) -> torch.Tensor | None:
+        return self.markov_out(self.markov_in(prev)) if self.cfg.markov_rank else None
+
+    def confidence_logit(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        parts = [h, self.markov_in(prev)] if self.cfg.markov_rank else [h]
+        return self.confidence(torch.cat(parts, -1)).squeeze(-1)
+
+    # -- inference ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, embed: nn.Embedding, lm_head: nn.Linear, anchors: list[int], ctx: list[tuple],
+                ks: list[int], params: list[SamplingParams], gens: list[torch.Generator],
+                threshold: float = 0.0) -> list[Draft]:
+        """Draft up to ks[b] tokens after each anchor. ctx[b] = (per-layer context K/V list, context length).
+
+        The confidence cut is decided at position i before x_i is drawn (from h_i and x_{i-1}), so the
+        proposal length never depends on the token it would cut: speculation stays lossless.
+        """
+        b, gamma = len(anchors), self.cfg.block_size
+        dev = self.mask_embedding.device
+        c_lens = [c[1] for c in ctx]
+        c_max = max(c_lens)
+        kv = []
+        for li in range(len(self.layers)):
+            ks_, vs_ = [], []
+            for (layer_kv, n) in ctx:
+                k, v = layer_kv[li]
+                pad = c_max - n
+                ks_.append(F.pad(k, (0, 0, 0, 0, 0, pad)))
+                vs_.append(F.pad(v, (0, 0, 0, 0, 0, pad)))
+            kv.append((torch.stack(ks_), torch.stack(vs_)))
+        emb = self.mask_embedding.expand(b, gamma, -1).clone()
+        emb[:, 0] = embed(torch.tensor(anchors, device=dev))
+        positions = torch.tensor(c_lens, device=dev)[:, None] + torch.arange(gamma, device=dev)
+        valid_ctx = torch.arange(c_max, device=dev)[None, :] < torch.tensor(c_lens, device=dev)[:, None]
+        mask = torch.cat([valid_ctx[:, None, :].expand(b, gamma, c_max),
+                          torch.ones(b, gamma, gamma, dtype=torch.bool, device=dev)], -1).unsqueeze(1)
+        h = self.block_hidden(emb, positions, kv, mask)  # [B, gamma, d]
+        base = lm_head(h).float()
+        prev = torch.tensor(anchors, device=dev)
+        drafts = [Draft([], None, []) for _ in range(b)]
+        qs: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        live = list(range(b))
+        for i in range(min(gamma, max(ks))):
+            live = [r for r in live if i < ks[r]]
+            if not live:
+                break
+            rows = torch.tensor(live, device=dev)
+            logits = base[rows, i]
+            bias = self.markov_bias(prev[rows])
+            if bias is not None:
+                logits = logits + bias.float()
+            if self.cfg.confidence_head:
+                c = torch.sigmoid(self.confidence_logit(h[rows, i], prev[rows]).float() / self.conf_temperature[i])
+                keep = [j for j in range(len(live)) if float(c[j]) >= threshold]
+                for j in keep:
+                    drafts[live[j]].confidence.append(float(c[j]))
+                if len(keep) < len(live):
+                    live = [live[j] for j in keep]
+                    if not live:
+                        break
+                    idx = torch.tensor(keep, device=dev)
+                    logits, rows = logits[idx], rows[idx]
+            greedy = [params[r].greedy for r in live]
+            toks = logits.argmax(-1)
+            if not all(greedy):
+                samp = [j for j, g in enumerate(greedy) if not g]
+                sp = [params[live[j]] for j in samp]
+                probs = filter_logits(logits[samp], torch.tensor([p.temperature for p in sp]),
+                                      torch.tensor([max(p.top_k, 0) for p in sp]),
+                                      torch.tensor([p.top_p for p in sp]))
+                for jj, j in enumerate(samp):
+                    r = live[j]
+                    toks[j] = torch.multinomial(probs[jj], 1, generator=gens[r])[0]
+                    qs[r].append(probs[jj])
+            for j, r in enumerate(live):
+                drafts[r].tokens.append(int(toks[j]))
+            prev = prev.clone()
+            prev[rows] = toks
+        for r in range(b):
+            if qs[r]:
+                drafts[r].q = torch.stack(qs[r])
+            if not self.cfg.confidence_head:
+                drafts[r].confidence = [1.0] * len(drafts[r].tokens)
+        return drafts
