@@ -46,6 +46,7 @@ class LLMEngine:
         self.tap_layers: tuple[int, ...] = ()
         self.draft_ctx: dict[int, tuple[list, int]] = {}  # seq_id -> (per-layer drafter context K/V, length)
         self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self.rounds: list[tuple[int, int, list[float]]] | None = None  # (proposed, accepted, confidences) if on
         draft_len = 0
         if settings.drafter_path is not None:
             self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
@@ -182,6 +183,8 @@ class LLMEngine:
                                   torch.full((n,), p.top_p))
             toks = accept_sampled(draft.tokens, draft.q, probs, seq.generator)
         self.stats["accepted_tokens"] += len(toks) - 1
+        if self.rounds is not None:
+            self.rounds.append((len(draft.tokens), len(toks) - 1, list(draft.confidence)))
         lps = [None] * len(toks)
         if p.logprobs is not None:
             logp = torch.log_softmax(logits[: len(toks)], -1)

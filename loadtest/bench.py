@@ -111,11 +111,53 @@ def write_markdown(path: Path, settings: Settings, rows, ratios, tokens, concurr
     lines += [f"| {r['system']} | {r['batch']} | {r['total_tps']:.1f} | {r['per_user_tps']:.1f} |" for r in rows]
     lines += ["", "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()), "",
               "<!-- /bench:serving-core -->"]
-    block = "\n".join(lines)
+    _replace_section(path, "serving-core", "\n".join(lines))
+
+
+def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128, write: str = "docs/benchmarks.md",
+                      per_group: int = 8) -> list[dict]:
+    """Per-user tokens/s at batch 1 for each speculation method, on held-out code / math / chat prompts."""
+    from engine.training.eval_drafter import GROUPS, heldout_prompts
+
+    rows = []
+    for method in methods:
+        eng = LLMEngine(settings.model_copy(update={"speculative": method}))
+        prompts = heldout_prompts(eng.tokenizer, per_group, seed=0)
+        eng.generate([prompts["code"][0]], SamplingParams(temperature=0, max_tokens=8))  # warm-up
+        for temp in (0.0, 1.0):
+            n_tok, secs, rounds0, acc0 = 0, 0.0, eng.stats["draft_rounds"], eng.stats["accepted_tokens"]
+            for g in GROUPS:
+                for i, p in enumerate(prompts[g]):
+                    t0 = time.perf_counter()
+                    s = eng.generate([p], SamplingParams(temperature=temp, max_tokens=tokens, seed=i))[0]
+                    secs += time.perf_counter() - t0
+                    n_tok += s.num_output
+            rounds = eng.stats["draft_rounds"] - rounds0
+            tau = (eng.stats["accepted_tokens"] - acc0 + rounds) / rounds if rounds else 1.0
+            rows.append({"method": method, "temperature": temp, "tps": n_tok / secs, "tau": tau, "tokens": n_tok})
+            print(f"{method:>7} T={temp}: {n_tok / secs:7.1f} tok/s per user (batch 1), tau {tau:.2f}")
+    base = {r["temperature"]: r["tps"] for r in rows if r["method"] == "none"}
+    for r in rows:
+        r["speedup"] = r["tps"] / base[r["temperature"]] if r["temperature"] in base else float("nan")
+    if write:
+        lines = ["<!-- bench:speculative -->", "## Speculative decoding: per-user tokens/s at batch 1 (CPU)", "",
+                 f"Command: `dspark bench --speculative-methods {','.join(methods)} --tokens {tokens}` "
+                 f"({torch.get_num_threads()} torch threads). {per_group} held-out prompts per group (code, math, "
+                 f"chat), up to {tokens} new tokens each, run one at a time; tau = committed tokens per "
+                 "verification round incl. the bonus.", "",
+                 "| method | temperature | tok/s per user | speed-up vs none | tau |", "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['temperature']} | {r['tps']:.1f} | {r['speedup']:.2f}x | {r['tau']:.2f} |"
+                  for r in rows]
+        lines += ["", "<!-- /bench:speculative -->"]
+        _replace_section(Path(write), "speculative", "\n".join(lines))
+    return rows
+
+
+def _replace_section(path: Path, name: str, block: str) -> None:
     header = "# Benchmarks\n\nEvery figure here was printed by the command next to it.\n"
     text = path.read_text() if path.exists() else header
-    pattern = re.compile(r"<!-- bench:serving-core -->.*?<!-- /bench:serving-core -->", re.S)
-    text = pattern.sub(block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"wrote {path}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from engine.settings import Settings, load_settings
+from engine.settings import DEFAULT_MODEL, Settings, load_settings
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
@@ -44,9 +45,28 @@ def cmd_train_target(args) -> None:
                  threads=args.threads)
 
 
-def cmd_bench(args) -> None:
-    from loadtest.bench import run_bench
+def cmd_train_drafter(args) -> None:
+    from engine.training.train_drafter import train_drafter
 
+    out = args.out or str(Path(args.model) / "drafters" / args.method)
+    print(train_drafter(args.model, out, method=args.method, steps=args.steps, batch=args.batch,
+                        block_size=args.block_size, num_layers=args.num_layers, markov_rank=args.markov_rank,
+                        lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens))
+
+
+def cmd_eval_drafter(args) -> None:
+    from engine.training.eval_drafter import evaluate
+
+    evaluate(args.model, args.methods.split(","), per_group=args.per_group, max_tokens=args.max_tokens,
+             write=args.write, save_calibration=not args.no_calibration)
+
+
+def cmd_bench(args) -> None:
+    from loadtest.bench import bench_speculative, run_bench
+
+    if args.speculative_methods:
+        bench_speculative(_settings(args), args.speculative_methods.split(","), tokens=args.tokens, write=args.write)
+        return
     run_bench(_settings(args), tokens=args.tokens, concurrency=args.concurrency, write=args.write,
               hf=not args.no_hf)
 
@@ -69,11 +89,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(fn=cmd_train_target)
 
+    p = sub.add_parser("train-drafter", help="train a dspark / dflash drafter for a target (resumes if stopped)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="target model directory")
+    p.add_argument("--method", default="dspark", choices=["dspark", "dflash"])
+    p.add_argument("--out", default=None, help="default: <model>/drafters/<method>")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=7)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--markov-rank", type=int, default=None, help="default min(256, hidden)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-prompts", type=int, default=1536)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(fn=cmd_train_drafter)
+
+    p = sub.add_parser("eval-drafter", help="acceptance benchmark of drafters on held-out code / math / chat")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--methods", default="dspark,dflash")
+    p.add_argument("--per-group", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--no-calibration", action="store_true", help="do not write fitted confidence temperatures")
+    p.add_argument("--write", default="docs/benchmarks.md")
+    p.set_defaults(fn=cmd_eval_drafter)
+
     p = sub.add_parser("bench", help="generated tokens/s at batch 1 and N concurrent, vs HF transformers")
     _add_settings_flags(p)
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--speculative-methods", dest="speculative_methods", default=None,
+                   help="e.g. none,dflash,dspark: per-user tokens/s at batch 1 per method instead")
     p.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
     p.set_defaults(fn=cmd_bench)
 

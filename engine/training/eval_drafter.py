@@ -1,0 +1,164 @@
+"""`dspark eval-drafter`: acceptance of each shipped drafter on held-out prompts, per group and temperature.
+
+Groups: code (held-out stdlib files), math (word problems from a separately seeded generator), chat (held-out
+topic and code questions). Batch 1. Metrics, as DeepSpec defines them:
+- tau: mean committed tokens per verification round, bonus included;
+- draft tokens per round; acceptance rate at position p = P(accepted > p | proposed > p);
+- confidence head (dspark): ECE (20 bins) and AUROC of the cumulative product of confidences against the
+  accepted-prefix label, per drafted position, pooled; then tau and acceptance rate with the confidence cut on.
+Calibration (per-position temperature on the confidence logits) is fitted on a separate held-out split.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from engine.drafters import save_drafter
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.settings import Settings
+from engine.training.corpus import build_corpus, math_chats
+
+GROUPS = ("code", "math", "chat")
+
+
+def heldout_prompts(tokenizer, per_group: int, seed: int) -> dict[str, list[list[int]]]:
+    rng = random.Random(seed)
+    corpus = build_corpus(0)
+    code = []
+    for _ in range(per_group):
+        lines = rng.choice(corpus.heldout_code).splitlines(keepends=True)
+        start = rng.randrange(max(1, len(lines) - 8))
+        code.append(tokenizer.encode("".join(lines[start : start + 6]))[-96:] or [0])
+    maths = [tokenizer.encode_chat(c[:1]) for c in math_chats(per_group, random.Random(10_000 + seed))]
+    chats = [c for c in corpus.heldout_chat if "The answer is" not in c[-1]["content"]]
+    chat = [tokenizer.encode_chat(c[:1])[-128:] for c in rng.sample(chats, per_group)]
+    return {"code": code, "math": maths, "chat": chat}
+
+
+def run_rounds(eng: LLMEngine, prompts: list[list[int]], temperature: float, max_tokens: int, threshold: float):
+    eng.rounds = []
+    eng.settings.confidence_threshold = threshold
+    for i, p in enumerate(prompts):  # batch 1
+        eng.generate([p], SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 + i))
+    rounds, eng.rounds = eng.rounds, None
+    return rounds
+
+
+def summarize(rounds, block: int) -> dict:
+    n = max(1, len(rounds))
+    tau = sum(m + 1 for _, m, _ in rounds) / n
+    per_pos = []
+    for p in range(block):
+        proposed = [m for k, m, _ in rounds if k > p]
+        per_pos.append(sum(m > p for m in proposed) / len(proposed) if proposed else float("nan"))
+    drafted = sum(k for k, _, _ in rounds)
+    return {"tau": tau, "draft_per_round": drafted / n, "accept_rate": per_pos,
+            "accepted_share": sum(m for _, m, _ in rounds) / max(1, drafted), "rounds": len(rounds)}
+
+
+def confidence_metrics(rounds) -> dict:
+    preds, labels = [], []
+    for k, m, conf in rounds:
+        surv = torch.tensor(conf[:k]).cumprod(0).tolist()
+        preds += surv
+        labels += [1.0 if j < m else 0.0 for j in range(k)]
+    if not preds:
+        return {"ece": float("nan"), "auroc": float("nan")}
+    p, y = torch.tensor(preds), torch.tensor(labels)
+    bins = (p * 20).clamp(max=19).long()
+    ece = sum((bins == b).sum().item() / len(p) * abs(p[bins == b].mean() - y[bins == b].mean()).item()
+              for b in range(20) if (bins == b).any())
+    pos, neg = p[y == 1], p[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        auroc = float("nan")
+    else:
+        greater = (pos[:, None] > neg[None, :]).float().mean() + 0.5 * (pos[:, None] == neg[None, :]).float().mean()
+        auroc = greater.item()
+    return {"ece": ece, "auroc": auroc}
+
+
+def calibrate(eng: LLMEngine, prompts: list[list[int]], temperature: float, max_tokens: int) -> list[float]:
+    """Per-position temperature on the confidence logit, minimising NLL of 'accepted given the earlier ones'."""
+    drafter = eng.drafter
+    drafter.conf_temperature.fill_(1.0)
+    rounds = run_rounds(eng, prompts, temperature, max_tokens, 0.0)
+    temps = []
+    grid = torch.tensor([0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0])
+    for i in range(drafter.cfg.block_size):
+        logit, label = [], []
+        for k, m, conf in rounds:
+            if k > i and m >= i:  # position i was reached with all earlier tokens accepted
+                c = min(max(conf[i], 1e-6), 1 - 1e-6)
+                logit.append(torch.logit(torch.tensor(c)).item())
+                label.append(1.0 if m > i else 0.0)
+        if len(label) < 10:
+            temps.append(1.0)
+            continue
+        z, y = torch.tensor(logit), torch.tensor(label)
+        nll = [torch.nn.functional.binary_cross_entropy_with_logits(z / t, y).item() for t in grid]
+        temps.append(float(grid[int(torch.tensor(nll).argmin())]))
+    drafter.conf_temperature.copy_(torch.tensor(temps))
+    return temps
+
+
+def evaluate(model_dir: str, methods: list[str], per_group: int = 24, max_tokens: int = 96,
+             thresholds: tuple[float, ...] = (0.5, 0.8), write: str = "docs/benchmarks.md", seed: int = 0,
+             save_calibration: bool = True) -> dict:
+    results = {}
+    for method in methods:
+        eng = LLMEngine(Settings(model=model_dir, speculative=method))
+        prompts = heldout_prompts(eng.tokenizer, per_group, seed)
+        block = eng.drafter.cfg.block_size
+        if eng.drafter.cfg.confidence_head:
+            calib = heldout_prompts(eng.tokenizer, per_group // 2, seed + 1)
+            temps = calibrate(eng, [p for g in GROUPS for p in calib[g]], 1.0, max_tokens)
+            print(f"{method}: confidence temperatures per position {temps}")
+            if save_calibration:
+                save_drafter(eng.drafter, eng.settings.drafter_path)
+        for temp in (0.0, 1.0):
+            for g in GROUPS:
+                rounds = run_rounds(eng, prompts[g], temp, max_tokens, 0.0)
+                row = summarize(rounds, block)
+                if eng.drafter.cfg.confidence_head:
+                    row.update(confidence_metrics(rounds))
+                    for th in thresholds:
+                        cut = summarize(run_rounds(eng, prompts[g], temp, max_tokens, th), block)
+                        row[f"cut{th}"] = {"tau": cut["tau"], "draft_per_round": cut["draft_per_round"],
+                                           "accepted_share": cut["accepted_share"]}
+                results[(method, temp, g)] = row
+                print(method, f"T={temp}", g, f"tau={row['tau']:.2f}", f"draft/round={row['draft_per_round']:.2f}",
+                      "rate@p=" + ",".join(f"{x:.2f}" for x in row["accept_rate"]),
+                      *(f"ece={row['ece']:.3f} auroc={row['auroc']:.3f}",) if "ece" in row else ())
+    if write:
+        write_markdown(Path(write), results, methods, thresholds, per_group, max_tokens)
+    return results
+
+
+def write_markdown(path: Path, results, methods, thresholds, per_group, max_tokens) -> None:
+    lines = ["<!-- bench:acceptance -->", "## Drafter acceptance on held-out prompts (default model, block 7)", "",
+             f"Command: `dspark eval-drafter --methods {','.join(methods)} --per-group {per_group} --max-tokens "
+             f"{max_tokens}`. Batch 1; {per_group} prompts per group, up to {max_tokens} new tokens each. "
+             "tau = committed tokens per round incl. the bonus; rate@p = P(draft token p accepted | proposed and "
+             "all before it accepted... as DeepSpec: P(accepted > p | proposed > p)).", "",
+             "| method | T | group | tau | draft tok/round | accept rate @ position 1..7 | ECE | AUROC | "
+             + " | ".join(f"tau / accepted share, cut {t}" for t in thresholds) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(thresholds)]
+    for (m, t, g), r in results.items():
+        cut = [f"{r[f'cut{th}']['tau']:.2f} / {100 * r[f'cut{th}']['accepted_share']:.0f}%" if f"cut{th}" in r
+               else "-" for th in thresholds]
+        lines.append(f"| {m} | {t} | {g} | {r['tau']:.2f} | {r['draft_per_round']:.2f} | "
+                     + " ".join(f"{x:.2f}" for x in r["accept_rate"]) + " | "
+                     + (f"{r['ece']:.3f} | {r['auroc']:.3f}" if "ece" in r else "- | -") + " | "
+                     + " | ".join(cut) + " |")
+    lines += ["", "<!-- /bench:acceptance -->"]
+    block = "\n".join(lines)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pat = re.compile(r"<!-- bench:acceptance -->.*?<!-- /bench:acceptance -->", re.S)
+    text = pat.sub(block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+    print(f"wrote {path}")

@@ -1,0 +1,212 @@
+"""`dspark train-drafter`: train a dspark or dflash block drafter for a target model.
+
+Data: prompts from the training corpus (code, chat, math), continued by the target itself through our engine
+(temperature 0.7, as DeepSpec regenerates answers with the target); the token ids are cached on disk. Each
+step runs the target densely over a batch (no grad) for the tapped hidden states and p_target, samples anchor
+positions inside the generated part, and trains all their blocks in one drafter forward.
+
+Loss (DSpark): 0.1 CE + 0.9 L1(p_draft, p_target) + 1.0 BCE(confidence, 1 - 0.5 L1), position i weighted
+exp(-i/4), Markov head teacher-forced on the true previous token. DFlash: CE only, same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.drafters import DrafterConfig, build_drafter, default_layer_ids, save_drafter, target_fingerprint
+from engine.llm_engine import LLMEngine
+from engine.model import load_model
+from engine.sampling import SamplingParams
+from engine.settings import Settings
+from engine.training.corpus import build_corpus
+
+
+def training_prompts(tokenizer, n: int, seed: int, heldout: bool = False) -> list[list[int]]:
+    """A third code windows, a third chat requests, a third math problems (chat-formatted)."""
+    rng = random.Random(seed)
+    corpus = build_corpus(0)
+    code = corpus.heldout_code if heldout else corpus.code
+    chats = corpus.heldout_chat if heldout else corpus.chat
+    math_chats = [c for c in chats if "The answer is" in c[-1]["content"]]
+    other_chats = [c for c in chats if "The answer is" not in c[-1]["content"]]
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            src = rng.choice(code)
+            lines = src.splitlines(keepends=True)
+            start = rng.randrange(max(1, len(lines) - 8))
+            out.append(tokenizer.encode("".join(lines[start : start + rng.randint(2, 8)]))[-96:] or [0])
+        else:
+            chat = rng.choice(other_chats if kind == 1 else math_chats)
+            out.append(tokenizer.encode_chat(chat[:1])[-96:])
+    return out
+
+
+def generate_data(model_dir: str, n: int, max_new: int, seed: int, heldout: bool = False) -> list[dict]:
+    eng = LLMEngine(Settings(model=model_dir, max_num_seqs=64, max_num_batched_tokens=4096))
+    prompts = training_prompts(eng.tokenizer, n, seed, heldout)
+    params = [SamplingParams(temperature=0.7, top_p=0.8, top_k=20, seed=seed * 100003 + i, max_tokens=max_new)
+              for i in range(len(prompts))]
+    data = []
+    for lo in tqdm(range(0, len(prompts), 64), desc="target generations", mininterval=5):
+        seqs = eng.generate(prompts[lo : lo + 64], params[lo : lo + 64])
+        data += [{"ids": s.token_ids, "prompt_len": s.num_prompt} for s in seqs]
+    return data
+
+
+def make_batch(items: list[dict], pad: int):
+    n = max(len(x["ids"]) for x in items)
+    ids = torch.full((len(items), n), pad, dtype=torch.long)
+    gen_mask = torch.zeros(len(items), n, dtype=torch.bool)
+    for i, x in enumerate(items):
+        ids[i, : len(x["ids"])] = torch.tensor(x["ids"])
+        gen_mask[i, x["prompt_len"] : len(x["ids"])] = True
+    return ids, gen_mask
+
+
+def sample_anchors(gen_mask: torch.Tensor, num: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor a needs tokens a and a+1 generated (a+1 is the first drafted token). Returns [B, A] and validity."""
+    b, s = gen_mask.shape
+    ok = gen_mask[:, :-1] & gen_mask[:, 1:]
+    anchors = torch.zeros(b, num, dtype=torch.long)
+    valid = torch.zeros(b, num, dtype=torch.bool)
+    for i in range(b):
+        cand = ok[i].nonzero().flatten()
+        if len(cand) == 0:
+            continue
+        pick = cand[torch.randperm(len(cand), generator=gen)[:num]].sort().values
+        anchors[i, : len(pick)] = pick
+        valid[i, : len(pick)] = True
+    return anchors, valid
+
+
+def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str):
+    """One forward over all anchored blocks; returns (loss, metrics)."""
+    cfg = drafter.cfg
+    gamma, (b, s), a_n = cfg.block_size, ids.shape, anchors.shape[1]
+    with torch.no_grad():
+        final, taps = target(ids, hidden_layers=tuple(i + 1 for i in cfg.target_layer_ids))
+        taps = torch.cat(taps, -1)
+    feats = drafter.fuse(taps)
+    ctx_kv = drafter.context_kv(feats, torch.arange(s).expand(b, s))
+    offs = torch.arange(gamma)
+    pos = anchors[:, :, None] + offs  # [B, A, gamma]: position of each block slot; predicts token pos+1
+    emb = drafter.mask_embedding.expand(b, a_n, gamma, -1).clone()
+    emb[:, :, 0] = target.model.embed_tokens(ids.gather(1, anchors)).detach()
+    q = a_n * gamma
+    ctx_ok = torch.arange(s)[None, None, :] < anchors.reshape(b, a_n, 1)  # context strictly before the anchor
+    ctx_ok = ctx_ok[:, :, None, :].expand(b, a_n, gamma, s).reshape(b, q, s)
+    blk = torch.arange(a_n).repeat_interleave(gamma)
+    same_block = (blk[:, None] == blk[None, :]).expand(b, q, q)
+    mask = torch.cat([ctx_ok, same_block], -1).unsqueeze(1)
+    h = drafter.block_hidden(emb.reshape(b, q, -1), pos.reshape(b, q), ctx_kv, mask)  # [B, Q, d]
+    logits = F.linear(h, target.lm_head.weight.detach()).float()
+    tgt_pos = (pos + 1).clamp(max=s - 1)
+    labels = ids.gather(1, tgt_pos.reshape(b, q))
+    prev = ids.gather(1, pos.clamp(max=s - 1).reshape(b, q))  # teacher-forced previous token
+    bias = drafter.markov_bias(prev)
+    if bias is not None:
+        logits = logits + bias.float()
+    # supervised: inside the sequence, generated, and every earlier position of the block too
+    in_gen = gen_mask.gather(1, tgt_pos.reshape(b, q)).reshape(b, a_n, gamma) & ((pos + 1) < s)
+    eval_mask = (in_gen.long().cumprod(-1).bool() & valid[:, :, None]).reshape(b, q)
+    w = eval_mask.float() * torch.exp(-offs.float() / 4).repeat(a_n)[None, :]
+    wsum = w.sum().clamp_min(1.0)
+    ce = (F.cross_entropy(logits.reshape(b * q, -1), labels.flatten(), reduction="none").view(b, q) * w).sum() / wsum
+    with torch.no_grad():  # p_target at block slot i: the target's distribution for token a+i+1
+        tgt_h = final.gather(1, pos.clamp(max=s - 1).reshape(b, q, 1).expand(b, q, final.shape[-1]))
+        p_t = F.softmax(target.logits(tgt_h), -1)
+    p_d = F.softmax(logits, -1)
+    l1_each = (p_d - p_t).abs().sum(-1)  # [B, Q], in [0, 2]
+    l1 = (l1_each * w).sum() / wsum
+    metrics = {"ce": ce.item(), "l1": l1.item(),
+               "acc": ((logits.argmax(-1) == p_t.argmax(-1)).float() * eval_mask).sum().item() / wsum.item()}
+    if method == "dflash":
+        return ce, metrics
+    loss = 0.1 * ce + 0.9 * l1
+    if cfg.confidence_head:
+        label = (1 - 0.5 * l1_each).clamp(0, 1).detach()
+        conf = drafter.confidence_logit(h, prev)
+        bce = (F.binary_cross_entropy_with_logits(conf.float(), label, reduction="none") * w).sum() / wsum
+        loss = loss + bce
+        metrics["bce"] = bce.item()
+    return loss, metrics
+
+
+def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int = 1500, batch: int = 16,
+                  anchors: int = 16, block_size: int = 7, num_layers: int = 2, markov_rank: int | None = None,
+                  lr: float = 1e-3, seed: int = 0, num_prompts: int = 1536, max_new: int = 128,
+                  data_cache: str | None = None, save_every: int = 250) -> dict:
+    torch.manual_seed(seed)
+    target = load_model(model_dir).eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    cache = Path(data_cache or Path("runs") / f"drafter-data-{Path(model_dir).name}-{num_prompts}-{max_new}-{seed}.pt")
+    if cache.exists():
+        data = torch.load(cache)
+    else:
+        t0 = time.time()
+        data = generate_data(model_dir, num_prompts, max_new, seed)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, cache)
+        print(f"generated {sum(len(x['ids']) - x['prompt_len'] for x in data)} target tokens in "
+              f"{time.time() - t0:.0f}s -> {cache}")
+    d = target.config.hidden_size
+    cfg = DrafterConfig(
+        method=method, target_layer_ids=default_layer_ids(target.config.num_hidden_layers), block_size=block_size,
+        num_layers=num_layers, markov_rank=0 if method == "dflash" else (markov_rank or min(256, d)),
+        confidence_head=method == "dspark", target_fingerprint=target_fingerprint(target),
+        target_name=Path(model_dir).name,
+    )
+    drafter = build_drafter(cfg, target)
+    outdir = Path(out)
+    ckpt = outdir / "train_state.pt"
+    opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 25)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    start, log = 0, []
+    if ckpt.exists():  # resume
+        st = torch.load(ckpt)
+        drafter.load_state_dict(st["drafter"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start, log = st["step"], st["log"]
+        print(f"resumed from step {start}")
+    gen = torch.Generator().manual_seed(seed + start)
+    pad = target.config.eos_token_id[0] if target.config.eos_token_id else 0
+    t0 = time.time()
+    bar = tqdm(range(start, steps), desc=f"train {method}", mininterval=5, initial=start, total=steps)
+    for step in bar:
+        idx = torch.randint(0, len(data), (batch,), generator=gen).tolist()
+        ids, gen_mask = make_batch([data[i] for i in idx], pad)
+        anc, valid = sample_anchors(gen_mask, anchors, gen)
+        loss, m = drafter_loss(drafter, target, ids, gen_mask, anc, valid, method)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            log.append({"step": step, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in m.items()}})
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{m['acc']:.3f}")
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            outdir.mkdir(parents=True, exist_ok=True)
+            torch.save({"drafter": drafter.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step + 1, "log": log}, ckpt)
+    cfg.training = {"steps": steps, "batch": batch, "anchors_per_seq": anchors, "lr": lr, "seed": seed,
+                    "prompts": num_prompts, "max_new_tokens": max_new, "seconds_this_run": round(time.time() - t0),
+                    "final": log[-1] if log else {}}
+    save_drafter(drafter.eval(), outdir)
+    (outdir / "training_log.json").write_text(json.dumps(log, indent=1))
+    ckpt.unlink(missing_ok=True)
+    return cfg.training
