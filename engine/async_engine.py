@@ -33,6 +33,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self._seen: dict[str, int] = {}
         metrics.KV_TOTAL.set(engine.block_manager.num_blocks)
         metrics.KV_FREE.set(engine.block_manager.num_free)
 
@@ -130,6 +131,13 @@ class AsyncEngine:
         metrics.STEP_TOKENS.observe(eng.last_step_tokens)
         metrics.GENERATION_TOKENS.inc(sum(len(o.token_ids) for o in outputs))
         metrics.PREEMPTIONS.inc(preempted)
+        method = eng.settings.speculative_method
+        for key, counter in (("draft_rounds", metrics.SPEC_ROUNDS), ("draft_tokens", metrics.SPEC_DRAFT_TOKENS),
+                             ("accepted_tokens", metrics.SPEC_ACCEPTED_TOKENS)):
+            delta = eng.stats[key] - self._seen.get(key, 0)
+            if delta:
+                counter.labels(method).inc(delta)
+            self._seen[key] = eng.stats[key]
         for o in outputs:
             if o.finished:
                 metrics.FINISHED.labels(o.finish_reason).inc()

@@ -50,9 +50,9 @@ class LLMEngine:
         draft_len = 0
         if settings.drafter_path is not None:
             self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
-            if self.drafter.cfg.method != settings.speculative:
+            if self.drafter.cfg.method != settings.speculative_method:
                 raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, "
-                                 f"not {settings.speculative}")
+                                 f"not {settings.speculative_method}")
             self.tap_layers = tuple(self.drafter.cfg.target_layer_ids)
             draft_len = min(settings.draft_len, self.drafter.cfg.block_size)
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
@@ -62,8 +62,8 @@ class LLMEngine:
         self.eos_ids = set(self.tokenizer.eos_ids) | set(self.model_config.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
         self.last_step_tokens = 0
-        log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d",
-                 settings.model, num_blocks, bs, self.max_model_len)
+        log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d)",
+                 settings.model, num_blocks, bs, self.max_model_len, settings.speculative_method, draft_len)
 
     # -- requests -------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -142,9 +142,6 @@ class LLMEngine:
                 valid = n
             start = s.num_computed
             s.num_computed += valid
-            if taps is not None:
-                self._extend_context(s, taps[tap_row : tap_row + valid], start)
-            tap_row += n
             for tok, lp in committed.get(i, []):
                 self._append(s, tok, lp, now)
                 if s.finished:
@@ -153,6 +150,11 @@ class LLMEngine:
                 self.draft_ctx.pop(s.seq_id, None)
             else:
                 self.block_manager.rollback(s.seq_id, s.num_computed)
+                if taps is not None:  # drafter context for the tokens whose KV is now valid
+                    self.draft_ctx[s.seq_id] = self.drafter.extend_context(
+                        self.draft_ctx.get(s.seq_id), taps[tap_row : tap_row + valid], start,
+                        s.token_ids[start + 1 : start + valid + 1])
+            tap_row += n
             if i in committed:
                 outputs.append(s.take_output(self._holdback(s)))
                 if s.finished:
@@ -192,24 +194,6 @@ class LLMEngine:
                 top = logp[j].topk(p.logprobs) if p.logprobs else None
                 lps[j] = (float(logp[j, t]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
         return list(zip(toks, lps))
-
-    def _extend_context(self, seq: Sequence, taps: torch.Tensor, start: int) -> None:
-        """Append the drafter's context K/V for tokens start..start+len(taps)-1 (their target hidden states)."""
-        if not len(taps):
-            return
-        with torch.inference_mode():
-            feats = self.drafter.fuse(taps.to(self.drafter.fc.weight.dtype))
-            pos = torch.arange(start, start + len(taps), device=feats.device)
-            new = self.drafter.context_kv(feats, pos)
-        old = self.draft_ctx.get(seq.seq_id)
-        if old is None:
-            assert start == 0, "drafter context must start at position 0"
-            self.draft_ctx[seq.seq_id] = (new, len(taps))
-            return
-        layers, n = old
-        assert n == start, f"drafter context gap: have {n} positions, got features from {start}"
-        merged = [(torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(layers, new)]
-        self.draft_ctx[seq.seq_id] = (merged, n + len(taps))
 
     def _holdback(self, seq: Sequence) -> int:
         return max((len(x) for x in seq.params.stop), default=1) - 1

@@ -21,4 +21,7 @@ KV_TOTAL = Gauge("dspark_kv_total_blocks", "KV blocks in the pool")
 PREEMPTIONS = Counter("dspark_preemptions", "Sequences preempted for recompute")
 STEP_TOKENS = Histogram("dspark_batch_tokens_per_step", "Tokens run per engine step",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+SPEC_ROUNDS = Counter("dspark_spec_rounds", "Draft-and-verify rounds", ["drafter"])
+SPEC_DRAFT_TOKENS = Counter("dspark_spec_draft_tokens", "Draft tokens proposed", ["drafter"])
+SPEC_ACCEPTED_TOKENS = Counter("dspark_spec_accepted_tokens", "Draft tokens accepted", ["drafter"])
 STEP_TIME = Histogram("dspark_step_seconds", "Engine step wall time", buckets=LATENCY_BUCKETS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class Settings(BaseSettings):
     attention_backend: str = Field("torch", description="torch (reference) | flashinfer (CUDA)")
     max_model_len: int | None = Field(None, description="context limit; default: the model's")
     # speculative decoding
-    speculative: str = Field("none", description="none | dspark | dflash | eagle3")
+    speculative: str = Field("auto", description="auto (dspark if the model ships one) | none | dspark | dflash")
     drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
     draft_len: int = Field(7, description="most draft tokens per request per step")
     confidence_threshold: float = Field(0.0, description="cut a draft where the confidence head falls below this")
@@ -44,10 +45,19 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
 
     @property
+    def speculative_method(self) -> str:
+        if self.speculative != "auto":
+            return self.speculative
+        if self.drafter:
+            return json.loads((Path(self.drafter) / "config.json").read_text())["method"]
+        return "dspark" if (Path(self.model) / "drafters" / "dspark" / "config.json").exists() else "none"
+
+    @property
     def drafter_path(self) -> Path | None:
-        if self.speculative == "none":
+        method = self.speculative_method
+        if method == "none":
             return None
-        return Path(self.drafter) if self.drafter else Path(self.model) / "drafters" / self.speculative
+        return Path(self.drafter) if self.drafter else Path(self.model) / "drafters" / method
 
     @property
     def model_name(self) -> str:

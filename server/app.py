@@ -72,6 +72,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        num_speculative_tokens=req.num_speculative_tokens,
     )
 
 

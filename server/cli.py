@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("train-drafter", help="train a dspark / dflash drafter for a target (resumes if stopped)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="target model directory")
-    p.add_argument("--method", default="dspark", choices=["dspark", "dflash"])
+    p.add_argument("--method", default="dspark", choices=["dspark", "dflash", "eagle3"])
     p.add_argument("--out", default=None, help="default: <model>/drafters/<method>")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)

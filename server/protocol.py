@@ -47,6 +47,7 @@ class SamplingFields(OpenAIModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     ignore_eos: bool = False
+    num_speculative_tokens: int | None = Field(None, ge=0, description="cap on draft tokens per step; 0 = off")
     user: str | None = None
 
     def stop_list(self) -> list[str]:

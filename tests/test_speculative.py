@@ -11,8 +11,8 @@ from engine.sampling import SamplingParams
 from engine.settings import DEFAULT_MODEL, Settings
 from engine.training.corpus import math_problem
 
-METHODS = [m for m in ("dspark", "dflash") if (DEFAULT_MODEL / "drafters" / m / "config.json").exists()]
-pytestmark = pytest.mark.skipif(len(METHODS) < 2, reason="shipped drafters missing from models/dspark-default")
+METHODS = [m for m in ("dspark", "dflash", "eagle3") if (DEFAULT_MODEL / "drafters" / m / "config.json").exists()]
+pytestmark = pytest.mark.skipif(len(METHODS) < 3, reason="shipped drafters missing from models/dspark-default")
 
 
 def prompts(tok, n=60):

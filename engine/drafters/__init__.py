@@ -9,14 +9,19 @@ from safetensors.torch import load_file, save_file
 
 from engine.drafters.block import BlockDrafter, Draft
 from engine.drafters.config import METHODS, DrafterConfig, default_layer_ids, target_fingerprint
+from engine.drafters.eagle3 import Eagle3Drafter
 
-__all__ = ["BlockDrafter", "Draft", "DrafterConfig", "build_drafter", "load_drafter", "save_drafter",
+__all__ = ["BlockDrafter", "Eagle3Drafter", "Draft", "DrafterConfig", "build_drafter", "load_drafter", "save_drafter",
            "default_layer_ids", "target_fingerprint", "METHODS"]
 
 
-def build_drafter(cfg: DrafterConfig, target) -> BlockDrafter:
+def build_drafter(cfg: DrafterConfig, target) -> BlockDrafter | Eagle3Drafter:
+    if cfg.method == "eagle3":
+        drafter = Eagle3Drafter(cfg, target.config)
+        drafter.attach_target(target)
+        return drafter
     if cfg.method not in ("dspark", "dflash"):
-        raise ValueError(f"drafter method {cfg.method!r} is not available (have: dspark, dflash)")
+        raise ValueError(f"unknown drafter method {cfg.method!r} (have: {', '.join(METHODS)})")
     return BlockDrafter(cfg, target.config)
 
 

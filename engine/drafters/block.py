@@ -115,6 +115,20 @@ class BlockDrafter(nn.Module):
 
     # -- inference ------------------------------------------------------------------------------------------
     @torch.inference_mode()
+    def extend_context(self, state, taps: torch.Tensor, start: int, next_tokens: list[int]):
+        """Add context K/V for tokens start..start+len(taps)-1 from their target hidden states.
+
+        state: None or (per-layer [(K, V)], length). `next_tokens` is unused here (EAGLE-3 needs it)."""
+        feats = self.fuse(taps.to(self.fc.weight.dtype))
+        new = self.context_kv(feats, torch.arange(start, start + len(taps), device=feats.device))
+        if state is None:
+            assert start == 0, "drafter context must start at position 0"
+            return new, len(taps)
+        layers, n = state
+        assert n == start, f"drafter context gap: have {n} positions, got features from {start}"
+        return [(torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(layers, new)], n + len(taps)
+
+    @torch.inference_mode()
     def propose(self, embed: nn.Embedding, lm_head: nn.Linear, anchors: list[int], ctx: list[tuple],
                 ks: list[int], params: list[SamplingParams], gens: list[torch.Generator],
                 threshold: float = 0.0) -> list[Draft]:

@@ -142,6 +142,46 @@ def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str):
     return loss, metrics
 
 
+def eagle3_loss(drafter, target, ids, gen_mask, decay: float = 0.8):
+    """Training-time test: unroll `block_size` steps, each feeding back the drafter's own hidden.
+
+    Slot t at step i has position t+i, input (hidden, embedding of token t+1+i) and predicts token t+2+i
+    against the target's distribution there; it attends to step-0 slots <= t and to its own chain (slot t of
+    steps 1..i), exactly what drafting step i sees at inference."""
+    b, s = ids.shape
+    steps = drafter.cfg.block_size
+    with torch.no_grad():
+        final, taps = target(ids, hidden_layers=tuple(i + 1 for i in drafter.cfg.target_layer_ids))
+        taps = torch.cat(taps, -1)
+    hidden = drafter.fc(taps)
+    t = torch.arange(s)
+    keys, vals = [], []
+    total, metrics = 0.0, {}
+    for i in range(steps):
+        nxt = (t + 1 + i).clamp(max=s - 1)
+        emb = target.model.embed_tokens(ids[:, nxt]).detach()
+        q, k, v = drafter.project(hidden, emb, (t + i).expand(b, s))
+        keys.append(k)
+        vals.append(v)
+        causal = t[None, :] <= t[:, None]  # step-0 slots <= t
+        diag = torch.eye(s, dtype=torch.bool)
+        mask = torch.cat([causal] + [diag] * i, 1)[None, None]
+        out = drafter.attend(q, torch.cat(keys, 1), torch.cat(vals, 1), mask)
+        hidden = drafter.finish(hidden, out)
+        logits = F.linear(drafter.norm(hidden), target.lm_head.weight.detach()).float()
+        pred_pos = t + 1 + i  # the target's distribution at this position predicts token t+2+i
+        ok = (t + 2 + i < s)[None, :] & gen_mask[:, (t + 2 + i).clamp(max=s - 1)]
+        with torch.no_grad():
+            p_t = F.softmax(target.logits(final[:, pred_pos.clamp(max=s - 1)]), -1)
+        soft_ce = -(p_t * F.log_softmax(logits, -1)).sum(-1)
+        n = ok.sum().clamp_min(1)
+        total = total + decay**i * (soft_ce * ok).sum() / n
+        if i == 0:
+            metrics["acc"] = ((logits.argmax(-1) == p_t.argmax(-1)) & ok).sum().item() / n.item()
+            metrics["ce"] = ((soft_ce * ok).sum() / n).item()
+    return total, metrics
+
+
 def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int = 1500, batch: int = 16,
                   anchors: int = 16, block_size: int = 7, num_layers: int = 2, markov_rank: int | None = None,
                   lr: float = 1e-3, seed: int = 0, num_prompts: int = 1536, max_new: int = 128,
@@ -163,7 +203,8 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
     d = target.config.hidden_size
     cfg = DrafterConfig(
         method=method, target_layer_ids=default_layer_ids(target.config.num_hidden_layers), block_size=block_size,
-        num_layers=num_layers, markov_rank=0 if method == "dflash" else (markov_rank or min(256, d)),
+        num_layers=1 if method == "eagle3" else num_layers,
+        markov_rank=(min(256, d) if markov_rank is None else markov_rank) if method == "dspark" else 0,
         confidence_head=method == "dspark", target_fingerprint=target_fingerprint(target),
         target_name=Path(model_dir).name,
     )
@@ -190,7 +231,10 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         idx = torch.randint(0, len(data), (batch,), generator=gen).tolist()
         ids, gen_mask = make_batch([data[i] for i in idx], pad)
         anc, valid = sample_anchors(gen_mask, anchors, gen)
-        loss, m = drafter_loss(drafter, target, ids, gen_mask, anc, valid, method)
+        if method == "eagle3":
+            loss, m = eagle3_loss(drafter, target, ids, gen_mask)
+        else:
+            loss, m = drafter_loss(drafter, target, ids, gen_mask, anc, valid, method)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
