@@ -114,8 +114,38 @@ def write_markdown(path: Path, settings: Settings, rows, ratios, tokens, concurr
     _replace_section(path, "serving-core", "\n".join(lines))
 
 
+def bench_hf_assisted(model_dir: str, assistant: str | None, prompts: dict, tokens: int) -> list[dict]:
+    """HF transformers generate(), plain and with assistant_model (its speculative decoding), batch 1."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.training.eval_drafter import GROUPS
+
+    target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    asst = AutoModelForCausalLM.from_pretrained(assistant, dtype=torch.float32).eval() if assistant else None
+    rows = []
+    for name, kw in [("HF generate()", {}), ("HF generate(assistant_model=...)", {"assistant_model": asst})]:
+        if name.endswith("...)") and asst is None:
+            continue
+        for temp in (0.0, 1.0):
+            n_tok, secs = 0, 0.0
+            for g in GROUPS:
+                for i, p in enumerate(prompts[g]):
+                    torch.manual_seed(i)
+                    ids = torch.tensor([p])
+                    sample = {"do_sample": True, "temperature": temp, "top_k": 0} if temp else {"do_sample": False}
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        out = target.generate(ids, max_new_tokens=tokens, **sample, **kw)
+                    secs += time.perf_counter() - t0
+                    n_tok += out.shape[1] - ids.shape[1]
+            rows.append({"method": name, "temperature": temp, "tps": n_tok / secs, "tau": float("nan"),
+                         "tokens": n_tok})
+            print(f"{name} T={temp}: {n_tok / secs:7.1f} tok/s per user (batch 1)")
+    return rows
+
+
 def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128, write: str = "docs/benchmarks.md",
-                      per_group: int = 8) -> list[dict]:
+                      per_group: int = 8, assistant: str | None = None) -> list[dict]:
     """Per-user tokens/s at batch 1 for each speculation method, on held-out code / math / chat prompts."""
     from engine.training.eval_drafter import GROUPS, heldout_prompts
 
@@ -136,6 +166,8 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
             tau = (eng.stats["accepted_tokens"] - acc0 + rounds) / rounds if rounds else 1.0
             rows.append({"method": method, "temperature": temp, "tps": n_tok / secs, "tau": tau, "tokens": n_tok})
             print(f"{method:>7} T={temp}: {n_tok / secs:7.1f} tok/s per user (batch 1), tau {tau:.2f}")
+    if assistant is not None:
+        rows += bench_hf_assisted(settings.model, assistant or None, prompts, tokens)
     base = {r["temperature"]: r["tps"] for r in rows if r["method"] == "none"}
     for r in rows:
         r["speedup"] = r["tps"] / base[r["temperature"]] if r["temperature"] in base else float("nan")
@@ -146,8 +178,11 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
                  f"chat), up to {tokens} new tokens each, run one at a time; tau = committed tokens per "
                  "verification round incl. the bonus.", "",
                  "| method | temperature | tok/s per user | speed-up vs none | tau |", "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['temperature']} | {r['tps']:.1f} | {r['speedup']:.2f}x | {r['tau']:.2f} |"
-                  for r in rows]
+        lines += [f"| {r['method']} | {r['temperature']} | {r['tps']:.1f} | {r['speedup']:.2f}x | "
+                  + ("-" if r["tau"] != r["tau"] else f"{r['tau']:.2f}") + " |" for r in rows]
+        if assistant:
+            lines += ["", f"HF rows: transformers on the same weights and prompts; assistant model `{assistant}` "
+                      "(a standalone small model on the same tokenizer, see its model card)."]
         lines += ["", "<!-- /bench:speculative -->"]
         _replace_section(Path(write), "speculative", "\n".join(lines))
     return rows

@@ -41,8 +41,10 @@ def cmd_serve(args) -> None:
 def cmd_train_target(args) -> None:
     from engine.training.train_target import train_target
 
+    shape = {k: getattr(args, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads") if getattr(args, k)}
     train_target(args.out, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
-                 threads=args.threads)
+                 threads=args.threads, tokenizer_from=args.tokenizer_from, shape=shape)
 
 
 def cmd_train_drafter(args) -> None:
@@ -65,7 +67,8 @@ def cmd_bench(args) -> None:
     from loadtest.bench import bench_speculative, run_bench
 
     if args.speculative_methods:
-        bench_speculative(_settings(args), args.speculative_methods.split(","), tokens=args.tokens, write=args.write)
+        bench_speculative(_settings(args), args.speculative_methods.split(","), tokens=args.tokens, write=args.write,
+                          assistant=args.assistant)
         return
     run_bench(_settings(args), tokens=args.tokens, concurrency=args.concurrency, write=args.write,
               hf=not args.no_hf)
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tokenizer-from", default=None, help="reuse this model's tokenizer (for a draft model)")
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the default shape")
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("train-drafter", help="train a dspark / dflash drafter for a target (resumes if stopped)")
@@ -120,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--speculative-methods", dest="speculative_methods", default=None,
                    help="e.g. none,dflash,dspark: per-user tokens/s at batch 1 per method instead")
+    p.add_argument("--assistant", default=None,
+                   help="with --speculative-methods: also time HF generate() with this assistant model directory")
     p.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
     p.set_defaults(fn=cmd_bench)
 

@@ -129,7 +129,7 @@ def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str):
     l1_each = (p_d - p_t).abs().sum(-1)  # [B, Q], in [0, 2]
     l1 = (l1_each * w).sum() / wsum
     metrics = {"ce": ce.item(), "l1": l1.item(),
-               "acc": ((logits.argmax(-1) == p_t.argmax(-1)).float() * eval_mask).sum().item() / wsum.item()}
+               "acc": ((logits.argmax(-1) == p_t.argmax(-1)) & eval_mask).sum().item() / max(1, eval_mask.sum().item())}
     if method == "dflash":
         return ce, metrics
     loss = 0.1 * ce + 0.9 * l1

@@ -113,7 +113,8 @@ def save_model(model: CausalLM, cfg_dict: dict, outdir: Path) -> None:
 
 def train_target(out: str, steps: int = 900, batch: int = 8, seq: int = 512, lr: float = 2e-3,
                  seed: int = 0, chat_weight: float = 0.4, threads: int | None = None,
-                 save_every: int = 100) -> dict:
+                 save_every: int = 100, tokenizer_from: str | None = None, shape: dict | None = None) -> dict:
+    """tokenizer_from: reuse that model's tokenizer (a standalone draft model must share its target's)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -122,14 +123,19 @@ def train_target(out: str, steps: int = 900, batch: int = 8, seq: int = 512, lr:
     t0 = time.time()
     corpus = build_corpus(seed)
     chat_docs = [format_chatml(m) for m in corpus.chat]
-    tok = train_tokenizer(corpus.code + chat_docs, DEFAULT_SHAPE["vocab_size"])
+    shape = {**DEFAULT_SHAPE, **(shape or {})}
+    if tokenizer_from:
+        tok = Tokenizer.from_file(str(Path(tokenizer_from) / "tokenizer.json"))
+        shape["vocab_size"] = tok.get_vocab_size()
+    else:
+        tok = train_tokenizer(corpus.code + chat_docs, shape["vocab_size"])
     save_tokenizer(tok, outdir, 2048)
     code_ids, chat_ids = token_stream(tok, corpus.code), token_stream(tok, chat_docs)
     held = {"code": token_stream(tok, corpus.heldout_code),
             "chat": token_stream(tok, [format_chatml(m) for m in corpus.heldout_chat])}
     print(f"corpus+tokenizer {time.time() - t0:.0f}s: code {len(code_ids)} tokens, chat {len(chat_ids)} tokens")
 
-    cfg_dict = hf_config(DEFAULT_SHAPE, tok, 2048)
+    cfg_dict = hf_config(shape, tok, 2048)
     model = CausalLM(ModelConfig.from_dict(cfg_dict))
     for name, p in model.named_parameters():
         if p.dim() == 2:
