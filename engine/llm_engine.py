@@ -205,6 +205,7 @@ class LLMEngine:
             seq.logprobs.append((tok, lp[0], lp[1]))
         seq.first_token_time = seq.first_token_time or now
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
+            seq.text += seq.detok.flush()
             return self.scheduler.finish(seq, "stop")
         before = len(seq.text)
         seq.text += seq.detok.add(tok)
@@ -216,6 +217,7 @@ class LLMEngine:
                 seq.text = seq.text[: min(hits)]
                 return self.scheduler.finish(seq, "stop")
         if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.text += seq.detok.flush()
             self.scheduler.finish(seq, "length")
 
     # -- offline helper (tests, benchmarks) --------------------------------------------------------------------

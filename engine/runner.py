@@ -65,5 +65,6 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.long, device=self.device),
             self.backend, self.kv_caches, hidden_layers=tuple(i + 1 for i in tap_layers),
         )
-        logits = self.model.logits(hidden[torch.tensor(logits_index, device=self.device)]).cpu()
+        index = torch.tensor(logits_index, dtype=torch.long, device=self.device)
+        logits = self.model.logits(hidden[index]).cpu()  # empty when only mid-prompt chunks ran
         return logits, (torch.cat(taps, -1) if taps else None)

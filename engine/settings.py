@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     attention_backend: str = Field("torch", description="torch (reference) | flashinfer (CUDA)")
     max_model_len: int | None = Field(None, description="context limit; default: the model's")
     # speculative decoding
-    speculative: str = Field("auto", description="auto (dspark if the model ships one) | none | dspark | dflash")
+    speculative: str = Field("none", description="none | dspark | dflash | eagle3 | auto (dspark if shipped)")
     drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
     draft_len: int = Field(7, description="most draft tokens per request per step")
     confidence_threshold: float = Field(0.0, description="cut a draft where the confidence head falls below this")

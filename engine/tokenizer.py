@@ -120,3 +120,10 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return delta
         return ""
+
+    def flush(self) -> str:
+        """At the end of a sequence: whatever is still pending (an incomplete character decodes as U+FFFD)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]

@@ -67,6 +67,7 @@ def bench_hf(model_dir: str, batch: int, tokens: int, repeats: int, dtype: torch
 def run_bench(settings: Settings, tokens: int = 128, concurrency: int = 16, write: str = "docs/benchmarks.md",
               hf: bool = True, repeats: int = 3) -> list[dict]:
     torch.manual_seed(0)
+    settings = settings.model_copy(update={"speculative": "none"})  # plain decoding vs plain generate()
     engine = LLMEngine(settings)
     engine.generate([engine.tokenizer.encode(_prompt(0))], SamplingParams(temperature=0, max_tokens=8))  # warm-up
     rows = []

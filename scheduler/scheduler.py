@@ -93,9 +93,6 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            k = self.num_draft(seq) if n == 1 and seq.num_tokens - seq.num_computed == 1 else 0
-            k = min(k, budget - n)
-            n += k
             while not self.bm.can_allocate(seq.seq_id, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -105,7 +102,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 break  # seq preempted itself: everything after it was preempted too
             self.bm.allocate(seq.seq_id, seq.num_computed + n)
-            plan.items.append(ScheduledSeq(seq, n, k))
+            plan.items.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:
@@ -119,4 +116,16 @@ class Scheduler:
             self.bm.allocate(seq.seq_id, n)
             plan.items.append(ScheduledSeq(seq, n))
             budget -= n
+        # Drafts last, from what is left: every request first gets its own token, and drafts never preempt.
+        for item in plan.items:
+            seq = item.seq
+            if budget <= 0 or item.num_new_tokens != 1 or seq.num_tokens - seq.num_computed != 1:
+                continue
+            if seq.num_computed == 0:  # no context yet for the drafter (a 1-token prompt's first step)
+                continue
+            k = min(self.num_draft(seq), budget)
+            if k > 0 and self.bm.can_allocate(seq.seq_id, seq.num_computed + 1 + k):
+                self.bm.allocate(seq.seq_id, seq.num_computed + 1 + k)
+                item.num_new_tokens, item.num_draft = 1 + k, k
+                budget -= k
         return plan

@@ -28,6 +28,9 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFi
 log = logging.getLogger("dspark.server")
 
 
+MAX_STOP_CHARS = 256  # text within this distance of the end is held back while streaming
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error"):
@@ -62,6 +65,8 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         raise APIError(400, f"at most {max_stops} stop sequences are allowed", "stop")
     if any(not s for s in stops):
         raise APIError(400, "stop sequences must not be empty", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop sequences must be at most {MAX_STOP_CHARS} characters", "stop")
     return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -260,10 +265,13 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
         if req.stream:
             ids, params = plist[0]
             gen = srv.run_choices(rid, ids, params, req.n)
-            return sse(request, completion_stream(srv, req, rid, created, gen, len(ids)), "/v1/completions")
+            echo = srv.tokenizer.decode(ids) if req.echo else ""
+            return sse(request, completion_stream(srv, req, rid, created, gen, len(ids), echo), "/v1/completions")
         results, choices, prompt_tokens = [], [], 0
-        for pi, (ids, params) in enumerate(plist):
-            res = await collect(request, srv.run_choices(rid, ids, params, req.n, pi * req.n), req.n, pi * req.n)
+        per_prompt = await asyncio.gather(*(
+            collect(request, srv.run_choices(rid, ids, params, req.n, pi * req.n), req.n, pi * req.n)
+            for pi, (ids, params) in enumerate(plist)))
+        for pi, ((ids, _), res) in enumerate(zip(plist, per_prompt)):
             prompt_text = srv.tokenizer.decode(ids) if req.echo else ""
             for j, r in enumerate(res):
                 lp = srv.completion_logprobs(r["logprobs"], len(prompt_text)) if req.logprobs is not None else None
@@ -413,7 +421,8 @@ async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt
                          "total_tokens": prompt_tokens + total})
 
 
-async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prompt_tokens) -> AsyncIterator[dict]:
+async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prompt_tokens,
+                            prompt_text: str = "") -> AsyncIterator[dict]:
     def chunk(choices, usage_=None):
         c = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
              "choices": choices}
@@ -424,6 +433,10 @@ async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prom
     completion = [0] * req.n
     offsets = [0] * req.n
     timing = Timing()
+    if req.echo:
+        for i in range(req.n):
+            yield chunk([{"index": i, "text": prompt_text, "logprobs": None, "finish_reason": None}])
+            offsets[i] = len(prompt_text)
     try:
         async for i, out in gen:
             completion[i] = out.completion_tokens
@@ -432,7 +445,7 @@ async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prom
             if req.logprobs is not None:
                 lp = srv.completion_logprobs(out.logprobs, offsets[i])
             offsets[i] += len(out.text)
-            if out.text or out.finished:
+            if out.text or out.logprobs or out.finished:
                 yield chunk([{"index": i, "text": out.text, "logprobs": lp,
                               "finish_reason": out.finish_reason if out.finished else None}])
     finally:

@@ -31,6 +31,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = model.name
+        self.model_dir = model
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(self.port),
                "--log-level", "warning", *flags]
@@ -51,8 +52,9 @@ class ServerProcess:
         raise RuntimeError("server did not become healthy")
 
     def metric(self, name: str) -> float:
+        """Value of a sample; `name` may include its labels, e.g. 'x_total{drafter="dspark"}'."""
         for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
 

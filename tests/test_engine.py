@@ -110,3 +110,29 @@ def test_logits_are_not_degenerate(engine):
         h, _ = engine.model(torch.tensor([engine.tokenizer.encode(PROMPTS[0] + " " + PROMPTS[2])]))
         top = engine.model.logits(h)[0].argmax(-1)
     assert len(set(top.tolist())) > 3
+
+
+def test_long_prompt_spanning_several_chunk_only_steps(model_dir):
+    """A prompt longer than the token budget runs steps that sample nothing; they must not fail."""
+    eng = make_engine(model_dir, max_num_batched_tokens=32, block_size=8, num_kv_blocks=128)
+    ids = eng.tokenizer.encode("def f(x):\n    return x\n" * 20)
+    assert len(ids) > 3 * 32
+    s = eng.generate([ids], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    ref = make_engine(model_dir, block_size=8, num_kv_blocks=128).generate(
+        [ids], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert s.output_ids == ref.output_ids
+
+
+def test_incomplete_character_is_flushed_at_the_end(engine):
+    from engine.tokenizer import IncrementalDetokenizer
+
+    tok = engine.tokenizer
+    ids = tok.encode("a ✓")
+    det = IncrementalDetokenizer(tok, [])
+    pieces = [det.add(t) for t in ids]
+    assert "".join(pieces) + det.flush() == "a ✓"
+    det = IncrementalDetokenizer(tok, [])
+    assert len(tok.decode(ids[-1:])) == 1 and "✓" not in tok.decode(ids[:-1])  # the last byte completes it
+    out = "".join(det.add(t) for t in ids[:-1])  # stop inside the character
+    assert out == "a " and "\ufffd" not in out  # the incomplete character is held back
+    assert det.flush() != ""  # ... and not lost at the end

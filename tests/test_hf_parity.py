@@ -90,7 +90,7 @@ def test_paged_decode_matches_hf_step_by_step(checkpoint):
             seqs[r].append(int(ref.argmax()))
             bm.allocate(r, computed[r] + 1)
             chunks.append(([seqs[r][-1]], computed[r]))
-        logits = runner.forward(chunks, bm, [0, 1], [0, 1])
+        logits, _ = runner.forward(chunks, bm, [0, 1], [0, 1])
         for r in (0, 1):
             computed[r] += 1
             with torch.no_grad():

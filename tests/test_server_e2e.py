@@ -210,3 +210,20 @@ def test_metrics_exported(server):
                  "dspark_num_requests_running", "dspark_num_requests_waiting", "dspark_kv_cache_usage_ratio"):
         assert name in text, name
     assert server.metric("dspark_generation_tokens_total") > 0
+
+
+def test_speculating_server_gives_the_same_greedy_answers(server, client):
+    """A server with the dspark drafter over HTTP: same greedy text, streaming works, drafts are accepted."""
+    from conftest import ServerProcess
+
+    spec = ServerProcess(server.model_dir, "--speculative", "dspark", "--draft-len", "5")
+    try:
+        sc = OpenAI(base_url=spec.url + "/v1", api_key="unused", max_retries=0)
+        for p in CODE_PROMPTS[:6]:
+            kw = dict(model=server.name, prompt=p, max_tokens=24, temperature=0)
+            want = client.completions.create(**kw).choices[0].text
+            assert sc.completions.create(**kw).choices[0].text == want
+            assert "".join(c.choices[0].text for c in sc.completions.create(**kw, stream=True)) == want
+        assert spec.metric('dspark_spec_accepted_tokens_total{drafter="dspark"}') > 0
+    finally:
+        spec.stop()

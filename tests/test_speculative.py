@@ -11,8 +11,26 @@ from engine.sampling import SamplingParams
 from engine.settings import DEFAULT_MODEL, Settings
 from engine.training.corpus import math_problem
 
-METHODS = [m for m in ("dspark", "dflash", "eagle3") if (DEFAULT_MODEL / "drafters" / m / "config.json").exists()]
-pytestmark = pytest.mark.skipif(len(METHODS) < 3, reason="shipped drafters missing from models/dspark-default")
+METHODS = ("dspark", "dflash", "eagle3")
+
+
+def test_drafters_are_shipped_within_the_size_budget():
+    for m in METHODS:
+        assert (DEFAULT_MODEL / "drafters" / m / "model.safetensors").exists(), m
+    total = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    assert total <= 30 * 2**20, f"model + tokenizer + drafters = {total / 2**20:.1f} MiB > 30 MiB"
+
+
+def test_drafter_for_another_target_is_refused(tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(DEFAULT_MODEL / "drafters" / "dspark", tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    cfg["target_fingerprint"] = "0" * 16
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="trained for target"):
+        LLMEngine(Settings(speculative="dspark", drafter=str(tmp_path / "d")))
 
 
 def prompts(tok, n=60):

@@ -183,6 +183,7 @@ class BlockDrafter(nn.Module):
                     idx = torch.tensor(keep, device=dev)
                     logits, rows = logits[idx], rows[idx]
             greedy = [params[r].greedy for r in live]
+            logits = logits.cpu()  # sample on the CPU: CPU generators, and verification uses CPU logits
             toks = logits.argmax(-1)
             if not all(greedy):
                 samp = [j for j, g in enumerate(greedy) if not g]
@@ -197,7 +198,7 @@ class BlockDrafter(nn.Module):
             for j, r in enumerate(live):
                 drafts[r].tokens.append(int(toks[j]))
             prev = prev.clone()
-            prev[rows] = toks
+            prev[rows] = toks.to(dev)
         for r in range(b):
             if qs[r]:
                 drafts[r].q = torch.stack(qs[r])

@@ -108,7 +108,7 @@ class Eagle3Drafter(nn.Module):
         qs: list[list[torch.Tensor]] = [[] for _ in range(b)]
         new_k, new_v = [], []
         for i in range(steps):
-            logits = lm_head(self.norm(hidden)).float()
+            logits = lm_head(self.norm(hidden)).float().cpu()  # CPU generators; verification runs on CPU
             toks = logits.argmax(-1)
             samp = [r for r in range(b) if not params[r].greedy and i < ks[r]]
             if samp:
@@ -125,7 +125,7 @@ class Eagle3Drafter(nn.Module):
             if i + 1 == steps:
                 break
             pos = torch.tensor(c_lens, device=dev) + i  # slot of (this hidden, embedding of the token just drafted)
-            q, k, v = self.project(hidden, embed(toks), pos)
+            q, k, v = self.project(hidden, embed(toks.to(dev)), pos)
             new_k.append(k)
             new_v.append(v)
             keys = torch.cat([kk, torch.stack(new_k, 1)], 1)

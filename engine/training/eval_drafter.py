@@ -107,7 +107,7 @@ def calibrate(eng: LLMEngine, prompts: list[list[int]], temperature: float, max_
 
 
 def evaluate(model_dir: str, methods: list[str], per_group: int = 24, max_tokens: int = 96,
-             thresholds: tuple[float, ...] = (0.5, 0.8), write: str = "docs/benchmarks.md", seed: int = 0,
+             thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8), write: str = "docs/benchmarks.md", seed: int = 0,
              save_calibration: bool = True) -> dict:
     results = {}
     for method in methods:
@@ -143,8 +143,10 @@ def write_markdown(path: Path, results, methods, thresholds, per_group, max_toke
     lines = ["<!-- bench:acceptance -->", "## Drafter acceptance on held-out prompts (default model, block 7)", "",
              f"Command: `dspark eval-drafter --methods {','.join(methods)} --per-group {per_group} --max-tokens "
              f"{max_tokens}`. Batch 1; {per_group} prompts per group, up to {max_tokens} new tokens each. "
-             "tau = committed tokens per round incl. the bonus; rate@p = P(draft token p accepted | proposed and "
-             "all before it accepted... as DeepSpec: P(accepted > p | proposed > p)).", "",
+             "tau = committed tokens per round incl. the bonus; rate@p = P(accepted > p | proposed > p) (DeepSpec's "
+             "definition); ECE / AUROC of the calibrated confidences' running product against the accepted-prefix "
+             "label; 'cut t': drafts stop where a calibrated confidence falls below t (accepted share = accepted / "
+             "drafted tokens).", "",
              "| method | T | group | tau | draft tok/round | accept rate @ position 1..7 | ECE | AUROC | "
              + " | ".join(f"tau / accepted share, cut {t}" for t in thresholds) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(thresholds)]
