@@ -115,6 +115,11 @@ def write_markdown(path: Path, settings: Settings, rows, ratios, tokens, concurr
     _replace_section(path, "serving-core", "\n".join(lines))
 
 
+ASSISTANT_CMD = ("dspark train-target --out runs/assistant-model --tokenizer-from models/dspark-default "
+                 "--steps 300 --hidden-size 128 --intermediate-size 384 --num-hidden-layers 2 "
+                 "--num-attention-heads 2 --num-key-value-heads 1")
+
+
 def bench_hf_assisted(model_dir: str, assistant: str | None, prompts: dict, tokens: int) -> list[dict]:
     """HF transformers generate(), plain and with assistant_model (its speculative decoding), batch 1."""
     from transformers import AutoModelForCausalLM
@@ -182,8 +187,9 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
         lines += [f"| {r['method']} | {r['temperature']} | {r['tps']:.1f} | {r['speedup']:.2f}x | "
                   + ("-" if r["tau"] != r["tau"] else f"{r['tau']:.2f}") + " |" for r in rows]
         if assistant:
-            lines += ["", f"HF rows: transformers on the same weights and prompts; assistant model `{assistant}` "
-                      "(a standalone small model on the same tokenizer, see its model card)."]
+            lines += ["", f"HF rows: transformers on the same weights and prompts; assistant model `{assistant}`, a "
+                      "standalone 2-layer model (hidden 128) on the same tokenizer, not shipped; retrain it with "
+                      f"`{ASSISTANT_CMD}` (about 3 minutes)."]
         lines += ["", "<!-- /bench:speculative -->"]
         _replace_section(Path(write), "speculative", "\n".join(lines))
     return rows
