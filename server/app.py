@@ -390,13 +390,32 @@ def sse(request: Request, chunks: AsyncIterator[dict], endpoint: str) -> Streami
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt_tokens) -> AsyncIterator[dict]:
-    def chunk(choices, usage_=None):
-        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": srv.model_name,
-             "choices": choices}
-        if req.stream_options and req.stream_options.include_usage:
+class ChunkMaker:
+    """Builds one response's SSE chunks; with stream_options.include_usage every chunk carries `usage`
+    (null until the last, choice-less chunk, as OpenAI does)."""
+
+    def __init__(self, srv, req: SamplingFields, rid: str, created: int, obj: str, prompt_tokens: int):
+        self.base = {"id": rid, "object": obj, "created": created, "model": srv.model_name}
+        self.with_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.prompt_tokens = prompt_tokens
+
+    def __call__(self, choices: list[dict], usage_: dict | None = None) -> dict:
+        c = {**self.base, "choices": choices}
+        if self.with_usage:
             c["usage"] = usage_
         return c
+
+    def usage(self, completion: list[int]) -> dict | None:
+        """The final usage chunk, or None when the client did not ask for it."""
+        if not self.with_usage:
+            return None
+        total = sum(completion)
+        return self([], {"prompt_tokens": self.prompt_tokens, "completion_tokens": total,
+                         "total_tokens": self.prompt_tokens + total})
+
+
+async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt_tokens) -> AsyncIterator[dict]:
+    chunk = ChunkMaker(srv, req, rid, created, "chat.completion.chunk", prompt_tokens)
 
     completion = [0] * req.n
     timing = Timing()
@@ -415,20 +434,13 @@ async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt
     finally:
         await gen.aclose()
     timing.done()
-    if req.stream_options and req.stream_options.include_usage:
-        total = sum(completion)
-        yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": total,
-                         "total_tokens": prompt_tokens + total})
+    if (final := chunk.usage(completion)) is not None:
+        yield final
 
 
 async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prompt_tokens,
                             prompt_text: str = "") -> AsyncIterator[dict]:
-    def chunk(choices, usage_=None):
-        c = {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
-             "choices": choices}
-        if req.stream_options and req.stream_options.include_usage:
-            c["usage"] = usage_
-        return c
+    chunk = ChunkMaker(srv, req, rid, created, "text_completion", prompt_tokens)
 
     completion = [0] * req.n
     offsets = [0] * req.n
@@ -451,7 +463,5 @@ async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prom
     finally:
         await gen.aclose()
     timing.done()
-    if req.stream_options and req.stream_options.include_usage:
-        total = sum(completion)
-        yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": total,
-                         "total_tokens": prompt_tokens + total})
+    if (final := chunk.usage(completion)) is not None:
+        yield final
