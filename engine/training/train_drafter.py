@@ -191,7 +191,9 @@ def eagle3_loss(drafter, target, ids, gen_mask, decay: float = 0.8, max_slots: i
 def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int = 1500, batch: int = 16,
                   anchors: int = 16, block_size: int = 7, num_layers: int = 2, markov_rank: int | None = None,
                   lr: float = 1e-3, seed: int = 0, num_prompts: int = 1536, max_new: int = 128,
-                  data_cache: str | None = None, save_every: int = 250) -> dict:
+                  data_cache: str | None = None, save_every: int = 250, stop_after: int | None = None) -> dict | None:
+    """Train and save to `out`. `stop_after` ends this run after that many steps, leaving a checkpoint that the
+    next call resumes from exactly (model, optimizer, schedule and data-sampling state)."""
     torch.manual_seed(seed)
     target = load_model(model_dir).eval()
     for p in target.parameters():
@@ -222,14 +224,15 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     start, log = 0, []
+    gen = torch.Generator().manual_seed(seed)
     if ckpt.exists():  # resume
         st = torch.load(ckpt)
         drafter.load_state_dict(st["drafter"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"])
         start, log = st["step"], st["log"]
         print(f"resumed from step {start}")
-    gen = torch.Generator().manual_seed(seed + start)
     pad = target.config.eos_token_id[0] if target.config.eos_token_id else 0
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=f"train {method}", mininterval=5, initial=start, total=steps)
@@ -249,10 +252,13 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         if step % 25 == 0 or step == steps - 1:
             log.append({"step": step, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in m.items()}})
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{m['acc']:.3f}")
-        if (step + 1) % save_every == 0 and step + 1 < steps:
+        stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < steps
+        if ((step + 1) % save_every == 0 and step + 1 < steps) or stopping:
             outdir.mkdir(parents=True, exist_ok=True)
             torch.save({"drafter": drafter.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step + 1, "log": log}, ckpt)
+                        "gen": gen.get_state(), "step": step + 1, "log": log}, ckpt)
+        if stopping:
+            return None
     cfg.training = {"steps": steps, "batch": batch, "anchors_per_seq": anchors, "lr": lr, "seed": seed,
                     "prompts": num_prompts, "max_new_tokens": max_new, "seconds_this_run": round(time.time() - t0),
                     "final": log[-1] if log else {}}
