@@ -60,7 +60,7 @@ def cmd_eval_drafter(args) -> None:
     from engine.training.eval_drafter import evaluate
 
     evaluate(args.model, args.methods.split(","), per_group=args.per_group, max_tokens=args.max_tokens,
-             write=args.write, save_calibration=not args.no_calibration)
+             write=args.write, save_calibration=not args.no_calibration, drafter=args.drafter)
 
 
 def cmd_bench(args) -> None:
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-group", type=int, default=24)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--no-calibration", action="store_true", help="do not write fitted confidence temperatures")
+    p.add_argument("--drafter", default=None, help="evaluate this drafter directory (one method) instead")
     p.add_argument("--write", default="docs/benchmarks.md")
     p.set_defaults(fn=cmd_eval_drafter)
 

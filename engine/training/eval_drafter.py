@@ -108,10 +108,10 @@ def calibrate(eng: LLMEngine, prompts: list[list[int]], temperature: float, max_
 
 def evaluate(model_dir: str, methods: list[str], per_group: int = 24, max_tokens: int = 96,
              thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8), write: str = "docs/benchmarks.md", seed: int = 0,
-             save_calibration: bool = True) -> dict:
+             save_calibration: bool = True, drafter: str | None = None) -> dict:
     results = {}
     for method in methods:
-        eng = LLMEngine(Settings(model=model_dir, speculative=method))
+        eng = LLMEngine(Settings(model=model_dir, speculative=method, drafter=drafter))
         prompts = heldout_prompts(eng.tokenizer, per_group, seed)
         block = eng.drafter.cfg.block_size
         if eng.drafter.cfg.confidence_head:
