@@ -32,7 +32,6 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.error: BaseException | None = None
         self._seen: dict[str, int] = {}
         metrics.KV_TOTAL.set(engine.block_manager.num_blocks)
         metrics.KV_FREE.set(engine.block_manager.num_free)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -119,7 +118,6 @@ class LLMEngine:
             offset += len(toks)
         logits, taps = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
         self.last_step_tokens = offset
-        now = time.monotonic()
         plain = [i for i, it in enumerate(plan.items) if it.samples and not it.num_draft]
         committed: dict[int, list] = {}  # item index -> [(token, logprob entry)]
         rows, row = {}, 0
@@ -143,7 +141,7 @@ class LLMEngine:
             start = s.num_computed
             s.num_computed += valid
             for tok, lp in committed.get(i, []):
-                self._append(s, tok, lp, now)
+                self._append(s, tok, lp)
                 if s.finished:
                     break
             if s.finished:
@@ -198,12 +196,11 @@ class LLMEngine:
     def _holdback(self, seq: Sequence) -> int:
         return max((len(x) for x in seq.params.stop), default=1) - 1
 
-    def _append(self, seq: Sequence, tok: int, lp, now: float) -> None:
+    def _append(self, seq: Sequence, tok: int, lp) -> None:
         p = seq.params
         seq.token_ids.append(tok)
         if lp is not None:
             seq.logprobs.append((tok, lp[0], lp[1]))
-        seq.first_token_time = seq.first_token_time or now
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
             seq.text += seq.detok.flush()
             return self.scheduler.finish(seq, "stop")

@@ -47,12 +47,10 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
-    num_preemptions: int = 0
     finish_reason: str | None = None
     text: str = ""
     emitted_text: int = 0  # chars of `text` already streamed
     emitted_tokens: int = 0
-    first_token_time: float | None = None
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)

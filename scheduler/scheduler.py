@@ -70,7 +70,6 @@ class Scheduler:
         self.bm.free(seq.seq_id)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         # Back to the queue in arrival order, ahead of requests that came later.
         pos = next((i for i, w in enumerate(self.waiting) if w.arrival > seq.arrival), len(self.waiting))
