@@ -101,7 +101,7 @@ class LLMEngine:
         if not plan.items:
             return []
         drafts = self._propose([it for it in plan.items if it.num_draft])
-        chunks, seq_ids, logits_index = [], [], []
+        chunks, seq_ids, logits_index, rows = [], [], [], []  # rows[i]: item i's first row in `logits`
         offset = 0
         for it in plan.items:
             s = it.seq
@@ -111,6 +111,7 @@ class LLMEngine:
                 toks = s.token_ids[s.num_computed : s.num_computed + it.num_new_tokens]
             chunks.append((toks, s.num_computed))
             seq_ids.append(s.seq_id)
+            rows.append(len(logits_index))
             if it.num_draft:
                 logits_index.extend(range(offset, offset + len(toks)))
             elif it.samples:
@@ -120,10 +121,6 @@ class LLMEngine:
         self.last_step_tokens = offset
         plain = [i for i, it in enumerate(plan.items) if it.samples and not it.num_draft]
         committed: dict[int, list] = {}  # item index -> [(token, logprob entry)]
-        rows, row = {}, 0
-        for i, it in enumerate(plan.items):
-            rows[i] = row
-            row += len(chunks[i][0]) if it.num_draft else int(it.samples)
         if plain:
             res = sample(logits[[rows[i] for i in plain]], [plan.items[i].seq.params for i in plain],
                          [plan.items[i].seq.generator for i in plain])

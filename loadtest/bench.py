@@ -8,7 +8,6 @@ The engine is driven directly (no HTTP), as `generate()` is; the HTTP load test 
 from __future__ import annotations
 
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.llm_engine import LLMEngine
+from engine.report import replace_section
 from engine.sampling import SamplingParams
 from engine.settings import Settings
 
@@ -112,7 +112,7 @@ def write_markdown(path: Path, settings: Settings, rows, ratios, tokens, concurr
     lines += [f"| {r['system']} | {r['batch']} | {r['total_tps']:.1f} | {r['per_user_tps']:.1f} |" for r in rows]
     lines += ["", "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()), "",
               "<!-- /bench:serving-core -->"]
-    _replace_section(path, "serving-core", "\n".join(lines))
+    replace_section(path, "serving-core", "\n".join(lines))
 
 
 ASSISTANT_CMD = ("dspark train-target --out runs/assistant-model --tokenizer-from models/dspark-default "
@@ -191,15 +191,5 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
                       "standalone 2-layer model (hidden 128) on the same tokenizer, not shipped; retrain it with "
                       f"`{ASSISTANT_CMD}` (about 3 minutes)."]
         lines += ["", "<!-- /bench:speculative -->"]
-        _replace_section(Path(write), "speculative", "\n".join(lines))
+        replace_section(Path(write), "speculative", "\n".join(lines))
     return rows
-
-
-def _replace_section(path: Path, name: str, block: str) -> None:
-    header = "# Benchmarks\n\nEvery figure here was printed by the command next to it.\n"
-    text = path.read_text() if path.exists() else header
-    pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"wrote {path}")

@@ -12,13 +12,13 @@ Calibration (per-position temperature on the confidence logits) is fitted on a s
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import torch
 
 from engine.drafters import save_drafter
 from engine.llm_engine import LLMEngine
+from engine.report import replace_section
 from engine.sampling import SamplingParams
 from engine.settings import Settings
 from engine.training.corpus import build_corpus, math_chats
@@ -158,9 +158,4 @@ def write_markdown(path: Path, results, methods, thresholds, per_group, max_toke
                      + (f"{r['ece']:.3f} | {r['auroc']:.3f}" if "ece" in r else "- | -") + " | "
                      + " | ".join(cut) + " |")
     lines += ["", "<!-- /bench:acceptance -->"]
-    block = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pat = re.compile(r"<!-- bench:acceptance -->.*?<!-- /bench:acceptance -->", re.S)
-    text = pat.sub(block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"wrote {path}")
+    replace_section(path, "acceptance", "\n".join(lines))
