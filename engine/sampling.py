@@ -61,6 +61,15 @@ def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tenso
     return logits.softmax(-1)
 
 
+def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
+    """One index from an (unnormalised) probability vector by inverse CDF: one uniform from `gen`.
+
+    torch.multinomial draws an exponential per vocabulary entry; this is a cumsum and a binary search."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(1, generator=gen, dtype=cdf.dtype) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[-1] - 1)
+
+
 @dataclass
 class SampleResult:
     token_ids: list[int]
@@ -79,7 +88,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         ps = torch.tensor([params[i].top_p for i in rows], dtype=sub.dtype)
         probs = filter_logits(sub, temps, ks, ps)
         for j, i in enumerate(rows):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+            tokens[i] = draw(probs[j], generators[i])
     token_list = tokens.tolist()
     lps: list = [None] * n
     want = [i for i, p in enumerate(params) if p.logprobs is not None]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.sampling import draw
+
 
 def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:
     """Longest prefix where the draft equals the target's argmax, then the target's own next token."""
@@ -35,5 +37,5 @@ def accept_sampled(draft: list[int], q: torch.Tensor, p: torch.Tensor, gen: torc
                 # p == q makes the residual empty; then rejection had probability 0 and cannot be here,
                 # except through rounding: fall back to p.
                 dist = residual / total if total > 0 else p[i]
-                return [*draft[:i], int(torch.multinomial(dist, 1, generator=gen))]
-    return [*draft, int(torch.multinomial(p[k], 1, generator=gen))]
+                return [*draft[:i], draw(dist, gen)]
+    return [*draft, draw(p[k], gen)]

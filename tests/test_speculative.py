@@ -160,3 +160,24 @@ def test_a_broken_acceptance_rule_is_detected(monkeypatch):
     monkeypatch.setattr(llm_engine, "accept_sampled", lambda draft, q, p, gen: [*draft, int(p[-1].argmax())])
     counts, joint = speculative_samples("dspark", 0.0)
     assert tv(counts, joint, N) > tv_bound(joint, N)
+
+
+@pytest.mark.parametrize("k_cand", [1, 16, 256])
+def test_markov_greedy_shortcut_is_the_exact_argmax(base, k_cand):
+    """The top-k candidate shortcut must return argmax(base + Markov bias) over the whole vocabulary, falling
+    back to full scoring whenever its bound cannot rule out the rest (k=1 forces many fallbacks)."""
+    from engine.drafters import load_drafter
+
+    drafter = load_drafter(DEFAULT_MODEL / "drafters" / "dspark", base.model)
+    g = torch.Generator().manual_seed(0)
+    vocab = base.model_config.vocab_size
+    logits = torch.randn(200, vocab, generator=g) * 2
+    prev = torch.randint(0, vocab, (200,), generator=g)
+    top = logits.topk(k_cand, -1)
+    drafter.markov_fallbacks = 0
+    with torch.inference_mode():
+        got = drafter._markov_argmax(logits, top.values, top.indices, prev)
+        want = (logits + drafter.markov_bias(prev).float()).argmax(-1).tolist()
+    assert got == want
+    if k_cand == 1:
+        assert drafter.markov_fallbacks > 0  # the fallback path ran and was checked too

@@ -17,7 +17,7 @@ from torch import nn
 from engine.drafters.config import DrafterConfig
 from engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from engine.model_config import ModelConfig
-from engine.sampling import SamplingParams, filter_logits
+from engine.sampling import SamplingParams, draw, filter_logits
 
 
 class BlockAttention(nn.Module):
@@ -89,6 +89,7 @@ class BlockDrafter(nn.Module):
         if cfg.confidence_head:
             self.confidence = nn.Linear(d + r, 1)
         self.register_buffer("conf_temperature", torch.ones(cfg.block_size), persistent=True)
+        self.markov_fallbacks = 0  # greedy positions the top-k shortcut could not settle (scored fully)
 
     # -- shared pieces ------------------------------------------------------------------------------------------
     def fuse(self, taps: torch.Tensor) -> torch.Tensor:
@@ -112,6 +113,29 @@ class BlockDrafter(nn.Module):
     def confidence_logit(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         parts = [h, self.markov_in(prev)] if self.cfg.markov_rank else [h]
         return self.confidence(torch.cat(parts, -1)).squeeze(-1)
+
+    def _markov_argmax(self, base, top_vals, top_ids, prev) -> list[int]:
+        """argmax(base + Markov bias) per row, scoring only the top-k base logits when that is provably exact.
+
+        A token outside the top-k has base <= the k-th value and bias <= the largest bias any token gets after
+        `prev` (a per-token table, computed once); when that bound is below the best candidate's score, the
+        candidate is the argmax. Otherwise the row is scored fully.
+        """
+        w1, w2 = self.markov_in.weight, self.markov_out.weight
+        key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
+        if getattr(self, "_max_bias", (None,))[0] != key:
+            table = torch.cat([(w1[i : i + 1024].float() @ w2.float().T).amax(-1) for i in range(0, len(w1), 1024)])
+            self._max_bias = (key, table)
+        u = self.markov_in(prev)  # [n, r]
+        scores = top_vals + torch.bmm(F.embedding(top_ids, w2), u[:, :, None])[..., 0].float()
+        best, arg = scores.max(-1)
+        bound = top_vals[:, -1] + self._max_bias[1][prev]
+        out = top_ids.gather(1, arg[:, None])[:, 0]
+        unsure = (bound >= best).nonzero()[:, 0]
+        if len(unsure):
+            self.markov_fallbacks += len(unsure)
+            out[unsure] = (base[unsure] + self.markov_out(u[unsure]).float()).argmax(-1)
+        return out.tolist()
 
     # -- inference ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -157,7 +181,9 @@ class BlockDrafter(nn.Module):
         mask = torch.cat([valid_ctx[:, None, :].expand(b, gamma, c_max),
                           torch.ones(b, gamma, gamma, dtype=torch.bool, device=dev)], -1).unsqueeze(1)
         h = self.block_hidden(emb, positions, kv, mask)  # [B, gamma, d]
-        base = lm_head(h).float()
+        base = lm_head(h).float()  # [B, gamma, V]
+        k_cand = self.cfg.markov_candidates if self.cfg.markov_rank else 0
+        top = base.topk(k_cand, -1) if 0 < k_cand < base.shape[-1] else None
         prev = torch.tensor(anchors, device=dev)
         drafts = [Draft([], None, []) for _ in range(b)]
         qs: list[list[torch.Tensor]] = [[] for _ in range(b)]
@@ -167,10 +193,6 @@ class BlockDrafter(nn.Module):
             if not live:
                 break
             rows = torch.tensor(live, device=dev)
-            logits = base[rows, i]
-            bias = self.markov_bias(prev[rows])
-            if bias is not None:
-                logits = logits + bias.float()
             if self.cfg.confidence_head:
                 c = torch.sigmoid(self.confidence_logit(h[rows, i], prev[rows]).float() / self.conf_temperature[i])
                 keep = [j for j in range(len(live)) if float(c[j]) >= threshold]
@@ -180,25 +202,42 @@ class BlockDrafter(nn.Module):
                     live = [live[j] for j in keep]
                     if not live:
                         break
-                    idx = torch.tensor(keep, device=dev)
-                    logits, rows = logits[idx], rows[idx]
-            greedy = [params[r].greedy for r in live]
-            logits = logits.cpu()  # sample on the CPU: CPU generators, and verification uses CPU logits
-            toks = logits.argmax(-1)
-            if not all(greedy):
-                samp = [j for j, g in enumerate(greedy) if not g]
-                sp = [params[live[j]] for j in samp]
-                probs = filter_logits(logits[samp], torch.tensor([p.temperature for p in sp]),
-                                      torch.tensor([max(p.top_k, 0) for p in sp]),
-                                      torch.tensor([p.top_p for p in sp]))
-                for jj, j in enumerate(samp):
-                    r = live[j]
-                    toks[j] = torch.multinomial(probs[jj], 1, generator=gens[r])[0]
-                    qs[r].append(probs[jj])
+                    rows = rows[torch.tensor(keep, device=dev)]
+            toks = [0] * len(live)
+            greedy = [j for j, r in enumerate(live) if params[r].greedy]
+            if top is not None and greedy:
+                g_rows = rows[greedy]
+                for j, t in zip(greedy, self._markov_argmax(base[g_rows, i], top.values[g_rows, i],
+                                                            top.indices[g_rows, i], prev[g_rows])):
+                    toks[j] = t
+                full = [j for j in range(len(live)) if j not in set(greedy)]
+            else:
+                full = list(range(len(live)))
+            if full:
+                f_rows = rows[full]
+                logits = base[f_rows, i]
+                bias = self.markov_bias(prev[f_rows])
+                if bias is not None:
+                    logits = logits + bias.float()
+                logits = logits.cpu()  # sample on the CPU: CPU generators, and verification uses CPU logits
+                best = logits.argmax(-1).tolist()
+                sampled = [jj for jj, j in enumerate(full) if not params[live[j]].greedy]
+                probs = None
+                if sampled:
+                    sp = [params[live[full[jj]]] for jj in sampled]
+                    probs = filter_logits(logits[sampled], torch.tensor([p.temperature for p in sp]),
+                                          torch.tensor([max(p.top_k, 0) for p in sp]),
+                                          torch.tensor([p.top_p for p in sp]))
+                for jj, j in enumerate(full):
+                    toks[j] = best[jj]
+                for n, jj in enumerate(sampled):
+                    r = live[full[jj]]
+                    toks[full[jj]] = draw(probs[n], gens[r])
+                    qs[r].append(probs[n])
             for j, r in enumerate(live):
-                drafts[r].tokens.append(int(toks[j]))
+                drafts[r].tokens.append(toks[j])
             prev = prev.clone()
-            prev[rows] = toks.to(dev)
+            prev[rows] = torch.tensor(toks, device=dev)
         for r in range(b):
             if qs[r]:
                 drafts[r].q = torch.stack(qs[r])

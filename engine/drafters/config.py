@@ -20,6 +20,10 @@ class DrafterConfig:
     num_layers: int = 2
     markov_rank: int = 0  # 0 = no Markov head (dflash, eagle3)
     confidence_head: bool = False
+    # Greedy drafting with a Markov head scores only the top-k tokens of the block's base logits (k x rank per
+    # position instead of vocab x rank) and falls back to the whole vocabulary when a bound says a token outside
+    # them could win, so the draft is exactly the argmax. 0 = always the whole vocabulary. Inference only.
+    markov_candidates: int = 256
     target_fingerprint: str = ""
     target_name: str = ""
     training: dict = field(default_factory=dict)

@@ -16,7 +16,7 @@ from engine.drafters.block import Draft
 from engine.drafters.config import DrafterConfig
 from engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from engine.model_config import ModelConfig
-from engine.sampling import SamplingParams, filter_logits
+from engine.sampling import SamplingParams, draw, filter_logits
 
 
 class Eagle3Drafter(nn.Module):
@@ -116,7 +116,7 @@ class Eagle3Drafter(nn.Module):
                 probs = filter_logits(logits[samp], torch.tensor([p.temperature for p in sp]),
                                       torch.tensor([max(p.top_k, 0) for p in sp]), torch.tensor([p.top_p for p in sp]))
                 for j, r in enumerate(samp):
-                    toks[r] = torch.multinomial(probs[j], 1, generator=gens[r])[0]
+                    toks[r] = draw(probs[j], gens[r])
                     qs[r].append(probs[j])
             for r in range(b):
                 if i < ks[r]:
