@@ -53,7 +53,8 @@ def cmd_train_drafter(args) -> None:
     out = args.out or str(Path(args.model) / "drafters" / args.method)
     print(train_drafter(args.model, out, method=args.method, steps=args.steps, batch=args.batch,
                         block_size=args.block_size, num_layers=args.num_layers, markov_rank=args.markov_rank,
-                        lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens))
+                        lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens,
+                        device=args.device))
 
 
 def cmd_eval_drafter(args) -> None:
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-prompts", type=int, default=1536)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; the same code runs on both")
     p.set_defaults(fn=cmd_train_drafter)
 
     p = sub.add_parser("eval-drafter", help="acceptance benchmark of drafters on held-out code / math / chat")

@@ -51,8 +51,9 @@ def training_prompts(tokenizer, n: int, seed: int, heldout: bool = False) -> lis
     return out
 
 
-def generate_data(model_dir: str, n: int, max_new: int, seed: int, heldout: bool = False) -> list[dict]:
-    eng = LLMEngine(Settings(model=model_dir, max_num_seqs=64, max_num_batched_tokens=4096))
+def generate_data(model_dir: str, n: int, max_new: int, seed: int, heldout: bool = False,
+                  device: str = "cpu") -> list[dict]:
+    eng = LLMEngine(Settings(model=model_dir, max_num_seqs=64, max_num_batched_tokens=4096, device=device))
     prompts = training_prompts(eng.tokenizer, n, seed, heldout)
     params = [SamplingParams(temperature=0.7, top_p=0.8, top_k=20, seed=seed * 100003 + i, max_tokens=max_new)
               for i in range(len(prompts))]
@@ -93,19 +94,21 @@ def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str):
     """One forward over all anchored blocks; returns (loss, metrics)."""
     cfg = drafter.cfg
     gamma, (b, s), a_n = cfg.block_size, ids.shape, anchors.shape[1]
+    dev = ids.device
     with torch.no_grad():
         final, taps = target(ids, hidden_layers=tuple(i + 1 for i in cfg.target_layer_ids))
         taps = torch.cat(taps, -1)
     feats = drafter.fuse(taps)
-    ctx_kv = drafter.context_kv(feats, torch.arange(s).expand(b, s))
-    offs = torch.arange(gamma)
+    ctx_kv = drafter.context_kv(feats, torch.arange(s, device=dev).expand(b, s))
+    offs = torch.arange(gamma, device=dev)
     pos = anchors[:, :, None] + offs  # [B, A, gamma]: position of each block slot; predicts token pos+1
     emb = drafter.mask_embedding.expand(b, a_n, gamma, -1).clone()
     emb[:, :, 0] = target.model.embed_tokens(ids.gather(1, anchors)).detach()
     q = a_n * gamma
-    ctx_ok = torch.arange(s)[None, None, :] < anchors.reshape(b, a_n, 1)  # context strictly before the anchor
+    # context strictly before the anchor
+    ctx_ok = torch.arange(s, device=dev)[None, None, :] < anchors.reshape(b, a_n, 1)
     ctx_ok = ctx_ok[:, :, None, :].expand(b, a_n, gamma, s).reshape(b, q, s)
-    blk = torch.arange(a_n).repeat_interleave(gamma)
+    blk = torch.arange(a_n, device=dev).repeat_interleave(gamma)
     same_block = (blk[:, None] == blk[None, :]).expand(b, q, q)
     mask = torch.cat([ctx_ok, same_block], -1).unsqueeze(1)
     h = drafter.block_hidden(emb.reshape(b, q, -1), pos.reshape(b, q), ctx_kv, mask)  # [B, Q, d]
@@ -156,7 +159,7 @@ def eagle3_loss(drafter, target, ids, gen_mask, decay: float = 0.8, max_slots: i
         final, taps = target(ids, hidden_layers=tuple(i + 1 for i in drafter.cfg.target_layer_ids))
         taps = torch.cat(taps, -1)
     hidden = drafter.fc(taps)
-    t = torch.arange(s)
+    t = torch.arange(s, device=ids.device)
     keys, vals = [], []
     total, metrics = 0.0, {}
     for i in range(steps):
@@ -166,14 +169,14 @@ def eagle3_loss(drafter, target, ids, gen_mask, decay: float = 0.8, max_slots: i
         keys.append(k)
         vals.append(v)
         causal = t[None, :] <= t[:, None]  # step-0 slots <= t
-        diag = torch.eye(s, dtype=torch.bool)
+        diag = torch.eye(s, dtype=torch.bool, device=ids.device)
         mask = torch.cat([causal] + [diag] * i, 1)[None, None]
         out = drafter.attend(q, torch.cat(keys, 1), torch.cat(vals, 1), mask)
         hidden = drafter.finish(hidden, out)
         ok = (t + 2 + i < s)[None, :] & gen_mask[:, (t + 2 + i).clamp(max=s - 1)]
         rows, cols = ok.nonzero(as_tuple=True)
         if len(rows) > max_slots:
-            pick = torch.randperm(len(rows), generator=gen)[:max_slots]
+            pick = torch.randperm(len(rows), generator=gen)[:max_slots].to(ids.device)
             rows, cols = rows[pick], cols[pick]
         if len(rows) == 0:
             continue
@@ -191,11 +194,18 @@ def eagle3_loss(drafter, target, ids, gen_mask, decay: float = 0.8, max_slots: i
 def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int = 1500, batch: int = 16,
                   anchors: int = 16, block_size: int = 7, num_layers: int = 2, markov_rank: int | None = None,
                   lr: float = 1e-3, seed: int = 0, num_prompts: int = 1536, max_new: int = 128,
-                  data_cache: str | None = None, save_every: int = 250, stop_after: int | None = None) -> dict | None:
+                  data_cache: str | None = None, save_every: int = 250, stop_after: int | None = None,
+                  device: str = "cpu") -> dict | None:
     """Train and save to `out`. `stop_after` ends this run after that many steps, leaving a checkpoint that the
-    next call resumes from exactly (model, optimizer, schedule and data-sampling state)."""
+    next call resumes from exactly (model, optimizer, schedule and data-sampling state).
+
+    Weights are float32 on every device; on CUDA the forward runs under bf16 autocast. Data sampling uses a
+    CPU generator, so the batches are the same on every device."""
     torch.manual_seed(seed)
-    target = load_model(model_dir).eval()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but CUDA is not available")
+    target = load_model(model_dir, device=device).eval()
     for p in target.parameters():
         p.requires_grad_(False)
     cache = Path(data_cache or Path("runs") / f"drafter-data-{Path(model_dir).name}-{num_prompts}-{max_new}-{seed}.pt")
@@ -203,7 +213,7 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         data = torch.load(cache)
     else:
         t0 = time.time()
-        data = generate_data(model_dir, num_prompts, max_new, seed)
+        data = generate_data(model_dir, num_prompts, max_new, seed, device=device)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, cache)
         print(f"generated {sum(len(x['ids']) - x['prompt_len'] for x in data)} target tokens in "
@@ -216,7 +226,7 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         confidence_head=method == "dspark", target_fingerprint=target_fingerprint(target),
         target_name=Path(model_dir).name,
     )
-    drafter = build_drafter(cfg, target)
+    drafter = build_drafter(cfg, target).to(dev)
     outdir = Path(out)
     ckpt = outdir / "train_state.pt"
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -226,7 +236,7 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
     start, log = 0, []
     gen = torch.Generator().manual_seed(seed)
     if ckpt.exists():  # resume
-        st = torch.load(ckpt)
+        st = torch.load(ckpt, map_location=dev)
         drafter.load_state_dict(st["drafter"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -240,10 +250,12 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         idx = torch.randint(0, len(data), (batch,), generator=gen).tolist()
         ids, gen_mask = make_batch([data[i] for i in idx], pad)
         anc, valid = sample_anchors(gen_mask, anchors, gen)
-        if method == "eagle3":
-            loss, m = eagle3_loss(drafter, target, ids, gen_mask, gen=gen)
-        else:
-            loss, m = drafter_loss(drafter, target, ids, gen_mask, anc, valid, method)
+        ids, gen_mask, anc, valid = (x.to(dev) for x in (ids, gen_mask, anc, valid))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            if method == "eagle3":
+                loss, m = eagle3_loss(drafter, target, ids, gen_mask, gen=gen)
+            else:
+                loss, m = drafter_loss(drafter, target, ids, gen_mask, anc, valid, method)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
@@ -262,7 +274,7 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
     cfg.training = {"steps": steps, "batch": batch, "anchors_per_seq": anchors, "lr": lr, "seed": seed,
                     "prompts": num_prompts, "max_new_tokens": max_new, "seconds_this_run": round(time.time() - t0),
                     "final": log[-1] if log else {}}
-    save_drafter(drafter.eval(), outdir)
+    save_drafter(drafter.cpu().eval(), outdir)
     (outdir / "training_log.json").write_text(json.dumps(log, indent=1))
     ckpt.unlink(missing_ok=True)
     return cfg.training
