@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from engine import metrics
@@ -33,6 +34,11 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._seen: dict[str, int] = {}
+        self._slo_recent: deque[bool] = deque(maxlen=1000)
+        # Admission slots granted by the server but not yet handed to the engine (event-loop side only); they
+        # lapse after a few seconds in case the request never starts.
+        self._reserved: deque[float] = deque()
+        self._steps = 0
         metrics.KV_TOTAL.set(engine.block_manager.num_blocks)
         metrics.KV_FREE.set(engine.block_manager.num_free)
 
@@ -58,6 +64,8 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._inbox.put(("add", (request_id, prompt_ids, params)))
+        if self._reserved:
+            self._reserved.popleft()
         finished = False
         try:
             while True:
@@ -72,6 +80,21 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def try_reserve(self, n: int) -> int | None:
+        """Claim n places in the bounded waiting queue for a request about to start; None when it is full,
+        else the number of requests ahead. Call from the event loop (check and claim are then atomic)."""
+        now = time.monotonic()
+        while self._reserved and now - self._reserved[0] > 5.0:
+            self._reserved.popleft()
+        ahead = self._inbox.qsize() + len(self._reserved)
+        if self.engine.scheduler.queue_full(ahead + n):
+            return None
+        self._reserved.extend([now] * n)
+        return ahead + len(self.engine.scheduler.waiting)
+
+    def queue_depth(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._inbox.qsize() + len(self._reserved)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -131,12 +154,32 @@ class AsyncEngine:
         metrics.GENERATION_TOKENS.inc(sum(len(o.token_ids) for o in outputs))
         metrics.PREEMPTIONS.inc(preempted)
         method = eng.settings.speculative_method
-        for key, counter in (("draft_rounds", metrics.SPEC_ROUNDS), ("draft_tokens", metrics.SPEC_DRAFT_TOKENS),
+        for key, counter in (("draft_rounds", metrics.SPEC_ROUNDS), ("verified_tokens", metrics.SPEC_DRAFT_TOKENS),
                              ("accepted_tokens", metrics.SPEC_ACCEPTED_TOKENS)):
             delta = eng.stats[key] - self._seen.get(key, 0)
             if delta:
                 counter.labels(method).inc(delta)
             self._seen[key] = eng.stats[key]
+        sched_s = eng.stats["scheduler_seconds"] - self._seen.get("scheduler_seconds", 0.0)
+        self._seen["scheduler_seconds"] = eng.stats["scheduler_seconds"]
+        metrics.SCHEDULER_TIME.observe(sched_s)
+        rounds, eng.round_log = eng.round_log, deque(maxlen=100000)
+        for verified, accepted in rounds:
+            metrics.DRAFT_LEN.labels(method).observe(verified)
+            metrics.ACCEPT_LEN.labels(method).observe(accepted + 1)
+        done, eng.scheduler.finished_rates = eng.scheduler.finished_rates, deque(maxlen=10000)
+        for rate, target in done:
+            metrics.REQUEST_TPS.observe(rate)
+            if target:
+                met = rate >= target
+                metrics.SLO_REQUESTS.labels(str(met).lower()).inc()
+                self._slo_recent.append(met)
+        if self._slo_recent:
+            metrics.SLO_ATTAINMENT.set(sum(self._slo_recent) / len(self._slo_recent))
+        self._steps += 1
+        if self._steps % 50 == 1:
+            for b, s in eng.cost.verify.items():
+                metrics.SPS.labels(str(b)).set(1.0 / s if s > 0 else 0.0)
         for o in outputs:
             if o.finished:
                 metrics.FINISHED.labels(o.finish_reason).inc()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 
 import torch
 
@@ -17,6 +19,8 @@ from engine.settings import Settings
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.verify import accept_greedy, accept_sampled
 from kernels.attention import make_backend
+from scheduler.cost_model import StepCostModel
+from scheduler.draft_policy import DraftPolicy
 from scheduler.scheduler import Scheduler
 
 log = logging.getLogger("dspark.engine")
@@ -43,8 +47,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
-        self.draft_ctx: dict[int, tuple[list, int]] = {}  # seq_id -> (per-layer drafter context K/V, length)
-        self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        # seq_id -> [drafter context state or None, target features not yet folded in: (taps, start, next ids)].
+        # Features are folded in only when the request drafts, so steps where it decodes plainly cost nothing.
+        self.draft_ctx: dict[int, list] = {}
+        self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
+                      "scheduler_seconds": 0.0, "steps": 0}
+        self.round_log: deque[tuple[int, int]] = deque(maxlen=100000)  # (verified, accepted) per round, for metrics
         self.rounds: list[tuple[int, int, list[float]]] | None = None  # (proposed, accepted, confidences) if on
         draft_len = 0
         if settings.drafter_path is not None:
@@ -54,10 +62,21 @@ class LLMEngine:
                                  f"not {settings.speculative_method}")
             self.tap_layers = tuple(self.drafter.cfg.target_layer_ids)
             draft_len = min(settings.draft_len, self.drafter.cfg.block_size)
+        if settings.draft_policy not in ("adaptive", "fixed"):
+            raise ValueError(f"draft_policy must be adaptive or fixed, not {settings.draft_policy!r}")
+        self.cost = StepCostModel(settings.max_num_batched_tokens, settings.max_num_seqs)
+        policy = None
+        if self.drafter is not None:
+            policy = DraftPolicy(self.cost, draft_len, settings.min_draft_len, settings.draft_policy == "adaptive")
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
-                                   draft_len, self.max_model_len)
+                                   draft_len, self.max_model_len, policy,
+                                   has_confidence=bool(self.drafter and self.drafter.cfg.confidence_head),
+                                   slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
         self.runner = ModelRunner(self.model, make_backend(settings.attention_backend), num_blocks, bs,
                                   settings.device, dtype)
+        if policy is not None and policy.adaptive:
+            self.cost.profile(self._profile_step, min(512, settings.max_num_batched_tokens, self.max_model_len),
+                              self._profile_draft, min(64, settings.max_num_seqs))
         self.eos_ids = set(self.tokenizer.eos_ids) | set(self.model_config.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
         self.last_step_tokens = 0
@@ -92,15 +111,47 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def _profile_step(self, n: int) -> None:
+        """One target forward of n prompt tokens through a scratch sequence (start-up profile of SPS(B))."""
+        sid = -1
+        self.block_manager.allocate(sid, n)
+        try:
+            self.runner.forward([([0] * n, 0)], self.block_manager, [sid], [n - 1])
+        finally:
+            self.block_manager.free(sid)
+
+    def _profile_draft(self, r: int, context: int = 64) -> None:
+        """One greedy drafting round for r requests over a scratch context (start-up profile of the drafter)."""
+        taps = torch.zeros(context, len(self.tap_layers) * self.model_config.hidden_size,
+                           dtype=self.model.lm_head.weight.dtype, device=self.settings.device)
+        ctx = self.drafter.extend_context(None, taps, 0, [0] * context)
+        self.drafter.propose(self.model.model.embed_tokens, self.model.lm_head, [0] * r, [ctx] * r,
+                             [self.scheduler.draft_len] * r, [SamplingParams(temperature=0)] * r,
+                             [make_generator(0)] * r, self.settings.confidence_threshold)
+
     # -- one step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """schedule -> draft -> one batched target forward (prefill chunks, decodes, drafts) -> accept -> emit."""
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        t_sched = time.perf_counter() - t0
         for s in plan.preempted:
             self.draft_ctx.pop(s.seq_id, None)
         if not plan.items:
             return []
-        drafts = self._propose([it for it in plan.items if it.num_draft])
+        drafting = [it for it in plan.items if it.num_draft]
+        t1 = time.perf_counter()
+        drafts = self._propose(drafting)
+        t2 = time.perf_counter()
+        if drafting:
+            self.cost.draft.observe(len(drafting), t2 - t1)
+            self.scheduler.choose_draft_lengths(plan, drafts)
+            for it in drafting:
+                drafts[it.seq.seq_id] = drafts[it.seq.seq_id].truncate(it.num_draft)
+        t3 = time.perf_counter()
+        t_sched += t3 - t2
+        self.stats["scheduler_seconds"] += t_sched
+        self.stats["steps"] += 1
         chunks, seq_ids, logits_index, rows = [], [], [], []  # rows[i]: item i's first row in `logits`
         offset = 0
         for it in plan.items:
@@ -119,6 +170,7 @@ class LLMEngine:
             offset += len(toks)
         logits, taps = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
         self.last_step_tokens = offset
+        self.cost.verify.observe(offset, time.perf_counter() - t3)  # refined online; drafting excluded
         plain = [i for i, it in enumerate(plan.items) if it.samples and not it.num_draft]
         committed: dict[int, list] = {}  # item index -> [(token, logprob entry)]
         if plain:
@@ -145,10 +197,10 @@ class LLMEngine:
                 self.draft_ctx.pop(s.seq_id, None)
             else:
                 self.block_manager.rollback(s.seq_id, s.num_computed)
-                if taps is not None:  # drafter context for the tokens whose KV is now valid
-                    self.draft_ctx[s.seq_id] = self.drafter.extend_context(
-                        self.draft_ctx.get(s.seq_id), taps[tap_row : tap_row + valid], start,
-                        s.token_ids[start + 1 : start + valid + 1])
+                if taps is not None:  # drafter features for the tokens whose KV is now valid
+                    entry = self.draft_ctx.setdefault(s.seq_id, [None, []])
+                    nxt = s.token_ids[start + 1 : start + valid + 1]
+                    entry[1].append((taps[tap_row : tap_row + valid], start, nxt))
             tap_row += n
             if i in committed:
                 outputs.append(s.take_output(self._holdback(s)))
@@ -161,9 +213,16 @@ class LLMEngine:
         if not items:
             return {}
         seqs = [it.seq for it in items]
+        for s in seqs:
+            entry = self.draft_ctx[s.seq_id]
+            if entry[1]:
+                taps = torch.cat([t for t, _, _ in entry[1]]) if len(entry[1]) > 1 else entry[1][0][0]
+                entry[0] = self.drafter.extend_context(entry[0], taps, entry[1][0][1],
+                                                       [t for _, _, nxt in entry[1] for t in nxt])
+                entry[1] = []
         drafts = self.drafter.propose(
             self.model.model.embed_tokens, self.model.lm_head, [s.token_ids[-1] for s in seqs],
-            [self.draft_ctx[s.seq_id] for s in seqs], [it.num_draft for it in items], [s.params for s in seqs],
+            [self.draft_ctx[s.seq_id][0] for s in seqs], [it.num_draft for it in items], [s.params for s in seqs],
             [s.generator for s in seqs], self.settings.confidence_threshold)
         self.stats["draft_rounds"] += len(seqs)
         self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
@@ -180,6 +239,11 @@ class LLMEngine:
                                   torch.full((n,), p.top_p))
             toks = accept_sampled(draft.tokens, draft.q, probs, seq.generator)
         self.stats["accepted_tokens"] += len(toks) - 1
+        self.stats["verified_tokens"] += len(draft.tokens)
+        self.round_log.append((len(draft.tokens), len(toks) - 1))
+        if self.scheduler.policy is not None:
+            conf = draft.confidence if self.scheduler.has_confidence else None
+            self.scheduler.policy.observe(seq.seq_id, p.greedy, len(draft.tokens), len(toks) - 1, conf)
         if self.rounds is not None:
             self.rounds.append((len(draft.tokens), len(toks) - 1, list(draft.confidence)))
         lps = [None] * len(toks)
@@ -196,6 +260,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, tok: int, lp) -> None:
         p = seq.params
         seq.token_ids.append(tok)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
         if lp is not None:
             seq.logprobs.append((tok, lp[0], lp[1]))
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):

@@ -22,6 +22,19 @@ PREEMPTIONS = Counter("dspark_preemptions", "Sequences preempted for recompute")
 STEP_TOKENS = Histogram("dspark_batch_tokens_per_step", "Tokens run per engine step",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
 SPEC_ROUNDS = Counter("dspark_spec_rounds", "Draft-and-verify rounds", ["drafter"])
-SPEC_DRAFT_TOKENS = Counter("dspark_spec_draft_tokens", "Draft tokens proposed", ["drafter"])
+SPEC_DRAFT_TOKENS = Counter("dspark_spec_draft_tokens", "Draft tokens verified by the target", ["drafter"])
 SPEC_ACCEPTED_TOKENS = Counter("dspark_spec_accepted_tokens", "Draft tokens accepted", ["drafter"])
 STEP_TIME = Histogram("dspark_step_seconds", "Engine step wall time", buckets=LATENCY_BUCKETS)
+DRAFT_LEN = Histogram("dspark_draft_length", "Draft tokens verified per speculating request per step",
+                      ["drafter"], buckets=tuple(range(0, 17)))
+ACCEPT_LEN = Histogram("dspark_acceptance_length", "Tokens committed per speculative round (accepted + bonus)",
+                       ["drafter"], buckets=tuple(range(1, 18)))
+SPS = Gauge("dspark_steps_per_second", "Step cost model: verification steps/s at this many batch tokens",
+            ["batch_tokens"])
+SCHEDULER_TIME = Histogram("dspark_scheduler_seconds", "Scheduler and draft-policy time per step",
+                           buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1))
+REQUEST_TPS = Histogram("dspark_request_tokens_per_second", "Per-request decode speed after the first token",
+                        buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000))
+SLO_REQUESTS = Counter("dspark_slo_requests", "Finished requests that had a tokens/s target", ["met"])
+SLO_ATTAINMENT = Gauge("dspark_slo_attainment_ratio", "Share of the last 1000 requests with a target that met it")
+REJECTED = Counter("dspark_rejected_requests", "Requests turned away (429: waiting queue full)", ["reason"])

@@ -20,6 +20,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob plus top-k alternatives
     skip_special_tokens: bool = True
     num_speculative_tokens: int | None = None  # per-request draft length cap (None = server default, 0 = off)
+    slo_tokens_per_s: float | None = None  # per-user speed target (None = server default, 0 = none)
 
     @property
     def greedy(self) -> bool:
@@ -33,6 +34,7 @@ class SamplingParams:
             (self.top_k >= -1, "top_k", "must be -1, 0 or positive"),
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.slo_tokens_per_s is None or self.slo_tokens_per_s >= 0, "slo_tokens_per_s", "must be >= 0"),
         ]
         for ok, name, msg in checks:
             if not ok:

@@ -51,6 +51,7 @@ class Sequence:
     text: str = ""
     emitted_text: int = 0  # chars of `text` already streamed
     emitted_tokens: int = 0
+    first_token_time: float | None = None  # monotonic time of the first generated token (for SLOs)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)

@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
     draft_len: int = Field(7, description="most draft tokens per request per step")
     confidence_threshold: float = Field(0.0, description="cut a draft where the confidence head falls below this")
+    draft_policy: str = Field("adaptive", description="adaptive (draft lengths from load, confidence and SLOs) "
+                              "| fixed (always draft_len, cut only by confidence_threshold)")
+    min_draft_len: int = Field(0, description="adaptive policy: fewest draft tokens verified for a drafting request")
+    # scheduling and admission
+    slo_tokens_per_s: float = Field(0.0, description="default per-user tokens/s target (0 = none); per request: "
+                                    "the slo_tokens_per_s request field")
+    max_waiting: int = Field(256, description="bounded waiting queue: past it, requests get 429 (0 = unbounded)")
     # KV cache and batching
     block_size: int = 16
     kv_cache_memory_mb: int = Field(512, description="memory for the paged KV cache")

@@ -1,18 +1,22 @@
 """Which requests run this step, and how many tokens each brings.
 
-Continuous batching with chunked prefill: running requests decode first (earliest arrival first), then prompt
-chunks fill the remaining token budget. When the KV cache cannot grow, the latest-arrived running request is
-preempted: its blocks are freed and it goes back to the front of the queue to be recomputed later (its
-generated tokens are kept, so nothing it already streamed changes).
+Continuous batching with chunked prefill: running requests decode first, most behind their tokens/s SLO first
+(then earliest arrival), then prompt chunks fill the remaining token budget. When the KV cache cannot grow, the
+running request furthest ahead of its SLO (then the latest arrival) is preempted: its blocks are freed and it
+goes back to the queue to be recomputed later (its generated tokens are kept, so nothing it streamed changes).
+Draft tokens come last, from what is left: the draft policy decides who drafts and how much is verified.
+The waiting queue is bounded: past `max_waiting` the server turns requests away (429) instead of queueing.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.sequence import SeqStatus, Sequence
+from scheduler.draft_policy import DraftPolicy
 
 
 @dataclass
@@ -39,9 +43,16 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 draft_len: int = 0, max_model_len: int | None = None):
+                 draft_len: int = 0, max_model_len: int | None = None, policy: DraftPolicy | None = None,
+                 has_confidence: bool = False, slo_tokens_per_s: float = 0.0, max_waiting: int = 0):
         self.bm = block_manager
         self.draft_len = draft_len  # 0 = no speculation
+        self.policy = policy
+        self.has_confidence = has_confidence  # drafts carry calibrated per-position survival scores
+        self.slo_tokens_per_s = slo_tokens_per_s  # server default target (0 = none)
+        self.max_waiting = max_waiting  # 0 = unbounded
+        # (delivered tokens/s, target) per finished request, drained by the metrics exporter (bounded if not)
+        self.finished_rates: deque[tuple[float, float]] = deque(maxlen=10000)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -57,7 +68,27 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def queue_full(self, extra: int = 1) -> bool:
+        """Would `extra` more waiting requests exceed the bound?"""
+        return bool(self.max_waiting) and len(self.waiting) + extra > self.max_waiting
+
+    def slo_target(self, seq: Sequence) -> float:
+        t = seq.params.slo_tokens_per_s
+        return self.slo_tokens_per_s if t is None else t
+
+    def slack(self, seq: Sequence, now: float) -> float:
+        """Delivered tokens/s over the SLO target: < 1 behind, > 1 ahead (1 when there is no target yet)."""
+        target = self.slo_target(seq)
+        if not target or seq.first_token_time is None or seq.num_output < 4:
+            return 1.0
+        return seq.num_output / max(now - seq.first_token_time, 1e-6) / target
+
     def finish(self, seq: Sequence, reason: str) -> None:
+        if reason != "abort" and seq.first_token_time is not None and seq.num_output >= 2:
+            rate = (seq.num_output - 1) / max(time.monotonic() - seq.first_token_time, 1e-6)
+            self.finished_rates.append((rate, self.slo_target(seq)))
+        if self.policy is not None:
+            self.policy.forget(seq.seq_id)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         if seq in self.running:
             self.running.remove(seq)
@@ -87,7 +118,9 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
-        self.running.sort(key=lambda s: s.arrival)
+        now = time.monotonic()
+        slack = {s.seq_id: self.slack(s, now) for s in self.running}
+        self.running.sort(key=lambda s: (slack[s.seq_id], s.arrival))
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -116,15 +149,44 @@ class Scheduler:
             plan.items.append(ScheduledSeq(seq, n))
             budget -= n
         # Drafts last, from what is left: every request first gets its own token, and drafts never preempt.
-        for item in plan.items:
+        # A request with no context yet for the drafter (a 1-token prompt's first step) cannot draft.
+        cands = [(it, self.num_draft(it.seq)) for it in plan.items
+                 if it.num_new_tokens == 1 and it.seq.num_tokens - it.seq.num_computed == 1 and it.seq.num_computed]
+        cands = [(it, k) for it, k in cands if k > 0]
+        if not cands or budget <= 0 or self.policy is None:
+            return plan
+        drafting = self.policy.gate(
+            [(it.seq.seq_id, it.seq.params.greedy, k, self.slo_weight(it.seq, now)) for it, k in cands],
+            plan.num_tokens, sum(it.samples for it in plan.items))
+        for item, k in cands:
             seq = item.seq
-            if budget <= 0 or item.num_new_tokens != 1 or seq.num_tokens - seq.num_computed != 1:
-                continue
-            if seq.num_computed == 0:  # no context yet for the drafter (a 1-token prompt's first step)
-                continue
-            k = min(self.num_draft(seq), budget)
-            if k > 0 and self.bm.can_allocate(seq.seq_id, seq.num_computed + 1 + k):
+            k = min(k, budget)
+            if seq.seq_id in drafting and k > 0 and self.bm.can_allocate(seq.seq_id, seq.num_computed + 1 + k):
                 self.bm.allocate(seq.seq_id, seq.num_computed + 1 + k)
                 item.num_new_tokens, item.num_draft = 1 + k, k
                 budget -= k
         return plan
+
+    def slo_weight(self, seq: Sequence, now: float) -> float:
+        """Draft-budget weight: up to 4x for a request behind its SLO, down to 1/4 for one far ahead."""
+        return min(4.0, max(0.25, 1.0 / max(self.slack(seq, now), 1e-6)))
+
+    def choose_draft_lengths(self, plan: StepPlan, drafts: dict) -> None:
+        """After drafting: how many of each request's draft tokens to verify (the policy's Theta rule).
+
+        Shrinks the plan's items and returns the KV blocks of the tokens not verified."""
+        items = [it for it in plan.items if it.num_draft]
+        if not items:
+            return
+        now = time.monotonic()
+        spec = []
+        for it in items:
+            d = drafts[it.seq.seq_id]
+            n = len(d.tokens)
+            conf = d.confidence if self.has_confidence else None
+            spec.append((n, self.policy.survival(it.seq.params.greedy, conf, n), self.slo_weight(it.seq, now)))
+        base = plan.num_tokens - sum(it.num_draft for it in items)
+        lengths = self.policy.lengths(spec, base, sum(it.samples for it in plan.items))
+        for it, n in zip(items, lengths):
+            it.num_draft, it.num_new_tokens = n, 1 + n
+            self.bm.rollback(it.seq.seq_id, it.seq.num_computed + 1 + n)

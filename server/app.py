@@ -33,16 +33,18 @@ MAX_STOP_CHARS = 256  # text within this distance of the end is held back while 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict | None = None):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
+def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None,
+                   headers: dict | None = None):
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -78,6 +80,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         num_speculative_tokens=req.num_speculative_tokens,
+        slo_tokens_per_s=req.slo_tokens_per_s,
     )
 
 
@@ -98,6 +101,15 @@ class OpenAIServer:
             raise APIError(400, f"n must be at most {self.settings.max_n}", "n")
         if any(t < 0 or t >= self.vocab_size for t in req.stop_token_ids or []):
             raise APIError(400, f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
+
+    def admit(self, n: int) -> None:
+        """Bounded queue: when `n` more sequences would not fit in the waiting queue, answer 429 now."""
+        if self.engine.try_reserve(n) is None:
+            waiting = self.engine.queue_depth()
+            metrics.REJECTED.labels("queue_full").inc()
+            retry = max(1, waiting // max(1, self.settings.max_num_seqs))
+            raise APIError(429, f"server is at capacity ({waiting} requests waiting); retry after {retry} s",
+                           code="queue_full", type="rate_limit_error", headers={"Retry-After": str(retry)})
 
     def max_tokens_for(self, prompt_len: int, asked: int | None, param: str) -> int:
         room = self.max_model_len - prompt_len
@@ -187,7 +199,7 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         metrics.REQUESTS.labels(request.url.path, str(exc.status)).inc()
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -235,6 +247,7 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         params = _sampling_params(req, max_tokens, top, settings.max_stop_sequences)
+        srv.admit(req.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         gen = srv.run_choices(rid, prompt_ids, params, req.n)
@@ -260,6 +273,7 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
         for ids in prompts:
             max_tokens = srv.max_tokens_for(len(ids), req.max_tokens, "prompt")
             plist.append((ids, _sampling_params(req, max_tokens, req.logprobs, settings.max_stop_sequences)))
+        srv.admit(req.n * len(plist))
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:

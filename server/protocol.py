@@ -48,6 +48,8 @@ class SamplingFields(OpenAIModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     ignore_eos: bool = False
     num_speculative_tokens: int | None = Field(None, ge=0, description="cap on draft tokens per step; 0 = off")
+    slo_tokens_per_s: float | None = Field(None, ge=0, description="this user's speed target in tokens/s; requests "
+                                           "behind it get priority and draft budget (0 = none)")
     user: str | None = None
 
     def stop_list(self) -> list[str]:

@@ -69,6 +69,6 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def server(model_dir):
     (REPO / ".pytest_cache").mkdir(exist_ok=True)
-    s = ServerProcess(model_dir, "--max-num-batched-tokens", "256")
+    s = ServerProcess(model_dir, "--max-num-batched-tokens", "256", "--speculative", "none")
     yield s
     s.stop()

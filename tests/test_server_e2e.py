@@ -225,5 +225,49 @@ def test_speculating_server_gives_the_same_greedy_answers(server, client):
             assert sc.completions.create(**kw).choices[0].text == want
             assert "".join(c.choices[0].text for c in sc.completions.create(**kw, stream=True)) == want
         assert spec.metric('dspark_spec_accepted_tokens_total{drafter="dspark"}') > 0
+        # per-user SLOs: one request asks for what it surely gets, one for what it cannot
+        for target in (1, 1e6):
+            sc.completions.create(model=server.name, prompt=CODE_PROMPTS[0], max_tokens=16, temperature=0,
+                                  extra_body={"slo_tokens_per_s": target})
+        assert spec.metric('dspark_slo_requests_total{met="true"}') >= 1
+        assert spec.metric('dspark_slo_requests_total{met="false"}') >= 1
+        assert 0 < spec.metric("dspark_slo_attainment_ratio") < 1
+        text = httpx.get(spec.url + "/metrics").text
+        for name in ("dspark_draft_length_bucket", "dspark_acceptance_length_bucket", "dspark_steps_per_second{",
+                     "dspark_request_tokens_per_second_bucket", "dspark_scheduler_seconds_bucket",
+                     "dspark_batch_tokens_per_step_bucket", "dspark_preemptions_total"):
+            assert name in text, name
     finally:
         spec.stop()
+
+
+def test_full_queue_answers_429_with_retry_after_and_health_stays_up(server):
+    """One running request and two waiting at most: a burst gets 429s (OpenAI-shaped), the rest complete."""
+    import asyncio
+
+    from conftest import ServerProcess
+
+    busy = ServerProcess(server.model_dir, "--speculative", "none", "--max-num-seqs", "1", "--max-waiting", "2")
+    try:
+        body = {"model": server.name, "prompt": "import os\n", "max_tokens": 48, "ignore_eos": True}
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=busy.url, timeout=60) as c:
+                posts = [c.post("/v1/completions", json=body) for _ in range(8)]
+                health = [c.get("/health") for _ in range(3)]
+                return await asyncio.gather(*posts), await asyncio.gather(*health)
+
+        replies, health = asyncio.run(burst())
+        codes = sorted(r.status_code for r in replies)
+        assert all(h.status_code == 200 for h in health)
+        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+        for r in replies:
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                err = r.json()["error"]
+                assert err["type"] == "rate_limit_error" and err["code"] == "queue_full" and err["message"]
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 48
+        assert busy.metric('dspark_rejected_requests_total{reason="queue_full"}') == codes.count(429)
+    finally:
+        busy.stop()

@@ -65,7 +65,8 @@ def reference(base):
 @pytest.mark.parametrize("draft_len", [1, 3, 7])
 def test_greedy_identical_to_target(method, draft_len, reference):
     ps, ref = reference
-    eng = LLMEngine(Settings(max_num_seqs=128, block_size=8, speculative=method, draft_len=draft_len))
+    eng = LLMEngine(Settings(max_num_seqs=128, block_size=8, speculative=method, draft_len=draft_len,
+                             draft_policy="fixed"))
     seqs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=24))
     assert [s.output_ids for s in seqs] == ref
     assert eng.stats["accepted_tokens"] > 0.2 * eng.stats["draft_rounds"]  # the drafter does real work
@@ -78,7 +79,7 @@ def test_mixed_batch_speculating_plain_greedy_sampled(method, reference):
     """Greedy requests with and without speculation share a batch with sampled ones; greedy stays exact."""
     ps, ref = reference
     eng = LLMEngine(Settings(max_num_seqs=128, block_size=4, num_kv_blocks=600, speculative=method,
-                             confidence_threshold=0.3))
+                             confidence_threshold=0.3, draft_policy="fixed"))
     params = []
     for i in range(len(ps)):
         if i % 4 == 3:
@@ -91,6 +92,19 @@ def test_mixed_batch_speculating_plain_greedy_sampled(method, reference):
         if i % 4 != 3:
             assert s.output_ids == ref[i], i
     assert eng.block_manager.num_free == 600
+    eng.block_manager.check()
+
+
+@pytest.mark.parametrize("method", ["dspark", "eagle3"])
+def test_adaptive_policy_greedy_identical(method, reference):
+    """The scheduler's per-request lengths (varying with confidence and load) keep greedy output exact."""
+    ps, ref = reference
+    eng = LLMEngine(Settings(max_num_seqs=128, block_size=8, speculative=method))
+    cheap_drafting(eng)
+    seqs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=24))
+    assert [s.output_ids for s in seqs] == ref
+    assert 0 < eng.stats["verified_tokens"] < eng.stats["draft_tokens"]
+    assert eng.block_manager.num_free == eng.block_manager.num_blocks
     eng.block_manager.check()
 
 
@@ -136,9 +150,19 @@ def tv_bound(joint: dict, n: int, reps: int = 300) -> float:
     return max(tvs) * 1.15
 
 
-def speculative_samples(method: str, threshold: float) -> tuple[dict, dict]:
+def cheap_drafting(eng: LLMEngine) -> None:
+    """Make the adaptive policy draft under any load: drafting free, verification cost growing with B, so the
+    lengths it verifies vary with the confidences (the scheduler's rule runs, not a fixed length)."""
+    eng.cost.draft.seconds = [0.0] * len(eng.cost.draft.points)
+    eng.cost.verify.seconds = [1.0 + 0.002 * b for b in eng.cost.verify.points]
+    eng.cost.verify.alpha = eng.cost.draft.alpha = 0.0  # keep these numbers: no online refresh
+
+
+def speculative_samples(method: str, threshold: float, policy: str = "fixed") -> tuple[dict, dict]:
     eng = LLMEngine(Settings(max_num_seqs=512, max_num_batched_tokens=8192, speculative=method,
-                             confidence_threshold=threshold))
+                             confidence_threshold=threshold, draft_policy=policy))
+    if policy == "adaptive":
+        cheap_drafting(eng)
     ids = eng.tokenizer.encode(PROMPT)
     params = [SamplingParams(temperature=1.0, top_k=TOP_K, seed=s, max_tokens=3, ignore_eos=True) for s in range(N)]
     counts: dict = {}
@@ -146,12 +170,16 @@ def speculative_samples(method: str, threshold: float) -> tuple[dict, dict]:
         key = tuple(s.output_ids)
         counts[key] = counts.get(key, 0) + 1
     assert eng.stats["draft_tokens"] > 0
+    if policy == "adaptive":  # the scheduler verified part of the drafts, not all or nothing
+        assert 0 < eng.stats["verified_tokens"] < eng.stats["draft_tokens"]
     return counts, exact_joint(eng, ids)
 
 
-@pytest.mark.parametrize("method,threshold", [("dspark", 0.0), ("dspark", 0.5), ("dflash", 0.0)])
-def test_sampled_distribution_matches_target(method, threshold):
-    counts, joint = speculative_samples(method, threshold)
+@pytest.mark.parametrize("method,threshold,policy", [("dspark", 0.0, "fixed"), ("dspark", 0.5, "fixed"),
+                                                     ("dflash", 0.0, "fixed"), ("dspark", 0.0, "adaptive")])
+def test_sampled_distribution_matches_target(method, threshold, policy):
+    """With the adaptive policy the lengths come from the scheduler's rule over 512 concurrent requests."""
+    counts, joint = speculative_samples(method, threshold, policy)
     assert tv(counts, joint, N) < tv_bound(joint, N)
 
 

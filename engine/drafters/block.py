@@ -68,6 +68,12 @@ class Draft:
     q: torch.Tensor | None  # [k, V] distribution each token was drawn from (None when greedy)
     confidence: list[float]  # calibrated survival probability of each drafted token, given the ones before
 
+    def truncate(self, n: int) -> Draft:
+        """The first n tokens (the scheduler verifies a prefix of what was drafted)."""
+        if n >= len(self.tokens):
+            return self
+        return Draft(self.tokens[:n], None if self.q is None else self.q[:n], self.confidence[:n])
+
 
 class BlockDrafter(nn.Module):
     def __init__(self, cfg: DrafterConfig, target_cfg: ModelConfig):

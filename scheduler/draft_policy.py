@@ -1,0 +1,131 @@
+"""How many draft tokens each request verifies this step (DSpark paper, sec. 3.2.2), and who drafts at all.
+
+A step that verifies lengths l_r costs B = base + sum(l_r) batch tokens and is expected to commit
+C + sum_r sum_{j<=l_r} a_{r,j} tokens, where C counts the requests that commit a token anyway and a_{r,j} is the
+survival of draft position j (the running product of the confidence head's calibrated scores; for drafters
+without one, of per-position acceptance rates measured online). The policy admits (r, j) pairs in descending
+w_r * a_{r,j} while Theta = committed * SPS(B) still grows, and stops at the first pair that does not pay.
+w_r is the request's SLO weight (> 1 behind its tokens/s target, < 1 far ahead of it).
+
+Lossless: a_{r,j} depends only on tokens before x_j, and a_{r,j} is non-increasing in j, so whether x_j is
+verified is decided before x_j is looked at (a stopping time), exactly as with a fixed confidence cut.
+
+Before drafting, the same objective decides who drafts at all, from each request's running estimate of
+tokens committed per round and the measured drafter cost: on a busy server, or where drafts rarely survive
+(e.g. sampling at temperature 1 with a weak drafter), the requests that gain least decode plainly. A request
+left out drifts back toward its class's estimate and still drafts every `probe_every` steps, so its
+estimate stays current.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.cost_model import StepCostModel
+
+
+@dataclass
+class SpecState:
+    tau: float  # EMA of tokens committed per drafting round (bonus included)
+    length: float  # EMA of draft tokens verified per round
+    idle: int = 0  # steps since it last drafted
+
+
+class DraftPolicy:
+    def __init__(self, cost: StepCostModel, max_len: int, min_len: int = 0, adaptive: bool = True,
+                 probe_every: int = 32, ema: float = 0.2):
+        self.cost = cost
+        self.max_len, self.min_len = max_len, min(min_len, max_len)
+        self.adaptive = adaptive
+        self.probe_every = probe_every
+        self.ema = ema
+        self.state: dict[int, SpecState] = {}
+        # Per class (greedy or sampled): running tau and per-position acceptance rates, priors for new requests.
+        self.prior_tau = {True: 1.0 + max_len / 2, False: 1.0 + max_len / 4}
+        self.accept_rate = {True: [0.7] * max_len, False: [0.5] * max_len}
+        # Online recalibration of the confidence head per class and position: its offline calibration was fitted
+        # at one temperature, and acceptance differs a lot between greedy and sampled requests.
+        self.mean_conf = {True: [0.7] * max_len, False: [0.5] * max_len}
+
+    # -- who drafts ---------------------------------------------------------------------------------------------
+    def gate(self, cands: list[tuple[int, bool, int, float]], base_tokens: int, committing: int) -> set[int]:
+        """cands: (seq_id, greedy, most draft tokens, SLO weight). Returns the seq_ids that draft this step."""
+        if not self.adaptive:
+            return {sid for sid, _, k, _ in cands if k > 0}
+        scored = []
+        greedy_of = {sid: greedy for sid, greedy, _, _ in cands}
+        for sid, greedy, k, w in cands:
+            st = self.state.setdefault(sid, SpecState(self.prior_tau[greedy], float(self.max_len)))
+            if k > 0:
+                scored.append((w * (st.tau - 1.0), sid, min(k, st.length), st))
+        scored.sort(key=lambda x: -x[0])
+        chosen: set[int] = set()
+        gain, tokens = 0.0, float(base_tokens)
+        best = committing / max(self.cost.verify(tokens), 1e-9)
+        for g, sid, length, _ in scored:
+            t = self.cost.verify(tokens + length) + self.cost.draft(len(chosen) + 1)
+            theta = (committing + gain + g) / max(t, 1e-9)
+            if theta <= best:
+                break
+            chosen.add(sid)
+            gain, tokens, best = gain + g, tokens + length, theta
+        for _, sid, _, st in scored:
+            if sid in chosen:
+                st.idle = 0
+            else:  # a few bad rounds should not bench a request for long: drift back to its class's estimate
+                st.idle += 1
+                st.tau += 0.1 * (self.prior_tau[greedy_of[sid]] - st.tau)
+                if st.idle >= self.probe_every:
+                    chosen.add(sid)
+                    st.idle = 0
+        return chosen
+
+    # -- how long ---------------------------------------------------------------------------------------------
+    def survival(self, greedy: bool, confidence: list[float] | None, n: int) -> list[float]:
+        if confidence is None:
+            rates = self.accept_rate[greedy][:n]
+        else:
+            obs, pred = self.accept_rate[greedy], self.mean_conf[greedy]
+            rates = [min(1.0, c * obs[j] / max(pred[j], 1e-3)) for j, c in enumerate(confidence[:n])]
+        out, a = [], 1.0
+        for c in rates[:n]:
+            a *= c
+            out.append(a)
+        return out
+
+    def lengths(self, drafts: list[tuple[int, list[float], float]], base_tokens: int, committing: int) -> list[int]:
+        """drafts: (tokens drafted, survival per position, SLO weight) per drafting request -> lengths to verify."""
+        if not self.adaptive:
+            return [n for n, _, _ in drafts]
+        out = [min(self.min_len, n) for n, _, _ in drafts]
+        tokens = base_tokens + sum(out)
+        gain = sum(sum(a[:m]) * w for (_, a, w), m in zip(drafts, out))
+        pairs = sorted(((w * a[j], j, r) for r, (n, a, w) in enumerate(drafts) for j in range(out[r], n)),
+                       key=lambda x: (-x[0], x[1]))
+        theta = (committing + gain) / max(self.cost.verify(tokens), 1e-9)
+        for wa, j, r in pairs:
+            if j != out[r]:
+                continue  # only extends a prefix (ties can list a later position first)
+            new = (committing + gain + wa) / max(self.cost.verify(tokens + 1), 1e-9)
+            if new <= theta:
+                break
+            out[r], gain, tokens, theta = j + 1, gain + wa, tokens + 1, new
+        return out
+
+    # -- learning from verification -----------------------------------------------------------------------------
+    def observe(self, seq_id: int, greedy: bool, verified: int, accepted: int,
+                confidence: list[float] | None = None) -> None:
+        """One round's result: `verified` draft tokens scored, `accepted` of them kept (plus the bonus)."""
+        e = self.ema
+        st = self.state.setdefault(seq_id, SpecState(self.prior_tau[greedy], float(self.max_len)))
+        st.tau = (1 - e) * st.tau + e * (1 + accepted)
+        st.length = (1 - e) * st.length + e * max(verified, 1)
+        self.prior_tau[greedy] = (1 - e / 4) * self.prior_tau[greedy] + e / 4 * (1 + accepted)
+        rates = self.accept_rate[greedy]
+        for j in range(min(verified, accepted + 1)):  # positions reached: accepted, or the first rejected
+            rates[j] = (1 - e / 4) * rates[j] + e / 4 * (1.0 if j < accepted else 0.0)
+            if confidence is not None:
+                self.mean_conf[greedy][j] = (1 - e / 4) * self.mean_conf[greedy][j] + e / 4 * confidence[j]
+
+    def forget(self, seq_id: int) -> None:
+        self.state.pop(seq_id, None)

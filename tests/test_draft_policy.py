@@ -1,0 +1,68 @@
+"""The load- and SLO-aware draft policy and the step cost model, on synthetic cost curves."""
+
+from scheduler.cost_model import CostTable, StepCostModel, buckets_up_to
+from scheduler.draft_policy import DraftPolicy
+
+
+def gpu_like(max_tokens=1024, knee=64, per_token=0.02):
+    """Flat step time up to `knee` batch tokens (memory-bound), then linear (compute-bound)."""
+    cost = StepCostModel(max_tokens, 256)
+    cost.verify.seconds = [1.0 + per_token * max(0, b - knee) for b in cost.verify.points]
+    cost.draft.seconds = [0.0] * len(cost.draft.points)
+    return cost
+
+
+def test_cost_table_interpolates_refreshes_and_stays_monotone():
+    t = CostTable(buckets_up_to(16))
+    assert t.points == [1, 2, 4, 8, 16]
+    t.seconds = [1.0, 2.0, 1.5, 4.0, 8.0]  # a noisy bucket (4) below its neighbour
+    assert t(1) == 1.0 and t(3) == 2.0 and t(6) == 3.0 and t(32) == 16.0
+    t.observe(8, 100.0)  # a spike counts as at most 4x the estimate
+    assert t.seconds[3] == 0.9 * 4.0 + 0.1 * 16.0
+
+
+def lengths_at(concurrency: int, survival: list[float]) -> list[int]:
+    pol = DraftPolicy(gpu_like(), max_len=7)
+    drafts = [(7, survival, 1.0)] * concurrency
+    return pol.lengths(drafts, base_tokens=concurrency, committing=concurrency)
+
+
+def test_quiet_server_long_drafts_busy_server_short():
+    surv = [0.9 ** (j + 1) for j in range(7)]
+    quiet, busy, flooded = lengths_at(2, surv), lengths_at(48, surv), lengths_at(200, surv)
+    assert quiet == [7, 7]
+    assert 0 < sum(busy) / len(busy) < 7
+    assert sum(flooded) / len(flooded) < sum(busy) / len(busy)
+
+
+def test_lengths_follow_confidence_and_slo_weight():
+    pol = DraftPolicy(gpu_like(), max_len=7)
+    sure = [0.95 ** (j + 1) for j in range(7)]
+    unsure = [0.4 ** (j + 1) for j in range(7)]
+    out = pol.lengths([(7, sure, 1.0), (7, unsure, 1.0)] * 20, base_tokens=40, committing=40)
+    assert out[0] > out[1]
+    out = pol.lengths([(7, unsure, 4.0), (7, unsure, 1.0)] * 20, base_tokens=40, committing=40)
+    assert out[0] > out[1]  # behind its SLO: more draft budget for the same confidences
+
+
+def test_gate_turns_speculation_off_when_drafting_does_not_pay():
+    cost = gpu_like()
+    pol = DraftPolicy(cost, max_len=7)
+    cands = [(i, True, 7, 1.0) for i in range(8)]
+    assert pol.gate(cands, 8, 8) == set(range(8))  # free drafting, good acceptance: everyone drafts
+    cost.draft.seconds = [3.0] * len(cost.draft.points)  # drafting costs 3 target steps
+    for i in range(8):
+        for _ in range(30):
+            pol.observe(i, True, 7, 0)  # nothing is ever accepted
+    assert pol.gate(cands, 8, 8) == set()
+    chosen = [pol.gate(cands, 8, 8) for _ in range(pol.probe_every)]
+    assert set().union(*chosen) == set(range(8))  # but each still probes now and then
+
+
+def test_survival_is_recalibrated_online():
+    pol = DraftPolicy(gpu_like(), max_len=3)
+    for _ in range(200):  # the head says 0.9 at every position; half of the first tokens survive
+        pol.observe(0, False, 3, 0, [0.9, 0.9, 0.9])
+        pol.observe(0, False, 3, 3, [0.9, 0.9, 0.9])
+    a = pol.survival(False, [0.9, 0.9, 0.9], 3)
+    assert abs(a[0] - 0.5) < 0.05
