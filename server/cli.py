@@ -57,6 +57,44 @@ def cmd_train_drafter(args) -> None:
                         device=args.device))
 
 
+def _loadtest_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default="mixed", help="code | math | chat | mixed, or a .jsonl file")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--slo", type=float, default=0.0, help="per-request tokens/s target sent as slo_tokens_per_s")
+
+
+def cmd_loadtest_run(args) -> None:
+    import asyncio
+    import json
+
+    import httpx
+
+    from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop, file_prompts, open_loop, save_results
+    from loadtest.loadgen import summarize as summarize_load
+
+    prompts = file_prompts(args.prompts) if args.prompts.endswith(".jsonl") else builtin_prompts(args.prompts, 48)
+    model = httpx.get(args.url + "/v1/models").json()["data"][0]["id"]
+    cfg = LoadConfig(args.url, model, prompts, args.max_tokens, args.temperature, args.slo)
+    if args.rate:
+        results, wall = asyncio.run(open_loop(cfg, args.rate, args.requests))
+    else:
+        results, wall = asyncio.run(closed_loop(cfg, args.users, max(1, args.requests // args.users)))
+    summary = summarize_load(results, wall)
+    save_results(Path(args.out), summary, results)
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_loadtest_sweep(args) -> None:
+    from loadtest.sweep import sweep
+
+    if args.prompts.endswith(".jsonl"):
+        raise SystemExit("sweep uses the built-in prompt sets (code, math, chat, mixed)")
+    sweep([m.strip() for m in args.modes.split(",")], [int(c) for c in args.concurrency.split(",")],
+          args.prompts, args.max_tokens, args.temperature, args.slo, args.requests, args.server_flags,
+          args.out_dir, write_md=args.write or None)
+
+
 def cmd_eval_drafter(args) -> None:
     from engine.training.eval_drafter import evaluate
 
@@ -134,6 +172,26 @@ def main(argv: list[str] | None = None) -> None:
                    help="with --speculative-methods: also time HF generate() with this assistant model directory")
     p.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("loadtest", help="HTTP load test against a running server, or a sweep over modes")
+    lsub = p.add_subparsers(dest="loadtest_cmd", required=True)
+    q = lsub.add_parser("run", help="closed loop (--users) or open loop (--rate) against --url")
+    q.add_argument("--url", default="http://127.0.0.1:8000")
+    q.add_argument("--users", type=int, default=8, help="closed loop: concurrent users")
+    q.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second instead")
+    q.add_argument("--requests", type=int, default=64, help="total requests")
+    _loadtest_flags(q)
+    q.add_argument("--out", default="runs/loadtest.json")
+    q.set_defaults(fn=cmd_loadtest_run)
+    q = lsub.add_parser("sweep", help="start the server per mode and sweep concurrencies; chart + table to docs/")
+    q.add_argument("--modes", default="none,k=1,k=4,k=7,dspark adaptive")
+    q.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    q.add_argument("--requests", type=int, default=32, help="requests per point (at least 2 per user)")
+    _loadtest_flags(q)
+    q.add_argument("--out-dir", default="docs")
+    q.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
+    q.add_argument("server_flags", nargs="*", help="after --: extra flags for every server")
+    q.set_defaults(fn=cmd_loadtest_sweep)
 
     args = parser.parse_args(argv)
     args.fn(args)

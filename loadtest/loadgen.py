@@ -1,0 +1,182 @@
+"""HTTP load generator: drives a running server over SSE, like real users do.
+
+Closed loop: N users, each sending its next request as soon as the previous one finishes.
+Open loop: requests arrive as a Poisson process at a given rate, whatever the server's state.
+Per request it records TTFT (first content chunk), TPOT ((end - first token) / (tokens - 1)), the gaps between
+chunks (ITL; with speculation one chunk can carry several tokens), and per-user tokens/s = 1 / TPOT, the speed
+a reader of the stream sees. Goodput counts the requests per second whose tokens/s met their SLO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+CODE = ["def parse_args(argv):\n", "import os\nimport sys\n\n\ndef main():\n", "class LRUCache:\n    def __init__(self",
+        "def read_file(path):\n    \"\"\"Return the contents of a file.\"\"\"\n", "for key, value in items:\n",
+        "def merge(a, b):\n", "import json\n\n\ndef load(path):\n", "try:\n    import ssl\nexcept ImportError:\n"]
+CHAT = ["Explain lists in Python.", "How do I read a file line by line?", "What does the with statement do?",
+        "Write a function that reverses a string.", "Explain exceptions in Python.", "What is a decorator?"]
+
+
+def builtin_prompts(kind: str, n: int = 24, seed: int = 0) -> list[dict]:
+    """Request bodies (without model/sampling fields) for 'code', 'math', 'chat' or 'mixed'."""
+    from engine.training.corpus import math_problem
+
+    rng = random.Random(seed)
+    if kind == "mixed":
+        sets = [builtin_prompts(k, n, seed) for k in ("code", "math", "chat")]
+        return [sets[i % 3][i // 3] for i in range(n)]
+    if kind == "code":
+        return [{"prompt": CODE[i % len(CODE)]} for i in range(n)]
+    if kind == "math":
+        return [{"messages": [{"role": "user", "content": math_problem(rng)[0]}]} for _ in range(n)]
+    if kind == "chat":
+        return [{"messages": [{"role": "user", "content": CHAT[i % len(CHAT)]}]} for i in range(n)]
+    raise ValueError(f"unknown prompt set {kind!r} (code, math, chat, mixed)")
+
+
+def file_prompts(path: str) -> list[dict]:
+    """JSON lines, each {"prompt": str} or {"messages": [...]}."""
+    out = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not out or not all(("prompt" in x) != ("messages" in x) for x in out):
+        raise ValueError(f"{path}: every line needs exactly one of 'prompt' or 'messages'")
+    return out
+
+
+@dataclass
+class Result:
+    ok: bool
+    status: int = 0
+    error: str = ""
+    start: float = 0.0
+    ttft: float = 0.0
+    latency: float = 0.0
+    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+    slo: float = 0.0
+
+    @property
+    def tpot(self) -> float:
+        return (self.latency - self.ttft) / (self.tokens - 1) if self.tokens > 1 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.tpot if self.tpot > 0 else 0.0
+
+
+@dataclass
+class LoadConfig:
+    url: str
+    model: str
+    prompts: list[dict]
+    max_tokens: int = 64
+    temperature: float = 0.0
+    slo_tokens_per_s: float = 0.0  # sent per request; 0 = none
+    timeout: float = 300.0
+
+
+async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) -> Result:
+    chat = "messages" in body
+    payload = {**body, "model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+               "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if cfg.slo_tokens_per_s:
+        payload["slo_tokens_per_s"] = cfg.slo_tokens_per_s
+    r = Result(ok=False, start=time.perf_counter(), slo=cfg.slo_tokens_per_s)
+    last = None
+    try:
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        async with client.stream("POST", path, json=payload, timeout=cfg.timeout) as resp:
+            r.status = resp.status_code
+            if resp.status_code != 200:
+                r.error = f"http {resp.status_code}"
+                await resp.aread()
+                return r
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    r.error = "in-stream error"
+                    return r
+                if chunk.get("usage"):
+                    r.tokens = chunk["usage"]["completion_tokens"]
+                choices = chunk.get("choices") or []
+                has_text = any((c.get("delta") or {}).get("content") or c.get("text") for c in choices)
+                if has_text:
+                    now = time.perf_counter()
+                    if last is None:
+                        r.ttft = now - r.start
+                    else:
+                        r.gaps.append(now - last)
+                    last = now
+        r.latency = time.perf_counter() - r.start
+        r.ok = r.tokens > 0
+        if not r.ok:
+            r.error = "no tokens"
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        r.error = type(e).__name__
+    return r
+
+
+async def closed_loop(cfg: LoadConfig, users: int, requests_per_user: int) -> tuple[list[Result], float]:
+    async with httpx.AsyncClient(base_url=cfg.url, limits=httpx.Limits(max_connections=users + 4)) as client:
+        async def user(u: int) -> list[Result]:
+            return [await one_request(client, cfg, cfg.prompts[(u * requests_per_user + i) % len(cfg.prompts)])
+                    for i in range(requests_per_user)]
+
+        t0 = time.perf_counter()
+        per_user = await asyncio.gather(*(user(u) for u in range(users)))
+        return [r for rs in per_user for r in rs], time.perf_counter() - t0
+
+
+async def open_loop(cfg: LoadConfig, rate: float, num_requests: int, seed: int = 0) -> tuple[list[Result], float]:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=cfg.url, limits=httpx.Limits(max_connections=1000)) as client:
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(num_requests):
+            tasks.append(asyncio.create_task(one_request(client, cfg, cfg.prompts[i % len(cfg.prompts)])))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - t0
+
+
+def percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+def summarize(results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.ok]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    met = [r for r in ok if r.slo and r.tokens_per_s >= r.slo]
+    return {
+        "requests": len(results), "ok": len(ok), "errors": errors, "wall_s": wall,
+        "total_tokens_per_s": sum(r.tokens for r in ok) / wall if wall > 0 else 0.0,
+        "per_user_tokens_per_s": percentiles([r.tokens_per_s for r in ok]),
+        "mean_per_user_tokens_per_s": statistics.fmean(r.tokens_per_s for r in ok) if ok else 0.0,
+        "ttft_s": percentiles([r.ttft for r in ok]),
+        "tpot_s": percentiles([r.tpot for r in ok]),
+        "itl_s": percentiles([g for r in ok for g in r.gaps]),
+        "goodput_rps": len(met) / wall if wall > 0 else 0.0,
+        "slo_attainment": len(met) / len(ok) if ok and ok[0].slo else None,
+    }
+
+
+def save_results(path: Path, summary: dict, results: list[Result]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"summary": summary, "requests": [asdict(r) for r in results]}, indent=1))

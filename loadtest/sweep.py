@@ -1,0 +1,210 @@
+"""`dspark loadtest sweep`: per-user vs total tokens/s for each speculation mode over a range of concurrencies.
+
+For each mode it starts the real server (a subprocess on a free loopback port), drives it with the closed-loop
+load generator at each concurrency, and reads the server's own /metrics before and after each point for the
+acceptance length and the scheduler's share of step time. Output: JSON, a markdown table and a PNG chart
+(x = per-user tokens/s, y = total tokens/s, one curve per mode, points labelled by concurrency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODES = {
+    "none": ["--speculative", "none"],
+    "k=1": ["--speculative", "dspark", "--draft-policy", "fixed", "--draft-len", "1"],
+    "k=4": ["--speculative", "dspark", "--draft-policy", "fixed", "--draft-len", "4"],
+    "k=7": ["--speculative", "dspark", "--draft-policy", "fixed", "--draft-len", "7"],
+    "dspark adaptive": ["--speculative", "dspark", "--draft-policy", "adaptive"],
+}
+
+
+class Server:
+    """`dspark serve` in a subprocess on a free loopback port; stopped with SIGTERM."""
+
+    def __init__(self, flags: list[str], log: Path | None = None, ready_timeout: float = 180):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        out = open(log, "w") if log else subprocess.DEVNULL
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} (flags {flags})")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("server did not become healthy")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample of /metrics, keyed by name plus labels."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def _delta(after: dict, before: dict, prefix: str) -> float:
+    return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
+
+
+def run_point(server: Server, prompts: list[dict], users: int, requests_per_user: int, max_tokens: int,
+              temperature: float, slo: float) -> dict:
+    cfg = LoadConfig(server.url, server.model, prompts, max_tokens, temperature, slo)
+    before = scrape(server.url)
+    results, wall = asyncio.run(closed_loop(cfg, users, requests_per_user))
+    after = scrape(server.url)
+    s = summarize(results, wall)
+    rounds = _delta(after, before, "dspark_spec_rounds_total")
+    accepted = _delta(after, before, "dspark_spec_accepted_tokens_total")
+    verified = _delta(after, before, "dspark_spec_draft_tokens_total")
+    step_s = _delta(after, before, "dspark_step_seconds_sum")
+    s.update(concurrency=users, tau=(rounds + accepted) / rounds if rounds else None,
+             draft_per_round=verified / rounds if rounds else None,
+             scheduler_share=_delta(after, before, "dspark_scheduler_seconds_sum") / step_s if step_s else None)
+    return s
+
+
+def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed", max_tokens: int = 64,
+          temperature: float = 0.0, slo: float = 0.0, requests_total: int = 32, server_flags: list[str] = (),
+          out_dir: str = "docs", name: str | None = None, write_md: str | None = "docs/benchmarks.md") -> dict:
+    prompts = builtin_prompts(prompt_set, 48)
+    name = name or f"sweep-t{temperature:g}"
+    data = {"modes": {}, "config": {"prompt_set": prompt_set, "max_tokens": max_tokens, "temperature": temperature,
+                                    "slo_tokens_per_s": slo, "requests_total": requests_total,
+                                    "server_flags": list(server_flags), "concurrencies": concurrencies}}
+    for mode in modes:
+        server = Server([*MODES[mode], *server_flags])
+        try:
+            run_point(server, prompts, 1, 2, 8, temperature, slo)  # warm-up
+            points = []
+            for c in concurrencies:
+                p = run_point(server, prompts, c, max(2, requests_total // c), max_tokens, temperature, slo)
+                points.append(p)
+                tau = f"{p['tau']:.2f}" if p["tau"] else "-"
+                print(f"{mode:>16} c={c:<3} total {p['total_tokens_per_s']:7.1f} tok/s  per-user p50 "
+                      f"{p['per_user_tokens_per_s']['p50']:6.1f}  ttft p50 {p['ttft_s']['p50'] * 1e3:6.0f} ms  "
+                      f"tau {tau}  errors {sum(p['errors'].values())}", flush=True)
+            data["modes"][mode] = points
+        finally:
+            server.stop()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    chart = out / f"{name}.png"
+    plot(data, chart)
+    if write_md:
+        from engine.report import replace_section
+
+        replace_section(Path(write_md), name, markdown(data, name, chart.name))
+    return data
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for mode, points in data["modes"].items():
+        xs = [p["per_user_tokens_per_s"]["p50"] for p in points]
+        ys = [p["total_tokens_per_s"] for p in points]
+        ax.plot(xs, ys, marker="o", label=mode, linewidth=2.5 if "adaptive" in mode else 1.2)
+        for x, y, p in zip(xs, ys, points):
+            ax.annotate(str(p["concurrency"]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    cfg = data["config"]
+    ax.set_xlabel("per-user tokens/s (p50)")
+    ax.set_ylabel("total output tokens/s")
+    ax.set_title(f"{cfg['prompt_set']} prompts, temperature {cfg['temperature']:g}; labels = concurrent users")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def adaptive_vs_fixed(data: dict) -> list[dict]:
+    """Per concurrency: adaptive's total and per-user tokens/s over the best fixed mode's (including none)."""
+    modes = data["modes"]
+    if "dspark adaptive" not in modes:
+        return []
+    rows = []
+    for i, p in enumerate(modes["dspark adaptive"]):
+        others = {m: pts[i] for m, pts in modes.items() if m != "dspark adaptive" and i < len(pts)}
+        if not others:
+            continue
+        best_total = max(others, key=lambda m: others[m]["total_tokens_per_s"])
+        best_user = max(others, key=lambda m: others[m]["per_user_tokens_per_s"]["p50"])
+        rows.append({"concurrency": p["concurrency"],
+                     "total_ratio": p["total_tokens_per_s"] / max(others[best_total]["total_tokens_per_s"], 1e-9),
+                     "best_total": best_total,
+                     "user_ratio": p["per_user_tokens_per_s"]["p50"]
+                     / max(others[best_user]["per_user_tokens_per_s"]["p50"], 1e-9),
+                     "best_user": best_user})
+    return rows
+
+
+def markdown(data: dict, name: str, chart: str) -> str:
+    cfg = data["config"]
+    flags = " ".join(cfg["server_flags"])
+    cmd = (f"dspark loadtest sweep --prompts {cfg['prompt_set']} --max-tokens {cfg['max_tokens']} --temperature "
+           f"{cfg['temperature']:g} --concurrency {','.join(map(str, cfg['concurrencies']))} --requests "
+           f"{cfg['requests_total']}" + (f" --slo {cfg['slo_tokens_per_s']:g}" if cfg["slo_tokens_per_s"] else "")
+           + (f" -- {flags}" if flags else ""))
+    lines = [f"<!-- bench:{name} -->", f"## Load sweep, temperature {cfg['temperature']:g}: per-user vs total tokens/s",
+             "", f"Command: `{cmd}`. The real HTTP server (SSE streaming) in each mode, closed loop with N users, "
+             f"{cfg['max_tokens']} tokens per request, {cfg['prompt_set']} prompts; one run. "
+             "tau and the scheduler's share of step time are read from the server's /metrics for each point.",
+             "", f"![sweep]({chart})", "",
+             "| mode | users | total tok/s | per-user tok/s p50 / p90 | TTFT p50 ms | TPOT p50 ms | tau | "
+             "draft/round | scheduler share | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, points in data["modes"].items():
+        for p in points:
+            u = p["per_user_tokens_per_s"]
+            tau = f"{p['tau']:.2f}" if p["tau"] else "-"
+            dpr = f"{p['draft_per_round']:.2f}" if p["draft_per_round"] else "-"
+            share = f"{100 * p['scheduler_share']:.2f}%" if p["scheduler_share"] is not None else "-"
+            lines.append(f"| {mode} | {p['concurrency']} | {p['total_tokens_per_s']:.1f} | {u['p50']:.1f} / "
+                         f"{u['p90']:.1f} | {p['ttft_s']['p50'] * 1e3:.0f} | {p['tpot_s']['p50'] * 1e3:.1f} | {tau} | "
+                         f"{dpr} | {share} | {sum(p['errors'].values())} |")
+    rows = adaptive_vs_fixed(data)
+    if rows:
+        lines += ["", "Adaptive over the best other mode at the same concurrency (same run):", "",
+                  "| users | total tok/s ratio (best other) | per-user p50 ratio (best other) |", "|---|---|---|"]
+        lines += [f"| {r['concurrency']} | {r['total_ratio']:.2f} ({r['best_total']}) | {r['user_ratio']:.2f} "
+                  f"({r['best_user']}) |" for r in rows]
+    lines += ["", f"<!-- /bench:{name} -->"]
+    return "\n".join(lines)

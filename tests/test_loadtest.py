@@ -1,0 +1,43 @@
+"""The HTTP load generator and the sweep, end to end on small settings (figures come from the real sweep)."""
+
+import asyncio
+import json
+
+from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop, open_loop, percentiles, summarize
+from loadtest.sweep import adaptive_vs_fixed, markdown, sweep
+
+
+def test_closed_and_open_loop_against_the_server(server):
+    prompts = builtin_prompts("mixed", 6)
+    assert {("prompt" in p) for p in prompts} == {True, False}  # completions and chat both exercised
+    cfg = LoadConfig(server.url, server.name, prompts, max_tokens=12, slo_tokens_per_s=1.0)
+    results, wall = asyncio.run(closed_loop(cfg, users=3, requests_per_user=2))
+    s = summarize(results, wall)
+    assert s["requests"] == s["ok"] == 6 and not s["errors"]
+    assert all(r.tokens == 12 and r.ttft > 0 and r.latency >= r.ttft for r in results)
+    assert s["total_tokens_per_s"] > 0 and s["per_user_tokens_per_s"]["p50"] > 0
+    assert s["slo_attainment"] == 1.0 and s["goodput_rps"] > 0
+    results, wall = asyncio.run(open_loop(LoadConfig(server.url, "no-such-model", prompts, 4), rate=50,
+                                          num_requests=3))
+    s = summarize(results, wall)
+    assert s["ok"] == 0 and s["errors"] == {"http 404": 3}  # errors are counted by class, not raised
+
+
+def test_percentiles():
+    assert percentiles(list(range(1, 101))) == {"p50": 51, "p90": 91, "p99": 100}
+    assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+
+
+def test_sweep_writes_json_chart_and_table(tmp_path):
+    md = tmp_path / "bench.md"
+    md.write_text("# Benchmarks\n")
+    data = sweep(["none", "dspark adaptive"], [1, 2], "code", max_tokens=8, requests_total=2,
+                 out_dir=str(tmp_path), name="sweep-test", write_md=str(md))
+    assert set(data["modes"]) == {"none", "dspark adaptive"}
+    for points in data["modes"].values():
+        assert [p["concurrency"] for p in points] == [1, 2] and all(p["ok"] == p["requests"] for p in points)
+    assert json.loads((tmp_path / "sweep-test.json").read_text())["config"]["max_tokens"] == 8
+    assert (tmp_path / "sweep-test.png").read_bytes()[:4] == b"\x89PNG"
+    text = md.read_text()
+    assert "<!-- bench:sweep-test -->" in text and "| dspark adaptive | 2 |" in text
+    assert len(adaptive_vs_fixed(data)) == 2 and markdown(data, "x", "x.png").count("| none |") == 2
