@@ -72,8 +72,10 @@ class LLMEngine:
                                    draft_len, self.max_model_len, policy,
                                    has_confidence=bool(self.drafter and self.drafter.cfg.confidence_head),
                                    slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
-        self.runner = ModelRunner(self.model, make_backend(settings.attention_backend), num_blocks, bs,
-                                  settings.device, dtype)
+        c = self.model_config
+        backend = make_backend(settings.attention_backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                               settings.device, dtype)
+        self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype)
         if policy is not None and policy.adaptive:
             self.cost.profile(self._profile_step, min(512, settings.max_num_batched_tokens, self.max_model_len),
                               self._profile_draft, min(64, settings.max_num_seqs))

@@ -80,9 +80,12 @@ class TorchPagedAttention:
         return out if self.max_q == 1 else out[self.pad_index]
 
 
-def make_backend(name: str) -> AttentionBackend:
+def make_backend(name: str, num_qo_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, device: str = "cuda",
+                 dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:
     if name == "torch":
         return TorchPagedAttention()
     if name == "flashinfer":
-        raise ValueError("the flashinfer attention backend is not built yet; use --attention-backend torch")
+        from kernels.flashinfer_backend import FlashInferAttention  # CUDA only, imported only when asked for
+
+        return FlashInferAttention(num_qo_heads, num_kv_heads, head_dim, device, dtype)
     raise ValueError(f"unknown attention backend {name!r} (choose torch or flashinfer)")

@@ -156,8 +156,10 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
     from engine.training.eval_drafter import GROUPS, heldout_prompts
 
     rows = []
-    for method in methods:
-        eng = LLMEngine(settings.model_copy(update={"speculative": method}))
+    for method in methods:  # "dspark" (the settings' draft policy), or "dspark:fixed" / "dspark:adaptive"
+        name, _, policy = method.partition(":")
+        policy = policy or settings.draft_policy
+        eng = LLMEngine(settings.model_copy(update={"speculative": name, "draft_policy": policy}))
         prompts = heldout_prompts(eng.tokenizer, per_group, seed=0)
         eng.generate([prompts["code"][0]], SamplingParams(temperature=0, max_tokens=8))  # warm-up
         for temp in (0.0, 1.0):
@@ -182,7 +184,8 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
                  f"Command: `dspark bench --speculative-methods {','.join(methods)} --tokens {tokens}` "
                  f"({torch.get_num_threads()} torch threads). {per_group} held-out prompts per group (code, math, "
                  f"chat), up to {tokens} new tokens each, run one at a time; tau = committed tokens per "
-                 "verification round incl. the bonus.", "",
+                 "verification round incl. the bonus. `:fixed` drafts the full block (7) every step; `:adaptive` "
+                 "lets the scheduler choose who drafts and how much is verified.", "",
                  "| method | temperature | tok/s per user | speed-up vs none | tau |", "|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['temperature']} | {r['tps']:.1f} | {r['speedup']:.2f}x | "
                   + ("-" if r["tau"] != r["tau"] else f"{r['tau']:.2f}") + " |" for r in rows]

@@ -16,7 +16,8 @@ def dense(q, k, v, scale):
                                           attn_mask=mask, scale=scale).transpose(0, 1)
 
 
-def run_case(q_lens, kv_lens, seed=0):
+def make_case(q_lens, kv_lens, seed=0):
+    """A ragged batch over scattered pages: (metadata, q, new k, new v, (k_cache, v_cache), dense reference)."""
     g = torch.Generator().manual_seed(seed)
     h, hkv, d, bs, nblocks = 4, 2, 8, 4, 64
     kc = torch.zeros(nblocks, bs, hkv, d)
@@ -42,10 +43,15 @@ def run_case(q_lens, kv_lens, seed=0):
     width = max(map(len, tables))
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     meta = AttentionMetadata(list(q_lens), list(kv_lens), bt, torch.tensor(slots), bs)
+    ref = torch.cat([dense(q, k, v, d**-0.5) for q, k, v in zip(qs, full_k, full_v)])
+    return meta, torch.cat(qs), torch.cat(ks), torch.cat(vs), (kc, vc), ref
+
+
+def run_case(q_lens, kv_lens, seed=0):
+    meta, q, k, v, cache, ref = make_case(q_lens, kv_lens, seed)
     be = TorchPagedAttention()
     be.plan(meta)
-    out = be.forward(0, torch.cat(qs), torch.cat(ks), torch.cat(vs), (kc, vc), d**-0.5)
-    ref = torch.cat([dense(q, k, v, d**-0.5) for q, k, v in zip(qs, full_k, full_v)])
+    out = be.forward(0, q, k, v, cache, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

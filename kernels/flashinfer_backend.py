@@ -1,0 +1,120 @@
+"""FlashInfer attention over the shared paged KV cache (CUDA only; `pip install .[cuda]`).
+
+Same cache tensors as the torch reference: per layer (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
+(FlashInfer's NHD layout), pages named by the block manager's tables, so a rollback stays a length change.
+Each step is split once, in `plan`: requests bringing one token (plain decode) go to
+BatchDecodeWithPagedKVCacheWrapper; the rest (prefill chunks and drafts to verify, k_r + 1 query tokens each,
+causal within the chain and bottom-right aligned to the request's keys) go to BatchPrefillWithPagedKVCacheWrapper.
+Both wrappers are planned once per step and run by every layer. `flashinfer` is imported lazily: the CPU path
+never needs it.
+
+The index construction (`paged_kv_layout`) is plain torch and is tested on the CPU against the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.attention import AttentionMetadata
+
+WORKSPACE_BYTES = 256 * 2**20
+
+
+@dataclass
+class PagedLayout:
+    """FlashInfer's CSR description of a ragged batch over a paged cache (int32, on the metadata's device)."""
+
+    qo_indptr: torch.Tensor  # [B+1] query rows of request r: qo_indptr[r]:qo_indptr[r+1]
+    kv_indptr: torch.Tensor  # [B+1] pages of request r: kv_indices[kv_indptr[r]:kv_indptr[r+1]]
+    kv_indices: torch.Tensor  # [sum pages] physical page ids, in order
+    kv_last_page_len: torch.Tensor  # [B] tokens in each request's last page, 1..block_size
+
+
+def paged_kv_layout(meta: AttentionMetadata, rows: list[int]) -> PagedLayout:
+    """The CSR layout of the requests `rows` (indices into meta's batch), in that order."""
+    dev = meta.block_tables.device
+    bs = meta.block_size
+    q_lens = [meta.q_lens[r] for r in rows]
+    kv_lens = [meta.kv_lens[r] for r in rows]
+    pages = [(n + bs - 1) // bs for n in kv_lens]
+    if any(n < 1 for n in kv_lens):
+        raise ValueError("every request attends to at least one key (its own new token)")
+    idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    width = max(pages)
+    table = meta.block_tables[idx, :width]
+    keep = torch.arange(width, device=dev)[None, :] < torch.tensor(pages, device=dev)[:, None]
+    return PagedLayout(
+        qo_indptr=_indptr(q_lens, dev),
+        kv_indptr=_indptr(pages, dev),
+        kv_indices=table[keep].to(torch.int32),
+        kv_last_page_len=torch.tensor([n - (p - 1) * bs for n, p in zip(kv_lens, pages)], dtype=torch.int32,
+                                      device=dev),
+    )
+
+
+def _indptr(lens: list[int], dev) -> torch.Tensor:
+    out = torch.zeros(len(lens) + 1, dtype=torch.int32, device=dev)
+    out[1:] = torch.tensor(lens, dtype=torch.int32, device=dev).cumsum(0)
+    return out
+
+
+def token_rows(q_lens: list[int], requests: list[int]) -> list[int]:
+    """Flat token indices belonging to `requests`, in request order (the runner lays requests out contiguously)."""
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    return [t for r in requests for t in range(starts[r], starts[r + 1])]
+
+
+class FlashInferAttention:
+    """The CUDA backend: decode wrapper for 1-token requests, prefill wrapper for chunks and verification."""
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, device: str = "cuda",
+                 dtype: torch.dtype = torch.bfloat16):
+        if not torch.cuda.is_available():
+            raise ValueError("the flashinfer attention backend needs CUDA; use --attention-backend torch on CPU")
+        try:
+            import flashinfer
+        except ImportError as e:
+            raise ValueError("the flashinfer attention backend needs flashinfer-python: pip install '.[cuda]'") from e
+        self.fi = flashinfer
+        self.h, self.hkv, self.d, self.dtype = num_qo_heads, num_kv_heads, head_dim, dtype
+        self.scale = head_dim**-0.5  # what every model we load uses (engine/model.py)
+        ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=num_qo_heads
+                                                                    != num_kv_heads)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        self.slot_mapping = meta.slot_mapping
+        n_req = len(meta.q_lens)
+        dec = [r for r in range(n_req) if meta.q_lens[r] == 1]
+        pre = [r for r in range(n_req) if meta.q_lens[r] > 1]
+        dev = meta.slot_mapping.device
+        self.dec_rows = torch.tensor(token_rows(meta.q_lens, dec), dtype=torch.long, device=dev)
+        self.pre_rows = torch.tensor(token_rows(meta.q_lens, pre), dtype=torch.long, device=dev)
+        common = dict(num_qo_heads=self.h, num_kv_heads=self.hkv, page_size=meta.block_size,
+                      q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        if dec:
+            lay = paged_kv_layout(meta, dec)
+            self.decode.plan(lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len, head_dim=self.d, **common)
+        if pre:
+            lay = paged_kv_layout(meta, pre)
+            self.prefill.plan(lay.qo_indptr, lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len,
+                              head_dim_qk=self.d, causal=True, **common)
+
+    def forward(self, layer_idx, q, k, v, kv_cache, scale):
+        if abs(scale - self.scale) > 1e-6 * self.scale:
+            raise ValueError(f"attention scale {scale} differs from the planned {self.scale}")
+        k_cache, v_cache = kv_cache
+        k_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        q = q.to(self.dtype)
+        out = torch.empty_like(q)
+        if len(self.dec_rows):
+            out[self.dec_rows] = self.decode.run(q[self.dec_rows], (k_cache, v_cache))
+        if len(self.pre_rows):
+            out[self.pre_rows] = self.prefill.run(q[self.pre_rows], (k_cache, v_cache))
+        return out
