@@ -132,6 +132,17 @@ def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed",
     return data
 
 
+def render(json_path: str, write_md: str | None = "docs/benchmarks.md") -> None:
+    """Redraw the chart and table of a saved sweep (no server, no load)."""
+    path = Path(json_path)
+    data = json.loads(path.read_text())
+    plot(data, path.with_suffix(".png"))
+    if write_md:
+        from engine.report import replace_section
+
+        replace_section(Path(write_md), path.stem, markdown(data, path.stem, path.with_suffix(".png").name))
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -157,23 +168,24 @@ def plot(data: dict, path: Path) -> None:
 
 
 def adaptive_vs_fixed(data: dict) -> list[dict]:
-    """Per concurrency: adaptive's total and per-user tokens/s over the best fixed mode's (including none)."""
+    """Per concurrency: adaptive's total and per-user tokens/s over the best fixed draft length's, and over none."""
     modes = data["modes"]
     if "dspark adaptive" not in modes:
         return []
     rows = []
     for i, p in enumerate(modes["dspark adaptive"]):
-        others = {m: pts[i] for m, pts in modes.items() if m != "dspark adaptive" and i < len(pts)}
-        if not others:
-            continue
-        best_total = max(others, key=lambda m: others[m]["total_tokens_per_s"])
-        best_user = max(others, key=lambda m: others[m]["per_user_tokens_per_s"]["p50"])
-        rows.append({"concurrency": p["concurrency"],
-                     "total_ratio": p["total_tokens_per_s"] / max(others[best_total]["total_tokens_per_s"], 1e-9),
-                     "best_total": best_total,
-                     "user_ratio": p["per_user_tokens_per_s"]["p50"]
-                     / max(others[best_user]["per_user_tokens_per_s"]["p50"], 1e-9),
-                     "best_user": best_user})
+        row = {"concurrency": p["concurrency"]}
+        for key, names in (("fixed", [m for m in modes if m.startswith("k=")]), ("none", ["none"])):
+            others = {m: modes[m][i] for m in names if m in modes and i < len(modes[m])}
+            if not others:
+                continue
+            bt = max(others, key=lambda m: others[m]["total_tokens_per_s"])
+            bu = max(others, key=lambda m: others[m]["per_user_tokens_per_s"]["p50"])
+            row[key] = {"total_ratio": p["total_tokens_per_s"] / max(others[bt]["total_tokens_per_s"], 1e-9),
+                        "best_total": bt,
+                        "user_ratio": p["per_user_tokens_per_s"]["p50"]
+                        / max(others[bu]["per_user_tokens_per_s"]["p50"], 1e-9), "best_user": bu}
+        rows.append(row)
     return rows
 
 
@@ -202,9 +214,15 @@ def markdown(data: dict, name: str, chart: str) -> str:
                          f"{dpr} | {share} | {sum(p['errors'].values())} |")
     rows = adaptive_vs_fixed(data)
     if rows:
-        lines += ["", "Adaptive over the best other mode at the same concurrency (same run):", "",
-                  "| users | total tok/s ratio (best other) | per-user p50 ratio (best other) |", "|---|---|---|"]
-        lines += [f"| {r['concurrency']} | {r['total_ratio']:.2f} ({r['best_total']}) | {r['user_ratio']:.2f} "
-                  f"({r['best_user']}) |" for r in rows]
+        def cell(r, key, what):
+            c = r.get(key)
+            return f"{c[what + '_ratio']:.2f} ({c['best_' + what]})" if c else "-"
+
+        lines += ["", "Adaptive at the same concurrency, same run: ratio to the best fixed draft length (which one), "
+                  "and to no speculation:", "",
+                  "| users | total tok/s vs best fixed k | per-user p50 vs best fixed k | total vs none | "
+                  "per-user p50 vs none |", "|---|---|---|---|---|"]
+        lines += [f"| {r['concurrency']} | {cell(r, 'fixed', 'total')} | {cell(r, 'fixed', 'user')} | "
+                  f"{cell(r, 'none', 'total').split(' ')[0]} | {cell(r, 'none', 'user').split(' ')[0]} |" for r in rows]
     lines += ["", f"<!-- /bench:{name} -->"]
     return "\n".join(lines)

@@ -13,8 +13,8 @@ verified is decided before x_j is looked at (a stopping time), exactly as with a
 Before drafting, the same objective decides who drafts at all, from each request's running estimate of
 tokens committed per round and the measured drafter cost: on a busy server, or where drafts rarely survive
 (e.g. sampling at temperature 1 with a weak drafter), the requests that gain least decode plainly. A request
-left out drifts back toward its class's estimate and still drafts every `probe_every` steps, so its
-estimate stays current.
+left out drifts back toward its class's estimate; a class that has not drafted for `probe_every` steps sends
+one request through a drafting round (a probe), so the estimates follow the workload at a bounded cost.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class DraftPolicy:
         self.probe_every = probe_every
         self.ema = ema
         self.state: dict[int, SpecState] = {}
+        self.class_idle = {True: 0, False: 0}  # steps since a request of the class last drafted
         # Per class (greedy or sampled): running tau and per-position acceptance rates, priors for new requests.
         self.prior_tau = {True: 1.0 + max_len / 2, False: 1.0 + max_len / 4}
         self.accept_rate = {True: [0.7] * max_len, False: [0.5] * max_len}
@@ -75,9 +76,22 @@ class DraftPolicy:
             else:  # a few bad rounds should not bench a request for long: drift back to its class's estimate
                 st.idle += 1
                 st.tau += 0.1 * (self.prior_tau[greedy_of[sid]] - st.tau)
-                if st.idle >= self.probe_every:
-                    chosen.add(sid)
-                    st.idle = 0
+        # Probe: a class (greedy / sampled) that has not drafted for `probe_every` steps sends its longest-idle
+        # request through one drafting round, so the class's estimate follows a changing workload. One probe per
+        # class per `probe_every` steps bounds the cost whatever the concurrency.
+        for greedy in (True, False):
+            members = [(st.idle, sid) for _, sid, _, st in scored if greedy_of[sid] == greedy]
+            if not members:
+                continue
+            if any(greedy_of[sid] == greedy for sid in chosen):
+                self.class_idle[greedy] = 0
+                continue
+            self.class_idle[greedy] += 1
+            if self.class_idle[greedy] >= self.probe_every:
+                sid = max(members)[1]
+                chosen.add(sid)
+                self.state[sid].idle = 0
+                self.class_idle[greedy] = 0
         return chosen
 
     # -- how long ---------------------------------------------------------------------------------------------

@@ -137,6 +137,8 @@ class Scheduler:
             plan.items.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
+        if len(self.waiting) > 1:  # behind their SLO first (a preempted request), then arrival order
+            self.waiting = deque(sorted(self.waiting, key=lambda s: (min(self.slack(s, now), 1.0), s.arrival)))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)

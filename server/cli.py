@@ -86,8 +86,10 @@ def cmd_loadtest_run(args) -> None:
 
 
 def cmd_loadtest_sweep(args) -> None:
-    from loadtest.sweep import sweep
+    from loadtest.sweep import render, sweep
 
+    if args.render:
+        return render(args.render, args.write or None)
     if args.prompts.endswith(".jsonl"):
         raise SystemExit("sweep uses the built-in prompt sets (code, math, chat, mixed)")
     sweep([m.strip() for m in args.modes.split(",")], [int(c) for c in args.concurrency.split(",")],
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     _loadtest_flags(q)
     q.add_argument("--out-dir", default="docs")
     q.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
+    q.add_argument("--render", default=None, help="only redraw chart and table from this saved sweep JSON")
     q.add_argument("server_flags", nargs="*", help="after --: extra flags for every server")
     q.set_defaults(fn=cmd_loadtest_sweep)
 

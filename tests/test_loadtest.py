@@ -40,4 +40,6 @@ def test_sweep_writes_json_chart_and_table(tmp_path):
     assert (tmp_path / "sweep-test.png").read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
     assert "<!-- bench:sweep-test -->" in text and "| dspark adaptive | 2 |" in text
-    assert len(adaptive_vs_fixed(data)) == 2 and markdown(data, "x", "x.png").count("| none |") == 2
+    rows = adaptive_vs_fixed(data)
+    assert len(rows) == 2 and "none" in rows[0] and "fixed" not in rows[0]  # no fixed-k mode in this sweep
+    assert markdown(data, "x", "x.png").count("| none |") == 2
