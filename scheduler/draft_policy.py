@@ -14,7 +14,8 @@ Before drafting, the same objective decides who drafts at all, from each request
 tokens committed per round and the measured drafter cost: on a busy server, or where drafts rarely survive
 (e.g. sampling at temperature 1 with a weak drafter), the requests that gain least decode plainly. A request
 left out drifts back toward its class's estimate; a class that has not drafted for `probe_every` steps sends
-one request through a drafting round (a probe), so the estimates follow the workload at a bounded cost.
+one request through a drafting round (a probe), so the estimates follow the workload at a bounded cost; while
+probes keep showing that drafting does not pay, they back off to one in 16 x `probe_every` steps.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class DraftPolicy:
         self.ema = ema
         self.state: dict[int, SpecState] = {}
         self.class_idle = {True: 0, False: 0}  # steps since a request of the class last drafted
+        self.probe_interval = {True: probe_every, False: probe_every}  # backs off while probes keep failing
         # Per class (greedy or sampled): running tau and per-position acceptance rates, priors for new requests.
         self.prior_tau = {True: 1.0 + max_len / 2, False: 1.0 + max_len / 4}
         self.accept_rate = {True: [0.7] * max_len, False: [0.5] * max_len}
@@ -85,13 +87,16 @@ class DraftPolicy:
                 continue
             if any(greedy_of[sid] == greedy for sid in chosen):
                 self.class_idle[greedy] = 0
+                self.probe_interval[greedy] = self.probe_every
                 continue
             self.class_idle[greedy] += 1
-            if self.class_idle[greedy] >= self.probe_every:
+            if self.class_idle[greedy] >= self.probe_interval[greedy]:
                 sid = max(members)[1]
                 chosen.add(sid)
                 self.state[sid].idle = 0
                 self.class_idle[greedy] = 0
+                # still not worth drafting: probe half as often next time, down to 1 in 16 x probe_every steps
+                self.probe_interval[greedy] = min(2 * self.probe_interval[greedy], 16 * self.probe_every)
         return chosen
 
     # -- how long ---------------------------------------------------------------------------------------------

@@ -55,9 +55,17 @@ def test_gate_turns_speculation_off_when_drafting_does_not_pay():
         for _ in range(30):
             pol.observe(i, True, 7, 0)  # nothing is ever accepted
     assert pol.gate(cands, 8, 8) == set()
-    chosen = [pol.gate(cands, 8, 8) for _ in range(8 * pol.probe_every)]
-    assert sum(len(c) for c in chosen) == 8  # one probe per probe_every steps, whatever the concurrency
-    assert set().union(*chosen) == set(range(8))  # taking turns
+    chosen = [pol.gate(cands, 8, 8) for _ in range(31 * pol.probe_every)]
+    probes = [i for i, c in enumerate(chosen) if c]
+    assert all(len(chosen[i]) == 1 for i in probes)  # one probe at a time, whatever the concurrency
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > 4 * gaps[0]  # backing off while drafting keeps not paying
+    assert len(set().union(*chosen)) == len(probes)  # taking turns
+    cost.draft.seconds = [0.0] * len(cost.draft.points)  # drafting becomes free: everyone drafts again
+    for i in range(8):
+        for _ in range(30):
+            pol.observe(i, True, 7, 5)
+    assert pol.gate(cands, 8, 8) == set(range(8))
 
 
 def test_survival_is_recalibrated_online():

@@ -111,7 +111,8 @@ def evaluate(model_dir: str, methods: list[str], per_group: int = 24, max_tokens
              save_calibration: bool = True, drafter: str | None = None) -> dict:
     results = {}
     for method in methods:
-        eng = LLMEngine(Settings(model=model_dir, speculative=method, drafter=drafter))
+        # fixed: every round drafts the whole block, so tau measures the drafter, not the scheduler
+        eng = LLMEngine(Settings(model=model_dir, speculative=method, drafter=drafter, draft_policy="fixed"))
         prompts = heldout_prompts(eng.tokenizer, per_group, seed)
         block = eng.drafter.cfg.block_size
         if eng.drafter.cfg.confidence_head:
