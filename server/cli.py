@@ -107,6 +107,18 @@ def cmd_eval_drafter(args) -> None:
 def cmd_bench(args) -> None:
     from loadtest.bench import bench_speculative, run_bench
 
+    if args.sps:
+        from loadtest.sps import QWEN3_8B, TINY, sps_curve, write_sps
+
+        settings = _settings(args)
+        shape = QWEN3_8B if args.sps == "qwen3-8b" else TINY
+        rows = sps_curve(shape, settings.device, settings.attention_backend, args.sps_context, args.sps_draft)
+        if args.write:
+            cmd = (f"dspark bench --sps {args.sps} --device {settings.device} --attention-backend "
+                   f"{settings.attention_backend} --sps-context {args.sps_context} --sps-draft {args.sps_draft}")
+            write_sps(args.write, rows, cmd, settings.device, settings.attention_backend, args.sps_context,
+                      args.sps_draft)
+        return
     if args.speculative_methods:
         bench_speculative(_settings(args), args.speculative_methods.split(","), tokens=args.tokens, write=args.write,
                           assistant=args.assistant)
@@ -172,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="e.g. none,dflash,dspark: per-user tokens/s at batch 1 per method instead")
     p.add_argument("--assistant", default=None,
                    help="with --speculative-methods: also time HF generate() with this assistant model directory")
+    p.add_argument("--sps", choices=["qwen3-8b", "tiny"], default=None,
+                   help="time verification steps vs batch tokens against the bandwidth floor (random weights)")
+    p.add_argument("--sps-context", type=int, default=1024, help="--sps: KV tokens per request")
+    p.add_argument("--sps-draft", type=int, default=3, help="--sps: draft tokens verified per request")
     p.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
     p.set_defaults(fn=cmd_bench)
 

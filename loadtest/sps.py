@@ -1,0 +1,116 @@
+"""`dspark bench --sps`: verification-step time vs batch tokens, against the memory-bandwidth floor.
+
+A Qwen3-8B-shaped target (36 layers, hidden 4096, 32 query / 8 KV heads, vocab 151936) with RANDOM weights in bf16
+(timing does not depend on the values), R requests each holding `context` tokens of KV, each verifying k + 1
+query tokens (B = R * (k + 1) batch tokens), through the real runner and attention backend. The floor is what the
+step must read, (weight bytes + KV bytes) / the copy bandwidth measured on the same device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.model import CausalLM, rope_inv_freq
+from engine.model_config import ModelConfig
+from engine.runner import ModelRunner, kv_bytes_per_token
+from kernels.attention import make_backend
+
+QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False)
+TINY = dict(architectures=["Qwen3ForCausalLM"], vocab_size=512, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=4096)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large device-to-device copy, best of `repeats`."""
+    n = mib * 2**20 // 2
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 2 / best
+
+
+def random_model(shape: dict, device: str, dtype: torch.dtype) -> CausalLM:
+    cfg = ModelConfig.from_dict(shape)
+    with torch.device(device):
+        model = CausalLM(cfg).to(dtype)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    model.model.rotary_emb.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def sps_curve(shape: dict = QWEN3_8B, device: str = "cuda", backend: str = "flashinfer", context: int = 1024,
+              draft: int = 3, requests: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 10,
+              dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    model = random_model(shape, device, dtype)
+    cfg = model.config
+    bs = 16
+    per_req = -(-(context + draft + 1) // bs)
+    bm = BlockManager(per_req * max(requests) + 1, bs)
+    c = cfg
+    runner = ModelRunner(model, make_backend(backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                             device, dtype), bm.num_blocks, bs, device, dtype)
+    bw = copy_bandwidth(device, 1024 if device.startswith("cuda") else 128)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    for r in requests:
+        for sid in range(r):
+            bm.allocate(sid, context + draft + 1)
+        q = draft + 1
+        chunks = [([1] * q, context) for _ in range(r)]
+        logits_index = list(range(r * q))
+        runner.forward(chunks, bm, list(range(r)), logits_index)  # warm-up (and FlashInfer JIT)
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.forward(chunks, bm, list(range(r)), logits_index)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        for sid in range(r):
+            bm.free(sid)
+        step = sorted(times)[len(times) // 2]
+        kv_bytes = r * (context + q) * kv_bytes_per_token(model, dtype)
+        floor = (weight_bytes + kv_bytes) / bw
+        rows.append({"requests": r, "batch_tokens": r * q, "step_ms": step * 1e3, "sps": 1 / step,
+                     "floor_ms": floor * 1e3, "floor_ratio": step / floor})
+        print(f"R={r:>3} B={r * q:>4}: {step * 1e3:8.2f} ms/step  {1 / step:7.1f} steps/s  floor {floor * 1e3:7.2f} ms "
+              f"({step / floor:.2f}x)", flush=True)
+    rows.append({"copy_bandwidth_gb_s": bw / 1e9, "weight_gb": weight_bytes / 1e9})
+    return rows
+
+
+def write_sps(path: str, rows: list[dict], cmd: str, device: str, backend: str, context: int, draft: int) -> None:
+    from pathlib import Path
+
+    from engine.report import replace_section
+
+    dev = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    meta = rows[-1]
+    lines = [f"<!-- bench:sps-{backend} -->", f"## Verification step time vs batch tokens ({dev}, {backend})", "",
+             f"Command: `{cmd}`. Qwen3-8B-shaped target with random bf16 weights ({meta['weight_gb']:.1f} GB; "
+             f"timing does not depend on the values); each request holds {context} tokens of KV and verifies "
+             f"{draft} draft tokens + 1. Floor = (weight bytes + KV bytes read) / measured copy bandwidth "
+             f"({meta['copy_bandwidth_gb_s']:.0f} GB/s, read + write). Median of 10 steps.", "",
+             "| requests | batch tokens | step ms | steps/s | floor ms | step / floor |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['requests']} | {r['batch_tokens']} | {r['step_ms']:.2f} | {r['sps']:.1f} | {r['floor_ms']:.2f} | "
+              f"{r['floor_ratio']:.2f}x |" for r in rows[:-1]]
+    lines += ["", f"<!-- /bench:sps-{backend} -->"]
+    replace_section(Path(path), f"sps-{backend}", "\n".join(lines))
