@@ -47,7 +47,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
-        # seq_id -> [drafter context state or None, target features not yet folded in: (taps, start, next ids)].
+        # seq_id -> [drafter context state or None, target features not yet folded in: (taps, start, next ids),
+        #            number of pending tokens]. Requests with num_speculative_tokens=0 keep nothing.
         # Features are folded in only when the request drafts, so steps where it decodes plainly cost nothing.
         self.draft_ctx: dict[int, list] = {}
         self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
@@ -142,6 +143,8 @@ class LLMEngine:
         if not plan.items:
             return []
         drafting = [it for it in plan.items if it.num_draft]
+        for it in drafting:
+            self._fold_features(it.seq.seq_id)
         t1 = time.perf_counter()
         drafts = self._propose(drafting)
         t2 = time.perf_counter()
@@ -150,6 +153,8 @@ class LLMEngine:
             self.scheduler.choose_draft_lengths(plan, drafts)
             for it in drafting:
                 drafts[it.seq.seq_id] = drafts[it.seq.seq_id].truncate(it.num_draft)
+                if not it.num_draft:  # drafted but not worth verifying: a round that committed just 1 token
+                    self.scheduler.policy.observe(it.seq.seq_id, it.seq.params.greedy, 0, 0)
         t3 = time.perf_counter()
         t_sched += t3 - t2
         self.stats["scheduler_seconds"] += t_sched
@@ -199,10 +204,13 @@ class LLMEngine:
                 self.draft_ctx.pop(s.seq_id, None)
             else:
                 self.block_manager.rollback(s.seq_id, s.num_computed)
-                if taps is not None:  # drafter features for the tokens whose KV is now valid
-                    entry = self.draft_ctx.setdefault(s.seq_id, [None, []])
+                if taps is not None and s.params.num_speculative_tokens != 0:  # features of the now-valid tokens
+                    entry = self.draft_ctx.setdefault(s.seq_id, [None, [], 0])
                     nxt = s.token_ids[start + 1 : start + valid + 1]
-                    entry[1].append((taps[tap_row : tap_row + valid], start, nxt))
+                    entry[1].append((taps[tap_row : tap_row + valid].clone(), start, nxt))  # not the whole step's
+                    entry[2] += valid
+                    if entry[2] >= 256:  # bound what a request that rarely drafts keeps pending
+                        self._fold_features(s.seq_id)
             tap_row += n
             if i in committed:
                 outputs.append(s.take_output(self._holdback(s)))
@@ -215,20 +223,21 @@ class LLMEngine:
         if not items:
             return {}
         seqs = [it.seq for it in items]
-        for s in seqs:
-            entry = self.draft_ctx[s.seq_id]
-            if entry[1]:
-                taps = torch.cat([t for t, _, _ in entry[1]]) if len(entry[1]) > 1 else entry[1][0][0]
-                entry[0] = self.drafter.extend_context(entry[0], taps, entry[1][0][1],
-                                                       [t for _, _, nxt in entry[1] for t in nxt])
-                entry[1] = []
         drafts = self.drafter.propose(
             self.model.model.embed_tokens, self.model.lm_head, [s.token_ids[-1] for s in seqs],
             [self.draft_ctx[s.seq_id][0] for s in seqs], [it.num_draft for it in items], [s.params for s in seqs],
             [s.generator for s in seqs], self.settings.confidence_threshold)
-        self.stats["draft_rounds"] += len(seqs)
         self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
         return {s.seq_id: d for s, d in zip(seqs, drafts)}
+
+    def _fold_features(self, seq_id: int) -> None:
+        """Fold a request's pending target features into its drafter context (done lazily: only drafting needs it)."""
+        entry = self.draft_ctx[seq_id]
+        if entry[1]:
+            taps = torch.cat([t for t, _, _ in entry[1]]) if len(entry[1]) > 1 else entry[1][0][0]
+            entry[0] = self.drafter.extend_context(entry[0], taps, entry[1][0][1],
+                                                   [t for _, _, nxt in entry[1] for t in nxt])
+            entry[1], entry[2] = [], 0
 
     def _accept(self, seq: Sequence, draft, logits: torch.Tensor) -> list:
         """Verify one request's draft against the target's logits at [anchor, x_1..x_k]; lossless."""
@@ -240,6 +249,7 @@ class LLMEngine:
             probs = filter_logits(logits, torch.full((n,), p.temperature), torch.full((n,), max(p.top_k, 0)),
                                   torch.full((n,), p.top_p))
             toks = accept_sampled(draft.tokens, draft.q, probs, seq.generator)
+        self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)
         self.stats["accepted_tokens"] += len(toks) - 1
         self.stats["verified_tokens"] += len(draft.tokens)
         self.round_log.append((len(draft.tokens), len(toks) - 1))

@@ -66,10 +66,14 @@ def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tenso
 def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
     """One index from an (unnormalised) probability vector by inverse CDF: one uniform from `gen`.
 
-    torch.multinomial draws an exponential per vocabulary entry; this is a cumsum and a binary search."""
-    cdf = probs.cumsum(-1)
+    torch.multinomial draws an exponential per vocabulary entry; this is a cumsum and a binary search, in float64
+    so that tail tokens keep their probability over a 150k vocabulary."""
+    cdf = probs.double().cumsum(-1)
     u = torch.rand(1, generator=gen, dtype=cdf.dtype) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[-1] - 1)
+    i = int(torch.searchsorted(cdf, u, right=True))
+    if i >= probs.shape[-1] or probs[i] <= 0:  # u rounded onto the total: the last token with mass
+        i = int(probs.nonzero()[-1])
+    return i
 
 
 @dataclass

@@ -75,6 +75,9 @@ class FlashInferAttention:
                  dtype: torch.dtype = torch.bfloat16):
         if not torch.cuda.is_available():
             raise ValueError("the flashinfer attention backend needs CUDA; use --attention-backend torch on CPU")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"the flashinfer attention backend runs bfloat16 or float16, not {dtype}: pass "
+                             "--dtype bfloat16")
         try:
             import flashinfer
         except ImportError as e:

@@ -42,6 +42,7 @@ class DraftPolicy:
         self.ema = ema
         self.state: dict[int, SpecState] = {}
         self.class_idle = {True: 0, False: 0}  # steps since a request of the class last drafted
+        self.probing: set[int] = set()  # this step's probes: they verify at least one token, so they teach
         self.probe_interval = {True: probe_every, False: probe_every}  # backs off while probes keep failing
         # Per class (greedy or sampled): running tau and per-position acceptance rates, priors for new requests.
         self.prior_tau = {True: 1.0 + max_len / 2, False: 1.0 + max_len / 4}
@@ -63,6 +64,7 @@ class DraftPolicy:
                 scored.append((w * (st.tau - 1.0), sid, min(k, st.length), st))
         scored.sort(key=lambda x: -x[0])
         chosen: set[int] = set()
+        self.probing = set()
         gain, tokens = 0.0, float(base_tokens)
         best = committing / max(self.cost.verify(tokens), 1e-9)
         for g, sid, length, _ in scored:
@@ -77,7 +79,7 @@ class DraftPolicy:
                 st.idle = 0
             else:  # a few bad rounds should not bench a request for long: drift back to its class's estimate
                 st.idle += 1
-                st.tau += 0.1 * (self.prior_tau[greedy_of[sid]] - st.tau)
+                st.tau += 0.02 * (self.prior_tau[greedy_of[sid]] - st.tau)
         # Probe: a class (greedy / sampled) that has not drafted for `probe_every` steps sends its longest-idle
         # request through one drafting round, so the class's estimate follows a changing workload. One probe per
         # class per `probe_every` steps bounds the cost whatever the concurrency.
@@ -93,6 +95,7 @@ class DraftPolicy:
             if self.class_idle[greedy] >= self.probe_interval[greedy]:
                 sid = max(members)[1]
                 chosen.add(sid)
+                self.probing.add(sid)
                 self.state[sid].idle = 0
                 self.class_idle[greedy] = 0
                 # still not worth drafting: probe half as often next time, down to 1 in 16 x probe_every steps
@@ -112,14 +115,16 @@ class DraftPolicy:
             out.append(a)
         return out
 
-    def lengths(self, drafts: list[tuple[int, list[float], float]], base_tokens: int, committing: int) -> list[int]:
-        """drafts: (tokens drafted, survival per position, SLO weight) per drafting request -> lengths to verify."""
+    def lengths(self, drafts: list[tuple[int, list[float], float, int]], base_tokens: int,
+                committing: int) -> list[int]:
+        """drafts: (tokens drafted, survival per position, SLO weight, fewest to verify) per drafting request
+        -> how many to verify. The fewest is fixed before drafting (min_draft_len, or 1 for a probe)."""
         if not self.adaptive:
-            return [n for n, _, _ in drafts]
-        out = [min(self.min_len, n) for n, _, _ in drafts]
+            return [n for n, _, _, _ in drafts]
+        out = [min(max(self.min_len, m), n) for n, _, _, m in drafts]
         tokens = base_tokens + sum(out)
-        gain = sum(sum(a[:m]) * w for (_, a, w), m in zip(drafts, out))
-        pairs = sorted(((w * a[j], j, r) for r, (n, a, w) in enumerate(drafts) for j in range(out[r], n)),
+        gain = sum(sum(a[:m]) * w for (_, a, w, _), m in zip(drafts, out))
+        pairs = sorted(((w * a[j], j, r) for r, (n, a, w, _) in enumerate(drafts) for j in range(out[r], n)),
                        key=lambda x: (-x[0], x[1]))
         theta = (committing + gain) / max(self.cost.verify(tokens), 1e-9)
         for wa, j, r in pairs:

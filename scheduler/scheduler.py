@@ -81,7 +81,7 @@ class Scheduler:
         target = self.slo_target(seq)
         if not target or seq.first_token_time is None or seq.num_output < 4:
             return 1.0
-        return seq.num_output / max(now - seq.first_token_time, 1e-6) / target
+        return (seq.num_output - 1) / max(now - seq.first_token_time, 1e-6) / target
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if reason != "abort" and seq.first_token_time is not None and seq.num_output >= 2:
@@ -186,7 +186,8 @@ class Scheduler:
             d = drafts[it.seq.seq_id]
             n = len(d.tokens)
             conf = d.confidence if self.has_confidence else None
-            spec.append((n, self.policy.survival(it.seq.params.greedy, conf, n), self.slo_weight(it.seq, now)))
+            probe = 1 if it.seq.seq_id in self.policy.probing else 0
+            spec.append((n, self.policy.survival(it.seq.params.greedy, conf, n), self.slo_weight(it.seq, now), probe))
         base = plan.num_tokens - sum(it.num_draft for it in items)
         lengths = self.policy.lengths(spec, base, sum(it.samples for it in plan.items))
         for it, n in zip(items, lengths):

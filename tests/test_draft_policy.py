@@ -23,7 +23,7 @@ def test_cost_table_interpolates_refreshes_and_stays_monotone():
 
 def lengths_at(concurrency: int, survival: list[float]) -> list[int]:
     pol = DraftPolicy(gpu_like(), max_len=7)
-    drafts = [(7, survival, 1.0)] * concurrency
+    drafts = [(7, survival, 1.0, 0)] * concurrency
     return pol.lengths(drafts, base_tokens=concurrency, committing=concurrency)
 
 
@@ -39,10 +39,13 @@ def test_lengths_follow_confidence_and_slo_weight():
     pol = DraftPolicy(gpu_like(), max_len=7)
     sure = [0.95 ** (j + 1) for j in range(7)]
     unsure = [0.4 ** (j + 1) for j in range(7)]
-    out = pol.lengths([(7, sure, 1.0), (7, unsure, 1.0)] * 20, base_tokens=40, committing=40)
+    out = pol.lengths([(7, sure, 1.0, 0), (7, unsure, 1.0, 0)] * 20, base_tokens=40, committing=40)
     assert out[0] > out[1]
-    out = pol.lengths([(7, unsure, 4.0), (7, unsure, 1.0)] * 20, base_tokens=40, committing=40)
+    out = pol.lengths([(7, unsure, 4.0, 0), (7, unsure, 1.0, 0)] * 20, base_tokens=40, committing=40)
     assert out[0] > out[1]  # behind its SLO: more draft budget for the same confidences
+    hopeless = [0.01 ** (j + 1) for j in range(7)]
+    pol = DraftPolicy(gpu_like(knee=0, per_token=1.0), max_len=7)  # every batch token costs a full step
+    assert pol.lengths([(7, hopeless, 1.0, 0), (7, hopeless, 1.0, 1)], 2, 2) == [0, 1]  # a probe verifies one
 
 
 def test_gate_turns_speculation_off_when_drafting_does_not_pay():

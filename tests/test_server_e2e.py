@@ -216,7 +216,7 @@ def test_speculating_server_gives_the_same_greedy_answers(server, client):
     """A server with the dspark drafter over HTTP: same greedy text, streaming works, drafts are accepted."""
     from conftest import ServerProcess
 
-    spec = ServerProcess(server.model_dir, "--speculative", "dspark", "--draft-len", "5")
+    spec = ServerProcess(server.model_dir, "--speculative", "dspark", "--draft-len", "5", "--draft-policy", "fixed")
     try:
         sc = OpenAI(base_url=spec.url + "/v1", api_key="unused", max_retries=0)
         for p in CODE_PROMPTS[:6]:

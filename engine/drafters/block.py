@@ -125,22 +125,25 @@ class BlockDrafter(nn.Module):
 
         A token outside the top-k has base <= the k-th value and bias <= the largest bias any token gets after
         `prev` (a per-token table, computed once); when that bound is below the best candidate's score, the
-        candidate is the argmax. Otherwise the row is scored fully.
+        candidate is the argmax. Otherwise the row is scored fully. All of it in float32 whatever the weights'
+        dtype, so the shortcut and the full scoring agree (up to float32 summation order, covered by a margin).
         """
         w1, w2 = self.markov_in.weight, self.markov_out.weight
         key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
         if getattr(self, "_max_bias", (None,))[0] != key:
-            table = torch.cat([(w1[i : i + 1024].float() @ w2.float().T).amax(-1) for i in range(0, len(w1), 1024)])
-            self._max_bias = (key, table)
-        u = self.markov_in(prev)  # [n, r]
-        scores = top_vals + torch.bmm(F.embedding(top_ids, w2), u[:, :, None])[..., 0].float()
+            w2f = w2.float()
+            table = torch.cat([(w1[i : i + 1024].float() @ w2f.T).amax(-1) for i in range(0, len(w1), 1024)])
+            self._max_bias = (key, table, w2f)
+        _, table, w2f = self._max_bias
+        u = self.markov_in(prev).float()  # [n, r]
+        scores = top_vals + torch.bmm(F.embedding(top_ids, w2f), u[:, :, None])[..., 0]
         best, arg = scores.max(-1)
-        bound = top_vals[:, -1] + self._max_bias[1][prev]
+        bound = top_vals[:, -1] + table[prev]
         out = top_ids.gather(1, arg[:, None])[:, 0]
-        unsure = (bound >= best).nonzero()[:, 0]
+        unsure = (bound + 1e-5 * (bound.abs() + 1) >= best).nonzero()[:, 0]
         if len(unsure):
             self.markov_fallbacks += len(unsure)
-            out[unsure] = (base[unsure] + self.markov_out(u[unsure]).float()).argmax(-1)
+            out[unsure] = (base[unsure] + u[unsure] @ w2f.T).argmax(-1)
         return out.tolist()
 
     # -- inference ------------------------------------------------------------------------------------------
@@ -216,7 +219,8 @@ class BlockDrafter(nn.Module):
                 for j, t in zip(greedy, self._markov_argmax(base[g_rows, i], top.values[g_rows, i],
                                                             top.indices[g_rows, i], prev[g_rows])):
                     toks[j] = t
-                full = [j for j in range(len(live)) if j not in set(greedy)]
+                done = set(greedy)
+                full = [j for j in range(len(live)) if j not in done]
             else:
                 full = list(range(len(live)))
             if full:
