@@ -33,7 +33,10 @@ class PagedLayout:
 
 
 def paged_kv_layout(meta: AttentionMetadata, rows: list[int]) -> PagedLayout:
-    """The CSR layout of the requests `rows` (indices into meta's batch), in that order."""
+    """The CSR layout of the requests `rows` (indices into meta's batch), in that order.
+
+    The indptr and last-page-length tensors are built on the host (plan() reads them there without a device
+    sync); the page indices stay on the block table's device."""
     dev = meta.block_tables.device
     bs = meta.block_size
     q_lens = [meta.q_lens[r] for r in rows]
@@ -46,17 +49,16 @@ def paged_kv_layout(meta: AttentionMetadata, rows: list[int]) -> PagedLayout:
     table = meta.block_tables[idx, :width]
     keep = torch.arange(width, device=dev)[None, :] < torch.tensor(pages, device=dev)[:, None]
     return PagedLayout(
-        qo_indptr=_indptr(q_lens, dev),
-        kv_indptr=_indptr(pages, dev),
+        qo_indptr=_indptr(q_lens),
+        kv_indptr=_indptr(pages),
         kv_indices=table[keep].to(torch.int32),
-        kv_last_page_len=torch.tensor([n - (p - 1) * bs for n, p in zip(kv_lens, pages)], dtype=torch.int32,
-                                      device=dev),
+        kv_last_page_len=torch.tensor([n - (p - 1) * bs for n, p in zip(kv_lens, pages)], dtype=torch.int32),
     )
 
 
-def _indptr(lens: list[int], dev) -> torch.Tensor:
-    out = torch.zeros(len(lens) + 1, dtype=torch.int32, device=dev)
-    out[1:] = torch.tensor(lens, dtype=torch.int32, device=dev).cumsum(0)
+def _indptr(lens: list[int]) -> torch.Tensor:
+    out = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
     return out
 
 

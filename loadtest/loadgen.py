@@ -58,6 +58,7 @@ class Result:
     error: str = ""
     start: float = 0.0
     ttft: float = 0.0
+    last: float = 0.0  # time of the last content chunk, from the start
     latency: float = 0.0
     tokens: int = 0
     gaps: list[float] = field(default_factory=list)
@@ -65,7 +66,8 @@ class Result:
 
     @property
     def tpot(self) -> float:
-        return (self.latency - self.ttft) / (self.tokens - 1) if self.tokens > 1 else 0.0
+        """Seconds per output token after the first, first to last content chunk."""
+        return (self.last - self.ttft) / (self.tokens - 1) if self.tokens > 1 else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -118,6 +120,7 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) ->
                         r.gaps.append(now - last)
                     last = now
         r.latency = time.perf_counter() - r.start
+        r.last = (last - r.start) if last is not None else 0.0
         r.ok = r.tokens > 0
         if not r.ok:
             r.error = "no tokens"
@@ -144,7 +147,8 @@ async def open_loop(cfg: LoadConfig, rate: float, num_requests: int, seed: int =
         tasks = []
         for i in range(num_requests):
             tasks.append(asyncio.create_task(one_request(client, cfg, cfg.prompts[i % len(cfg.prompts)])))
-            await asyncio.sleep(rng.expovariate(rate))
+            if i + 1 < num_requests:
+                await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         return list(results), time.perf_counter() - t0
 
@@ -163,7 +167,8 @@ def summarize(results: list[Result], wall: float) -> dict:
     for r in results:
         if not r.ok:
             errors[r.error] = errors.get(r.error, 0) + 1
-    met = [r for r in ok if r.slo and r.tokens_per_s >= r.slo]
+    with_slo = [r for r in ok if r.slo]
+    met = [r for r in with_slo if r.tokens_per_s >= r.slo]
     return {
         "requests": len(results), "ok": len(ok), "errors": errors, "wall_s": wall,
         "total_tokens_per_s": sum(r.tokens for r in ok) / wall if wall > 0 else 0.0,
@@ -172,8 +177,8 @@ def summarize(results: list[Result], wall: float) -> dict:
         "ttft_s": percentiles([r.ttft for r in ok]),
         "tpot_s": percentiles([r.tpot for r in ok]),
         "itl_s": percentiles([g for r in ok for g in r.gaps]),
-        "goodput_rps": len(met) / wall if wall > 0 else 0.0,
-        "slo_attainment": len(met) / len(ok) if ok and ok[0].slo else None,
+        "goodput_rps": (len(met) / wall if wall > 0 else 0.0) if with_slo else None,
+        "slo_attainment": len(met) / len(with_slo) if with_slo else None,
     }
 
 

@@ -68,7 +68,11 @@ def sps_curve(shape: dict = QWEN3_8B, device: str = "cuda", backend: str = "flas
     runner = ModelRunner(model, make_backend(backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                              device, dtype), bm.num_blocks, bs, device, dtype)
     bw = copy_bandwidth(device, 1024 if device.startswith("cuda") else 128)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # a step reads every weight once, except the embedding table (only the rows of its tokens)
+    emb = model.model.embed_tokens.weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
+    if model.lm_head.weight is emb:  # tied: the LM head reads it whole
+        weight_bytes += emb.numel() * emb.element_size()
     rows = []
     for r in requests:
         for sid in range(r):

@@ -45,22 +45,36 @@ def test_flashinfer_equals_torch_reference(seed):
     torch.testing.assert_close(out.float().cpu(), ref, atol=2e-2, rtol=2e-2)
 
 
-@cuda
-@pytest.mark.parametrize("backend", ["torch", pytest.param("flashinfer", marks=needs_fi)])
-def test_greedy_engine_on_gpu_equals_cpu(backend):
+PROMPTS = ["def parse(", "import os\n\n\ndef main():\n", "class Node:\n    def __init__(self"]
+
+
+def greedy(device, backend, dtype, spec):
     from engine.llm_engine import LLMEngine
     from engine.sampling import SamplingParams
     from engine.settings import Settings
 
-    prompts = ["def parse(", "import os\n\n\ndef main():\n", "class Node:\n    def __init__(self"]
-    outs = {}
-    for dev, be, dtype in (("cpu", "torch", "float32"), ("cuda", backend, "float32")):
-        for spec in ("none", "dspark"):
-            eng = LLMEngine(Settings(device=dev, attention_backend=be, dtype=dtype, speculative=spec))
-            ids = [eng.tokenizer.encode(p) for p in prompts]
-            outs[dev, spec] = [s.output_ids for s in eng.generate(ids, SamplingParams(temperature=0, max_tokens=32))]
-    assert outs["cuda", "none"] == outs["cpu", "none"]
-    assert outs["cuda", "dspark"] == outs["cpu", "none"]
+    eng = LLMEngine(Settings(device=device, attention_backend=backend, dtype=dtype, speculative=spec,
+                             draft_policy="fixed"))
+    ids = [eng.tokenizer.encode(p) for p in PROMPTS]
+    return [s.output_ids for s in eng.generate(ids, SamplingParams(temperature=0, max_tokens=32))]
+
+
+@cuda
+def test_greedy_engine_on_gpu_equals_cpu():
+    """float32 on both: the same tokens, with and without speculation."""
+    ref = greedy("cpu", "torch", "float32", "none")
+    assert greedy("cuda", "torch", "float32", "none") == ref
+    assert greedy("cuda", "torch", "float32", "dspark") == ref
+
+
+@cuda
+@needs_fi
+def test_flashinfer_engine_equals_torch_backend_in_bf16():
+    """FlashInfer runs bf16 only: compare with the torch backend in bf16 on the same GPU; speculation exact."""
+    ref = greedy("cuda", "torch", "bfloat16", "none")
+    fi = greedy("cuda", "flashinfer", "bfloat16", "none")
+    assert sum(a == b for a, b in zip(fi, ref)) >= 2 and all(a[:8] == b[:8] for a, b in zip(fi, ref))
+    assert greedy("cuda", "flashinfer", "bfloat16", "dspark") == fi
 
 
 @cuda
