@@ -38,6 +38,9 @@ class AsyncEngine:
         # Admission slots granted by the server but not yet handed to the engine (event-loop side only); they
         # lapse after a few seconds in case the request never starts.
         self._reserved: deque[float] = deque()
+        # Adds handed to the engine thread and adds it has taken: each written by one thread only.
+        self._adds_sent = 0
+        self._adds_taken = 0
         self._steps = 0
         metrics.KV_TOTAL.set(engine.block_manager.num_blocks)
         metrics.KV_FREE.set(engine.block_manager.num_free)
@@ -64,6 +67,7 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._inbox.put(("add", (request_id, prompt_ids, params)))
+        self._adds_sent += 1
         if self._reserved:
             self._reserved.popleft()
         finished = False
@@ -87,14 +91,14 @@ class AsyncEngine:
         now = time.monotonic()
         while self._reserved and now - self._reserved[0] > 5.0:
             self._reserved.popleft()
-        ahead = self._inbox.qsize() + len(self._reserved)
+        ahead = self._adds_sent - self._adds_taken + len(self._reserved)  # aborts in the inbox do not count
         if self.engine.scheduler.queue_full(ahead + n):
             return None
         self._reserved.extend([now] * n)
         return ahead + len(self.engine.scheduler.waiting)
 
     def queue_depth(self) -> int:
-        return len(self.engine.scheduler.waiting) + self._inbox.qsize() + len(self._reserved)
+        return len(self.engine.scheduler.waiting) + self._adds_sent - self._adds_taken + len(self._reserved)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -113,6 +117,7 @@ class AsyncEngine:
             return
         while True:
             if kind == "add":
+                self._adds_taken += 1
                 rid, prompt_ids, params = arg
                 try:
                     self.engine.add_request(rid, prompt_ids, params)
