@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     max_n: int = 16
     max_stop_sequences: int = 16
     log_level: str = "info"
+    api_key: str | None = Field(None, description="API key(s), comma-separated; clients send Authorization: "
+                                "Bearer <key>. None and no api_key_file = open API")
+    api_key_file: str | None = Field(None, description="file with one API key per line (# comments)")
+    protect_metrics: bool = Field(False, description="require an API key for /metrics too (/health stays open)")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
     threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
 
     @property

@@ -23,6 +23,7 @@ from engine import metrics
 from engine.async_engine import AsyncEngine
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
+from server.auth import authorized, load_keys, needs_key
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 log = logging.getLogger("dspark.server")
@@ -195,6 +196,21 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
 
     app = FastAPI(title="dspark", version="0.1.0", lifespan=lifespan)
     app.state.server = srv
+    keys = load_keys(settings.api_key, settings.api_key_file)
+    if keys:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if needs_key(request.url.path, settings.protect_metrics) and not authorized(
+                    request.headers.get("authorization"), keys):
+                metrics.REQUESTS.labels(request.url.path, "401").inc()
+                return error_response(401, "Incorrect or missing API key: send Authorization: Bearer <key>.",
+                                      code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
