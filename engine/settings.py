@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     api_key_file: str | None = Field(None, description="file with one API key per line (# comments)")
     protect_metrics: bool = Field(False, description="require an API key for /metrics too (/health stays open)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
+    max_request_bytes: int = Field(2_000_000, description="larger request bodies get 413")
     threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
 
     @property

@@ -196,6 +196,21 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
 
     app = FastAPI(title="dspark", version="0.1.0", lifespan=lifespan)
     app.state.server = srv
+    @app.middleware("http")
+    async def _request_id_and_size(request: Request, call_next):
+        """Every response carries X-Request-Id (errors name it too); oversized bodies are refused unread."""
+        rid = uuid.uuid4().hex
+        request.state.request_id = rid
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > settings.max_request_bytes):
+            metrics.REQUESTS.labels(request.url.path, "413").inc()
+            response = error_response(413, f"request body is {size} bytes; the limit is "
+                                           f"{settings.max_request_bytes}", code="request_too_large")
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        return response
+
     keys = load_keys(settings.api_key, settings.api_key_file)
     if keys:
         @app.middleware("http")
@@ -230,9 +245,11 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
-        log.exception("unhandled error")
+        rid = getattr(request.state, "request_id", "-")
+        log.exception("unhandled error (request id %s)", rid)
         metrics.REQUESTS.labels(request.url.path, "500").inc()
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+        return error_response(500, f"internal error ({type(exc).__name__}); request id {rid}", "server_error",
+                              headers={"X-Request-Id": rid})
 
     @app.get("/health")
     async def health():

@@ -1,0 +1,55 @@
+"""Engine faults and oversized bodies: OpenAI-shaped errors with a request id, and the server keeps serving."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from engine.settings import Settings
+from server.app import create_app
+
+
+@pytest.fixture(scope="module")
+def app_and_engine():
+    settings = Settings(speculative="none", max_request_bytes=20_000)
+    engine = AsyncEngine(LLMEngine(settings))
+    with TestClient(create_app(engine, settings), raise_server_exceptions=False) as client:
+        yield client, engine
+
+
+def test_engine_step_failure_is_a_500_with_request_id_then_recovers(app_and_engine, monkeypatch):
+    client, engine = app_and_engine
+    body = {"model": "dspark-default", "prompt": "def f(", "max_tokens": 4}
+    real_step = engine.engine.step
+    calls = {"n": 0}
+
+    def failing_once():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    monkeypatch.setattr(engine.engine, "step", failing_once)
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and r.headers["x-request-id"] in err["message"]
+    r = client.post("/v1/completions", json=body)  # the loop survived the fault
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert client.get("/health").status_code == 200
+    assert engine.engine.block_manager.num_free == engine.engine.block_manager.num_blocks
+
+
+def test_streaming_engine_failure_reports_in_band(app_and_engine, monkeypatch):
+    client, engine = app_and_engine
+    monkeypatch.setattr(engine.engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("injected")))
+    r = client.post("/v1/completions", json={"model": "dspark-default", "prompt": "x", "max_tokens": 4,
+                                             "stream": True})
+    assert r.status_code == 200 and '"server_error"' in r.text and r.text.rstrip().endswith("data: [DONE]")
+
+
+def test_oversized_body_is_413(app_and_engine):
+    client, _ = app_and_engine
+    r = client.post("/v1/completions", json={"model": "dspark-default", "prompt": "x" * 30_000, "max_tokens": 1})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "x-request-id" in r.headers
