@@ -140,13 +140,14 @@ class LLMEngine:
     # -- one step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """schedule -> draft -> one batched target forward (prefill chunks, decodes, drafts) -> accept -> emit."""
+        expired = self._expire_deadlines()
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         t_sched = time.perf_counter() - t0
         for s in plan.preempted:
             self.draft_ctx.pop(s.seq_id, None)
         if not plan.items:
-            return []
+            return expired
         drafting = [it for it in plan.items if it.num_draft]
         for it in drafting:
             self._fold_features(it.seq.seq_id)
@@ -190,7 +191,7 @@ class LLMEngine:
                          [plan.items[i].seq.generator for i in plain])
             for i, tok, lp in zip(plain, res.token_ids, res.logprobs):
                 committed[i] = [(tok, lp)]
-        outputs = []
+        outputs = expired
         tap_row = 0
         for i, it in enumerate(plan.items):
             s, n = it.seq, len(chunks[i][0])
@@ -222,6 +223,18 @@ class LLMEngine:
                 if s.finished:
                     self.seqs.pop(s.request_id, None)
         return outputs
+
+    def _expire_deadlines(self) -> list[RequestOutput]:
+        """Requests past their deadline end now, with what they have, finish_reason "deadline"."""
+        now = time.monotonic()
+        out = []
+        for s in [s for s in self.seqs.values() if s.params.deadline_s and now - s.arrival > s.params.deadline_s]:
+            s.text += s.detok.flush()
+            self.scheduler.finish(s, "deadline")
+            self.draft_ctx.pop(s.seq_id, None)
+            self.seqs.pop(s.request_id, None)
+            out.append(s.take_output(0))
+        return out
 
     # -- speculation ------------------------------------------------------------------------------------------
     def _propose(self, items) -> dict:

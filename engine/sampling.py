@@ -21,6 +21,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     num_speculative_tokens: int | None = None  # per-request draft length cap (None = server default, 0 = off)
     slo_tokens_per_s: float | None = None  # per-user speed target (None = server default, 0 = none)
+    deadline_s: float | None = None  # end the request (finish_reason "deadline") this long after arrival
 
     @property
     def greedy(self) -> bool:
@@ -35,6 +36,7 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (self.slo_tokens_per_s is None or self.slo_tokens_per_s >= 0, "slo_tokens_per_s", "must be >= 0"),
+            (self.deadline_s is None or self.deadline_s > 0, "deadline_s", "must be > 0"),
         ]
         for ok, name, msg in checks:
             if not ok:

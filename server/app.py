@@ -82,6 +82,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         logprobs=logprobs,
         num_speculative_tokens=req.num_speculative_tokens,
         slo_tokens_per_s=req.slo_tokens_per_s,
+        deadline_s=req.deadline_s,
     )
 
 

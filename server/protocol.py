@@ -50,6 +50,8 @@ class SamplingFields(OpenAIModel):
     num_speculative_tokens: int | None = Field(None, ge=0, description="cap on draft tokens per step; 0 = off")
     slo_tokens_per_s: float | None = Field(None, ge=0, description="this user's speed target in tokens/s; requests "
                                            "behind it get priority and draft budget (0 = none)")
+    deadline_s: float | None = Field(None, gt=0, description="end the request this many seconds after it arrives, "
+                                     "with finish_reason 'deadline'")
     user: str | None = None
 
     def stop_list(self) -> list[str]:

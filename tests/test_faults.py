@@ -53,3 +53,16 @@ def test_oversized_body_is_413(app_and_engine):
     r = client.post("/v1/completions", json={"model": "dspark-default", "prompt": "x" * 30_000, "max_tokens": 1})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert "x-request-id" in r.headers
+
+
+def test_deadline_ends_a_request_with_its_finish_reason(app_and_engine):
+    client, engine = app_and_engine
+    body = {"model": "dspark-default", "prompt": "def f(", "max_tokens": 1500, "ignore_eos": True, "deadline_s": 0.3}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    assert choice["finish_reason"] == "deadline" and 0 < usage["completion_tokens"] < 1500
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    assert '"finish_reason": "deadline"' in r.text
+    assert engine.engine.block_manager.num_free == engine.engine.block_manager.num_blocks
+    assert client.post("/v1/completions", json={**body, "deadline_s": -1}).status_code == 400
