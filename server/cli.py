@@ -97,6 +97,17 @@ def cmd_loadtest_sweep(args) -> None:
           args.out_dir, write_md=args.write or None)
 
 
+def cmd_loadtest_soak(args) -> None:
+    import json
+
+    from loadtest.soak import run_soak
+
+    report = run_soak(args.url, args.seconds, args.users, args.pid)
+    print(json.dumps(report, indent=1))
+    if report["problems"] or report["drained"]["kv_free"] != report["drained"]["kv_total"]:
+        raise SystemExit(1)
+
+
 def cmd_eval_drafter(args) -> None:
     from engine.training.eval_drafter import evaluate
 
@@ -211,6 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--render", default=None, help="only redraw chart and table from this saved sweep JSON")
     q.add_argument("server_flags", nargs="*", help="after --: extra flags for every server")
     q.set_defaults(fn=cmd_loadtest_sweep)
+
+    q = lsub.add_parser("soak", help="time-bounded mix of good, bad, dropped and cancelled requests; checks leaks")
+    q.add_argument("--url", default="http://127.0.0.1:8000")
+    q.add_argument("--seconds", type=float, default=600)
+    q.add_argument("--users", type=int, default=16)
+    q.add_argument("--pid", type=int, default=None, help="server process id, to compare its RSS before and after")
+    q.set_defaults(fn=cmd_loadtest_soak)
 
     args = parser.parse_args(argv)
     args.fn(args)
