@@ -60,6 +60,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, max_stops: int) -> SamplingParams:
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
     if req.presence_penalty or req.frequency_penalty:
         name = "presence_penalty" if req.presence_penalty else "frequency_penalty"
         raise APIError(400, f"{name} is not supported by this server (use 0)", name)

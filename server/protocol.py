@@ -43,9 +43,10 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # refused unless empty: not implemented
     ignore_eos: bool = False
     num_speculative_tokens: int | None = Field(None, ge=0, description="cap on draft tokens per step; 0 = off")
     slo_tokens_per_s: float | None = Field(None, ge=0, description="this user's speed target in tokens/s; requests "

@@ -139,6 +139,8 @@ BAD = [
     ("/v1/completions", {"model": "{m}", "prompt": "x", "stop": ["a"] * 100}, 400, "stop"),
     ("/v1/completions", {"model": "{m}", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
     ("/v1/completions", {"model": "{m}", "prompt": "x" * 50000}, 400, "prompt"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias"),
 ]
 
 
