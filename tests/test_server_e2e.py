@@ -273,3 +273,31 @@ def test_full_queue_answers_429_with_retry_after_and_health_stays_up(server):
         assert busy.metric('dspark_rejected_requests_total{reason="queue_full"}') == codes.count(429)
     finally:
         busy.stop()
+
+
+def test_kv_exhaustion_over_http_completes_everything_exactly(server, client):
+    """A 24-block pool (192 tokens) and 8 concurrent 120-token requests: preemption and recompute, none dropped,
+    every greedy answer equal to its run on a roomy server."""
+    import asyncio
+
+    from conftest import ServerProcess
+
+    tiny = ServerProcess(server.model_dir, "--num-kv-blocks", "24", "--block-size", "8")  # default: dspark adaptive
+    try:
+        prompts = [p + " " * (i % 3) for i, p in enumerate(CODE_PROMPTS[:8])]
+        want = [client.completions.create(model=server.name, prompt=p, max_tokens=120, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=tiny.url, timeout=300) as c:
+                return await asyncio.gather(*(c.post("/v1/completions", json={
+                    "model": server.name, "prompt": p, "max_tokens": 120, "temperature": 0, "ignore_eos": True})
+                    for p in prompts))
+
+        got = asyncio.run(burst())
+        assert [r.status_code for r in got] == [200] * 8
+        assert [r.json()["choices"][0]["text"] for r in got] == want
+        assert tiny.metric("dspark_preemptions_total") > 0
+        assert wait_for(lambda: tiny.metric("dspark_kv_free_blocks") == 24, 10)
+    finally:
+        tiny.stop()
