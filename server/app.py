@@ -24,6 +24,7 @@ from engine.async_engine import AsyncEngine
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
 from server.auth import authorized, load_keys, needs_key
+from server.limits import BodyLimit
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 log = logging.getLogger("dspark.server")
@@ -200,19 +201,16 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
     app = FastAPI(title="dspark", version="0.1.0", lifespan=lifespan)
     app.state.server = srv
     @app.middleware("http")
-    async def _request_id_and_size(request: Request, call_next):
-        """Every response carries X-Request-Id (errors name it too); oversized bodies are refused unread."""
+    async def _request_id(request: Request, call_next):
+        """Every response carries X-Request-Id (errors name it too)."""
         rid = uuid.uuid4().hex
         request.state.request_id = rid
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > settings.max_request_bytes):
-            metrics.REQUESTS.labels(request.url.path, "413").inc()
-            response = error_response(413, f"request body is {size} bytes; the limit is "
-                                           f"{settings.max_request_bytes}", code="request_too_large")
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         response.headers["X-Request-Id"] = rid
         return response
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
+                       on_reject=lambda path: metrics.REQUESTS.labels(path, "413").inc())
 
     keys = load_keys(settings.api_key, settings.api_key_file)
     if keys:

@@ -48,11 +48,24 @@ def test_streaming_engine_failure_reports_in_band(app_and_engine, monkeypatch):
     assert r.status_code == 200 and '"server_error"' in r.text and r.text.rstrip().endswith("data: [DONE]")
 
 
-def test_oversized_body_is_413(app_and_engine):
+def test_oversized_body_is_413_with_or_without_content_length(app_and_engine):
     client, _ = app_and_engine
-    r = client.post("/v1/completions", json={"model": "dspark-default", "prompt": "x" * 30_000, "max_tokens": 1})
+    big = {"model": "dspark-default", "prompt": "x" * 30_000, "max_tokens": 1}
+    r = client.post("/v1/completions", json=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    assert "x-request-id" in r.headers
+
+    def chunked(data: bytes, n: int = 4096):  # a generator body is sent chunked, without Content-Length
+        for i in range(0, len(data), n):
+            yield data[i : i + n]
+
+    import json
+
+    r = client.post("/v1/completions", content=chunked(json.dumps(big).encode()),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    small = json.dumps({"model": "dspark-default", "prompt": "def f(", "max_tokens": 2}).encode()
+    r = client.post("/v1/completions", content=chunked(small, 7), headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2 and "x-request-id" in r.headers
 
 
 def test_deadline_ends_a_request_with_its_finish_reason(app_and_engine):
