@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from loadtest.loadgen import CODE
+from loadtest.sweep import parse_metrics
 
 BAD_BODIES = [
     b"{not json",
@@ -117,11 +118,7 @@ async def _drained(c: httpx.AsyncClient, wait: float = 30.0) -> dict:
     """Wait for no running or waiting request; then report the KV pool."""
     deadline = time.monotonic() + wait
     while True:
-        m = {}
-        for line in (await c.get("/metrics")).text.splitlines():
-            if line and not line.startswith("#"):
-                k, _, v = line.rpartition(" ")
-                m[k] = float(v)
+        m = parse_metrics((await c.get("/metrics")).text)
         idle = m.get("dspark_num_requests_running") == 0 and m.get("dspark_num_requests_waiting") == 0
         if (idle and m.get("dspark_kv_free_blocks") == m.get("dspark_kv_total_blocks")) or time.monotonic() > deadline:
             return {"running": m.get("dspark_num_requests_running"), "waiting": m.get("dspark_num_requests_waiting"),

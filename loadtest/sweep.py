@@ -35,12 +35,12 @@ MODES = {
 class Server:
     """`dspark serve` in a subprocess on a free loopback port; stopped with SIGTERM."""
 
-    def __init__(self, flags: list[str], log: Path | None = None, ready_timeout: float = 180):
+    def __init__(self, flags: list[str], log_dir: Path | None = None, ready_timeout: float = 180):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        out = open(log, "w") if log else subprocess.DEVNULL
+        out = open(log_dir / f"server-{self.port}.log", "w") if log_dir else subprocess.DEVNULL
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
                                      stderr=subprocess.STDOUT)
@@ -50,13 +50,17 @@ class Server:
                 raise RuntimeError(f"server exited with {self.proc.returncode} (flags {flags})")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
         self.stop()
         raise RuntimeError("server did not become healthy")
+
+    @property
+    def model(self) -> str:
+        """The served model's name (needs an open API: no --api-key)."""
+        return httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -66,14 +70,18 @@ class Server:
             self.proc.kill()
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Every sample of /metrics, keyed by name plus labels."""
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text page, keyed by name plus labels."""
     out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+    for line in text.splitlines():
         if line and not line.startswith("#"):
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
+
+
+def scrape(url: str) -> dict[str, float]:
+    return parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
 
 
 def _delta(after: dict, before: dict, prefix: str) -> float:
