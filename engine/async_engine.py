@@ -41,7 +41,6 @@ class AsyncEngine:
         # Adds handed to the engine thread and adds it has taken: each written by one thread only.
         self._adds_sent = 0
         self._adds_taken = 0
-        self._steps = 0
         metrics.KV_TOTAL.set(engine.block_manager.num_blocks)
         metrics.KV_FREE.set(engine.block_manager.num_free)
 
@@ -91,14 +90,18 @@ class AsyncEngine:
         now = time.monotonic()
         while self._reserved and now - self._reserved[0] > 5.0:
             self._reserved.popleft()
-        ahead = self._adds_sent - self._adds_taken + len(self._reserved)  # aborts in the inbox do not count
+        ahead = self._not_yet_waiting()
         if self.engine.scheduler.queue_full(ahead + n):
             return None
         self._reserved.extend([now] * n)
         return ahead + len(self.engine.scheduler.waiting)
 
+    def _not_yet_waiting(self) -> int:
+        """Requests admitted by the server but not in the scheduler's queue yet (aborts in the inbox not counted)."""
+        return self._adds_sent - self._adds_taken + len(self._reserved)
+
     def queue_depth(self) -> int:
-        return len(self.engine.scheduler.waiting) + self._adds_sent - self._adds_taken + len(self._reserved)
+        return len(self.engine.scheduler.waiting) + self._not_yet_waiting()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -181,8 +184,7 @@ class AsyncEngine:
                 self._slo_recent.append(met)
         if self._slo_recent:
             metrics.SLO_ATTAINMENT.set(sum(self._slo_recent) / len(self._slo_recent))
-        self._steps += 1
-        if self._steps % 50 == 1:
+        if eng.stats["steps"] % 50 == 1:
             for b, s in eng.cost.verify.items():
                 metrics.SPS.labels(str(b)).set(1.0 / s if s > 0 else 0.0)
         for o in outputs:

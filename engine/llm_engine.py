@@ -78,9 +78,9 @@ class LLMEngine:
                                settings.device, dtype)
         self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype)
         if policy is not None and policy.adaptive:
+            ctx = self._scratch_context()  # built once, outside what is timed
             self.cost.profile(self._profile_step, min(512, settings.max_num_batched_tokens, self.max_model_len),
-                              self._profile_draft, min(64, settings.max_num_seqs))
-            self._scratch_ctx = None
+                              lambda r: self._profile_draft(r, ctx), min(64, settings.max_num_seqs))
         self.eos_ids = set(self.tokenizer.eos_ids) | set(self.model_config.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
         self.last_step_tokens = 0
@@ -124,15 +124,15 @@ class LLMEngine:
         finally:
             self.block_manager.free(sid)
 
-    def _profile_draft(self, r: int, context: int = 64) -> None:
-        """One greedy drafting round for r requests over a scratch context (start-up profile of the drafter).
+    def _scratch_context(self, context: int = 64):
+        """Drafter context state for `context` zero features, for the start-up profile."""
+        taps = torch.zeros(context, len(self.tap_layers) * self.model_config.hidden_size,
+                           dtype=self.model.lm_head.weight.dtype, device=self.settings.device)
+        return self.drafter.extend_context(None, taps, 0, [0] * context)
 
-        The scratch context is built once, outside what is timed: the engine times folding features in apart."""
-        if getattr(self, "_scratch_ctx", None) is None:
-            taps = torch.zeros(context, len(self.tap_layers) * self.model_config.hidden_size,
-                               dtype=self.model.lm_head.weight.dtype, device=self.settings.device)
-            self._scratch_ctx = self.drafter.extend_context(None, taps, 0, [0] * context)
-        ctx = self._scratch_ctx
+    def _profile_draft(self, r: int, ctx) -> None:
+        """One greedy drafting round for r requests over `ctx` (start-up profile of the drafter; the engine
+        times folding features in apart, so the profile does not include it)."""
         self.drafter.propose(self.model.model.embed_tokens, self.model.lm_head, [0] * r, [ctx] * r,
                              [self.scheduler.draft_len] * r, [SamplingParams(temperature=0)] * r,
                              [make_generator(0)] * r, self.settings.confidence_threshold)

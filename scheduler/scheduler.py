@@ -76,17 +76,21 @@ class Scheduler:
         t = seq.params.slo_tokens_per_s
         return self.slo_tokens_per_s if t is None else t
 
+    @staticmethod
+    def delivered_rate(seq: Sequence, now: float) -> float:
+        """Decode tokens/s after the first token, the speed a reader of the stream sees."""
+        return (seq.num_output - 1) / max(now - seq.first_token_time, 1e-6)
+
     def slack(self, seq: Sequence, now: float) -> float:
         """Delivered tokens/s over the SLO target: < 1 behind, > 1 ahead (1 when there is no target yet)."""
         target = self.slo_target(seq)
         if not target or seq.first_token_time is None or seq.num_output < 4:
             return 1.0
-        return (seq.num_output - 1) / max(now - seq.first_token_time, 1e-6) / target
+        return self.delivered_rate(seq, now) / target
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if reason != "abort" and seq.first_token_time is not None and seq.num_output >= 2:
-            rate = (seq.num_output - 1) / max(time.monotonic() - seq.first_token_time, 1e-6)
-            self.finished_rates.append((rate, self.slo_target(seq)))
+            self.finished_rates.append((self.delivered_rate(seq, time.monotonic()), self.slo_target(seq)))
         if self.policy is not None:
             self.policy.forget(seq.seq_id)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
