@@ -125,9 +125,13 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(rid, prompt_ids, params)
                     metrics.PROMPT_TOKENS.inc(len(prompt_ids))
+                    log.debug("request added", extra={"request_id": rid, "prompt_tokens": len(prompt_ids),
+                                                      "max_tokens": params.max_tokens})
                 except ValueError as e:
                     self._deliver(rid, e)
             elif kind == "abort":
+                if arg in self.engine.seqs:
+                    log.info("request aborted", extra={"request_id": arg})
                 self.engine.abort_request(arg)
             try:
                 kind, arg = self._inbox.get_nowait()
@@ -146,7 +150,7 @@ class AsyncEngine:
             try:
                 outputs = eng.step()
             except Exception as e:  # a failed step fails its requests, never hangs them
-                log.exception("engine step failed")
+                log.exception("engine step failed", extra={"request_ids": list(eng.seqs)})
                 for rid in list(eng.seqs):
                     eng.abort_request(rid)
                     self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
@@ -154,6 +158,10 @@ class AsyncEngine:
             self._record(t0, outputs, eng.scheduler.num_preemptions - preempted_before)
             for out in outputs:
                 self._deliver(out.request_id, out)
+                if out.finished:
+                    log.info("request finished", extra={
+                        "request_id": out.request_id, "finish_reason": out.finish_reason,
+                        "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens})
 
     def _record(self, t0: float, outputs: list[RequestOutput], preempted: int) -> None:
         eng = self.engine

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     max_n: int = 16
     max_stop_sequences: int = 16
     log_level: str = "info"
+    log_format: str = Field("text", description="text | json (one JSON object per line: access and engine logs "
+                            "with request ids; never prompt text or API keys)")
+    drain_grace_s: float = Field(30.0, description="on SIGTERM: stop admitting (/ready 503, new requests 503), "
+                                 "let in-flight requests finish for up to this many seconds, then exit 0")
+    drain_retry_after_s: int = Field(5, description="Retry-After sent with the 503s while draining")
     api_key: str | None = Field(None, description="API key(s), comma-separated; clients send Authorization: "
                                 "Bearer <key>. None and no api_key_file = open API")
     api_key_file: str | None = Field(None, description="file with one API key per line (# comments)")

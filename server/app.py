@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,9 +22,9 @@ from engine import metrics
 from engine.async_engine import AsyncEngine
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
-from server.auth import authorized, load_keys, needs_key
-from server.limits import BodyLimit
-from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.auth import load_keys
+from server.middleware import Admission, ApiKeyAuth, BodyLimit, RequestContext
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 
 log = logging.getLogger("dspark.server")
 
@@ -39,9 +38,6 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
 
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None,
@@ -200,28 +196,22 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
 
     app = FastAPI(title="dspark", version="0.1.0", lifespan=lifespan)
     app.state.server = srv
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next):
-        """Every response carries X-Request-Id (errors name it too)."""
-        rid = uuid.uuid4().hex
-        request.state.request_id = rid
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = rid
-        return response
+    app.state.admission = admission = Admission(settings.drain_retry_after_s)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
-                       on_reject=lambda path: metrics.REQUESTS.labels(path, "413").inc())
+    def rejected(status: str, reason: str | None = None):
+        def count(path: str) -> None:
+            metrics.REQUESTS.labels(path, status).inc()
+            if reason:
+                metrics.REJECTED.labels(reason).inc()
+        return count
 
+    # add_middleware puts each new one outside the last: the request meets CORS, context, keys, body limit.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, on_reject=rejected("413"))
     keys = load_keys(settings.api_key, settings.api_key_file)
     if keys:
-        @app.middleware("http")
-        async def _auth(request: Request, call_next):
-            if needs_key(request.url.path, settings.protect_metrics) and not authorized(
-                    request.headers.get("authorization"), keys):
-                metrics.REQUESTS.labels(request.url.path, "401").inc()
-                return error_response(401, "Incorrect or missing API key: send Authorization: Bearer <key>.",
-                                      code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
+        app.add_middleware(ApiKeyAuth, keys=keys, protect_metrics=settings.protect_metrics,
+                           on_reject=rejected("401"))
+    app.add_middleware(RequestContext, admission=admission, on_reject=rejected("503", "draining"))
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -254,9 +244,20 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        """Liveness: the process and its engine thread are alive (stays 200 while draining)."""
         if not engine.alive:
             return error_response(503, "engine is not running", "server_error")
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: send this replica new requests (503 once SIGTERM starts the drain)."""
+        if not engine.alive:
+            return error_response(503, "engine is not running", "server_error")
+        if admission.draining:
+            return error_response(503, "draining", "server_error", headers={"Retry-After": str(
+                settings.drain_retry_after_s)})
+        return {"status": "ready", "in_flight": admission.in_flight}
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -282,7 +283,7 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         params = _sampling_params(req, max_tokens, top, settings.max_stop_sequences)
         srv.admit(req.n)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = f"chatcmpl-{request.state.request_id}"
         created = int(time.time())
         gen = srv.run_choices(rid, prompt_ids, params, req.n)
         if req.stream:
@@ -308,7 +309,7 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
             max_tokens = srv.max_tokens_for(len(ids), req.max_tokens, "prompt")
             plist.append((ids, _sampling_params(req, max_tokens, req.logprobs, settings.max_stop_sequences)))
         srv.admit(req.n * len(plist))
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = f"cmpl-{request.state.request_id}"
         created = int(time.time())
         if req.stream:
             ids, params = plist[0]

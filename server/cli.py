@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -25,17 +24,16 @@ def _settings(args) -> Settings:
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
     from engine.async_engine import AsyncEngine
     from engine.llm_engine import LLMEngine
     from server.app import create_app
+    from server.drain import serve
+    from server.logs import setup_logging
 
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format)
     engine = AsyncEngine(LLMEngine(settings))
-    app = create_app(engine, settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    serve(create_app(engine, settings), settings)
 
 
 def cmd_train_target(args) -> None:

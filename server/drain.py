@@ -1,0 +1,49 @@
+"""Graceful drain for rolling updates: uvicorn's server, with SIGTERM meaning "finish what you have, then go".
+
+SIGTERM: admission stops (/ready answers 503, new API requests get 503 + Retry-After so a balancer retries them
+elsewhere), /health stays 200 (the process is alive), and the server exits 0 once no API request is in flight or
+the grace period is over, whichever is first. A second SIGTERM, or SIGINT, stops at once, as plain uvicorn does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import uvicorn
+
+from server.middleware import Admission
+
+log = logging.getLogger("dspark.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float):
+        super().__init__(config)
+        self.admission, self.grace_s = admission, grace_s
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.grace_s
+            self.admission.start_drain()
+            log.info("SIGTERM: draining", extra={"in_flight": self.admission.in_flight, "grace_s": self.grace_s})
+        elif sig == signal.SIGTERM:
+            self.should_exit = True  # second SIGTERM: stop now (still exit 0; nothing re-raised)
+        else:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            over = time.monotonic() >= self.drain_deadline
+            if self.admission.in_flight == 0 or over:
+                log.info("drain done", extra={"in_flight": self.admission.in_flight, "grace_expired": over})
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(app, settings) -> None:
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=None, access_log=False, timeout_graceful_shutdown=2)
+    DrainingServer(config, app.state.admission, settings.drain_grace_s).run()
