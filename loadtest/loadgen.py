@@ -63,6 +63,8 @@ class Result:
     tokens: int = 0
     gaps: list[float] = field(default_factory=list)
     slo: float = 0.0
+    request_id: str = ""  # the server's X-Request-Id (through a balancer: the replica that answered)
+    finish_reason: str | None = None
 
     @property
     def tpot(self) -> float:
@@ -83,6 +85,10 @@ class LoadConfig:
     temperature: float = 0.0
     slo_tokens_per_s: float = 0.0  # sent per request; 0 = none
     timeout: float = 300.0
+    api_key: str | None = None  # sent as Authorization: Bearer <key>
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) -> Result:
@@ -97,6 +103,7 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) ->
         path = "/v1/chat/completions" if chat else "/v1/completions"
         async with client.stream("POST", path, json=payload, timeout=cfg.timeout) as resp:
             r.status = resp.status_code
+            r.request_id = resp.headers.get("x-request-id", "")
             if resp.status_code != 200:
                 r.error = f"http {resp.status_code}"
                 await resp.aread()
@@ -111,6 +118,7 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) ->
                 if chunk.get("usage"):
                     r.tokens = chunk["usage"]["completion_tokens"]
                 choices = chunk.get("choices") or []
+                r.finish_reason = next((c["finish_reason"] for c in choices if c.get("finish_reason")), r.finish_reason)
                 has_text = any((c.get("delta") or {}).get("content") or c.get("text") for c in choices)
                 if has_text:
                     now = time.perf_counter()
@@ -130,7 +138,8 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) ->
 
 
 async def closed_loop(cfg: LoadConfig, users: int, requests_per_user: int) -> tuple[list[Result], float]:
-    async with httpx.AsyncClient(base_url=cfg.url, limits=httpx.Limits(max_connections=users + 4)) as client:
+    async with httpx.AsyncClient(base_url=cfg.url, limits=httpx.Limits(max_connections=users + 4),
+                                 headers=cfg.headers()) as client:
         async def user(u: int) -> list[Result]:
             return [await one_request(client, cfg, cfg.prompts[(u * requests_per_user + i) % len(cfg.prompts)])
                     for i in range(requests_per_user)]
@@ -142,7 +151,8 @@ async def closed_loop(cfg: LoadConfig, users: int, requests_per_user: int) -> tu
 
 async def open_loop(cfg: LoadConfig, rate: float, num_requests: int, seed: int = 0) -> tuple[list[Result], float]:
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=cfg.url, limits=httpx.Limits(max_connections=1000)) as client:
+    async with httpx.AsyncClient(base_url=cfg.url, limits=httpx.Limits(max_connections=1000),
+                                 headers=cfg.headers()) as client:
         t0 = time.perf_counter()
         tasks = []
         for i in range(num_requests):

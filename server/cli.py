@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -72,8 +73,9 @@ def cmd_loadtest_run(args) -> None:
     from loadtest.loadgen import summarize as summarize_load
 
     prompts = file_prompts(args.prompts) if args.prompts.endswith(".jsonl") else builtin_prompts(args.prompts, 48)
-    model = httpx.get(args.url + "/v1/models").json()["data"][0]["id"]
-    cfg = LoadConfig(args.url, model, prompts, args.max_tokens, args.temperature, args.slo)
+    key = args.api_key or os.environ.get("DSPARK_API_KEY")
+    cfg = LoadConfig(args.url, "", prompts, args.max_tokens, args.temperature, args.slo, api_key=key)
+    cfg.model = httpx.get(args.url + "/v1/models", headers=cfg.headers()).json()["data"][0]["id"]
     if args.rate:
         results, wall = asyncio.run(open_loop(cfg, args.rate, args.requests))
     else:
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second instead")
     q.add_argument("--requests", type=int, default=64, help="total requests")
     _loadtest_flags(q)
+    q.add_argument("--api-key", help="sent as Authorization: Bearer <key> (default: $DSPARK_API_KEY)")
     q.add_argument("--out", default="runs/loadtest.json")
     q.set_defaults(fn=cmd_loadtest_run)
     q = lsub.add_parser("sweep", help="start the server per mode and sweep concurrencies; chart + table to docs/")

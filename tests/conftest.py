@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,16 @@ from loadtest.sweep import Server, scrape
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("DSPARK_TEST_MODEL", DEFAULT_MODEL))
+
+
+def wait_for(pred, timeout=10.0) -> bool:
+    """Poll `pred` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @pytest.fixture(scope="session")

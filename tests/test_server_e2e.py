@@ -2,10 +2,10 @@
 
 import asyncio
 import json
-import time
 
 import httpx
 import pytest
+from conftest import wait_for
 from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI
 
 CODE_PROMPTS = [f"def {name}(" for name in ("parse", "main", "read", "write", "split", "join", "sort", "find",
@@ -167,15 +167,6 @@ def test_openai_client_raises_typed_errors(server, client):
         client.completions.create(model="missing", prompt="x")
     with pytest.raises(BadRequestError):
         client.completions.create(model=server.name, prompt="x", temperature=-1)
-
-
-def wait_for(pred, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_disconnect_mid_stream_frees_kv_blocks(server):

@@ -1,0 +1,140 @@
+"""Two replicas behind nginx (Debian's package, the project's deploy/nginx/nginx.conf), the load test through it,
+and a rolling restart: one replica gets SIGTERM mid-run. Every request must complete in full (those the draining
+replica answers 503 nginx retries on the other), the streams in flight on the drained replica finish, it exits 0,
+and the survivor carries the rest. The replicas log JSON; the test reads their logs to know who served what."""
+
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO, ServerProcess, wait_for
+
+from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+KEY = "sk-lb-test-0123456789"
+MAX_TOKENS = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nginx:
+    """nginx -p <prefix> with the project's config; only the listen port and the upstream list are the test's."""
+
+    def __init__(self, prefix: Path, backends: list[str]):
+        self.prefix, self.port = prefix, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = (REPO / "deploy/nginx/nginx.conf").read_text()
+        assert "listen 8080;" in conf
+        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
+        # temp files inside the prefix, so the test needs no write access to Debian's /var/lib/nginx
+        temps = "".join(f"    {k}_temp_path tmp/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf = conf.replace("http {\n", "http {\n" + temps, 1)
+        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        (prefix / "nginx.conf").write_text(conf)
+        (prefix / "upstreams.conf").write_text(
+            "".join(f"server {b} max_fails=1 fail_timeout=10s;\n" for b in backends))
+        self.proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                                      "-g", "daemon off;"],
+                                     stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "w"))
+        if not wait_for(self._up, 15):
+            self.stop()
+            raise RuntimeError(f"nginx did not start: {(prefix / 'stderr.log').read_text()}")
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def access_log(self) -> list[str]:
+        return (self.prefix / "access.log").read_text().splitlines()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def json_log(server: ServerProcess) -> list[dict]:
+    lines = (REPO / ".pytest_cache" / f"server-{server.port}.log").read_text().splitlines()
+    return [json.loads(x) for x in lines if x.startswith("{")]
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed (.ci/run installs Debian's nginx-light)")
+def test_rolling_restart_behind_nginx_loses_no_request(model_dir, tmp_path):
+    flags = ("--max-num-batched-tokens", "256", "--speculative", "none", "--log-format", "json",
+             "--log-level", "info", "--api-key", KEY)
+    a, b = ServerProcess(model_dir, *flags), ServerProcess(model_dir, *flags)
+    lb = None
+    try:
+        lb = Nginx(tmp_path / "nginx", [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+        prompts = builtin_prompts("code", 16)
+        cfg = LoadConfig(lb.url, a.name, prompts, max_tokens=MAX_TOKENS, api_key=KEY)
+        exited: dict[str, float] = {}
+
+        def stop_a():
+            exited["sigterm"] = time.perf_counter()
+            a.proc.send_signal(signal.SIGTERM)
+            exited["code"] = a.proc.wait(60)
+            exited["at"] = time.perf_counter()
+
+        async def load():
+            timer = threading.Timer(4.0, stop_a)
+            timer.start()
+            try:
+                return await closed_loop(cfg, users=6, requests_per_user=40)
+            finally:
+                timer.join()
+
+        results, wall = asyncio.run(load())
+
+        bad = [(r.status, r.error, r.tokens) for r in results if not (r.ok and r.tokens == MAX_TOKENS)]
+        assert not bad, f"{len(bad)} of {len(results)} requests failed through the balancer: {bad[:5]}"
+        assert all(r.finish_reason == "length" for r in results)
+        assert exited.get("code") == 0, f"drained replica exit code {exited.get('code')}"
+
+        # The drained replica's log: requests still running at SIGTERM finished there, each complete at the client.
+        log_a = json_log(a)
+        drain_at = next(i for i, x in enumerate(log_a) if x["msg"] == "SIGTERM: draining")
+        after = [x for x in log_a[drain_at:] if x["logger"] == "dspark.access" and x["path"] == "/v1/completions"]
+        finished_in_drain = {x["request_id"] for x in after if x["status"] == 200}
+        assert finished_in_drain, "no stream was in flight on the replica when it got SIGTERM: nothing was drained"
+        by_id = {r.request_id: r for r in results}
+        assert finished_in_drain <= set(by_id), "a stream drained on the replica did not reach the client"
+        assert all(by_id[i].tokens == MAX_TOKENS for i in finished_in_drain)
+
+        # The survivor carried the requests sent after the replica was gone.
+        t0 = min(r.start for r in results)
+        ids_b = {x["request_id"] for x in json_log(b) if x["logger"] == "dspark.access" and x["status"] == 200}
+        later = [r for r in results if r.start > exited["at"]]
+        assert later, f"the run ({wall:.1f} s from {t0:.1f}) ended before the replica exited; make it longer"
+        assert all(r.request_id in ids_b for r in later)
+
+        # 503s the draining replica sent were retried by nginx, never shown to a client.
+        refused = [x for x in after if x["status"] == 503]
+        retried = [ln for ln in lb.access_log() if "upstream_status=503, 200" in ln]
+        assert len(retried) >= len(refused)
+
+        # Logs: JSON, with request ids; neither prompt text nor the API key at INFO.
+        text = "\n".join(json.dumps(x) for x in log_a + json_log(b))
+        assert KEY not in text
+        assert not any(p["prompt"].strip() in text for p in prompts)
+        assert any(x["msg"] == "request finished" and x["request_id"].startswith("cmpl-") for x in log_a)
+    finally:
+        if lb:
+            lb.stop()
+        for s in (a, b):
+            if s.proc.poll() is None:
+                s.stop()

@@ -1,0 +1,97 @@
+"""A real Prometheus (Debian's package) scrapes a running server while traffic flows; the dashboard's key
+expressions, sent verbatim to Prometheus' HTTP API, must return data, and every other panel's must evaluate."""
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import REPO, ServerProcess, wait_for
+
+from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+KEY_PANELS = ("Tokens/s (total)", "Acceptance length per drafter", "SLO attainment", "TTFT p50 / p99")
+
+
+def dashboard_exprs() -> dict[str, list[str]]:
+    dash = json.loads((REPO / "configs/grafana/dspark.json").read_text())
+    return {p["title"]: [t["expr"] for t in p.get("targets", []) if t.get("expr")] for p in dash["panels"]}
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, target: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        config = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+        config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
+        config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address={self.url.removeprefix('http://')}"],
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "prometheus.log", "w"))
+        if not wait_for(self._ready, 30):
+            self.stop()
+            raise RuntimeError("prometheus did not start: " + (workdir / "prometheus.log").read_text()[-2000:])
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(self.url + "/-/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def query(self, expr: str) -> dict:
+        r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10).json()
+        assert r["status"] == "success", f"{expr}: {r}"
+        return r["data"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+def has_data(data: dict) -> bool:
+    values = [v["value"][1] for v in data["result"]] if data["resultType"] == "vector" else []
+    return any(v not in ("NaN", "+Inf", "-Inf") for v in values)
+
+
+@pytest.mark.skipif(not Path(PROMETHEUS).exists(),
+                    reason="prometheus is not installed (.ci/run installs Debian's prometheus package)")
+def test_dashboard_key_expressions_return_data_from_a_real_prometheus(model_dir, tmp_path):
+    exprs = dashboard_exprs()
+    assert set(KEY_PANELS) <= set(exprs)
+    server = ServerProcess(model_dir, "--max-num-batched-tokens", "256", "--speculative", "dspark",
+                           "--draft-policy", "fixed")
+    prom = None
+    try:
+        prom = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{server.port}")
+        assert wait_for(lambda: has_data(prom.query('up{job="dspark"}')), 20), "prometheus never scraped the server"
+        cfg = LoadConfig(server.url, server.name, builtin_prompts("code", 8), max_tokens=32, slo_tokens_per_s=1.0)
+        deadline = time.time() + 8  # several scrapes while tokens flow, so rate() has two points to work with
+        while time.time() < deadline:
+            results, _ = asyncio.run(closed_loop(cfg, users=2, requests_per_user=2))
+            assert all(r.ok for r in results)
+        time.sleep(2)  # one more scrape after the last request
+
+        empty = []
+        for title in KEY_PANELS:
+            for expr in exprs[title]:
+                if not wait_for(lambda e=expr: has_data(prom.query(e)), 10):
+                    empty.append((title, expr))
+        assert not empty, f"dashboard expressions with no data: {empty}"
+        for panel_exprs in exprs.values():  # the rest must at least be valid PromQL for this server
+            for expr in panel_exprs:
+                prom.query(expr)
+    finally:
+        if prom:
+            prom.stop()
+        server.stop()
