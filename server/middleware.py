@@ -15,6 +15,7 @@ from server.auth import authorized, needs_key
 from server.protocol import error_body
 
 access_log = logging.getLogger("dspark.access")
+PROBES = ("/health", "/ready", "/metrics")
 
 
 async def send_error(send, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
@@ -77,7 +78,8 @@ class RequestContext:
     @staticmethod
     def _log(scope, rid: str, status: int, t0: float) -> None:
         client = scope.get("client") or ("-", 0)
-        access_log.info("%s %s %d", scope["method"], scope["path"], status,
+        level = logging.DEBUG if scope["path"] in PROBES else logging.INFO  # probes every few seconds: not news
+        access_log.log(level, "%s %s %d", scope["method"], scope["path"], status,
                         extra={"request_id": rid, "method": scope["method"], "path": scope["path"],
                                "status": status, "duration_ms": round(1000 * (time.perf_counter() - t0), 1),
                                "client": client[0]})
