@@ -10,7 +10,8 @@ import json
 import logging
 import time
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName", "color_message"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+_STANDARD |= {"message", "asctime", "taskName", "color_message"}  # the last: uvicorn's ANSI-coloured copy
 
 
 def _fields(record: logging.LogRecord) -> dict:
