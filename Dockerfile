@@ -1,7 +1,27 @@
-# CPU image for the embedded model. (CUDA target and deployment hardening: see the deployment issue.)
-FROM python:3.11-slim AS base
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DSPARK_HOST=0.0.0.0 DSPARK_PORT=8000
-RUN useradd --create-home --uid 10001 dspark
+# syntax=docker/dockerfile:1
+# dspark images, two targets from one file; both install through `./run setup`, the command README and CI use.
+#   docker build -t dspark:cuda .                 CUDA image for GPU hosts (the default target: the last stage)
+#   docker build --target cpu -t dspark:cpu .     CPU image (torch from the PyTorch CPU wheel index)
+# Each target is a builder stage (creates /opt/venv) and a runtime stage that gets only the venv and the app, so
+# pip's cache and build tools never ship. The embedded model is baked in at /app/models/dspark-default; mount
+# another model directory and point DSPARK_MODEL at it (docker run -v /data/m:/models/m:ro -e DSPARK_MODEL=/models/m).
+# Every setting is an env var DSPARK_<FIELD> (engine/settings.py). Stop: SIGTERM drains for up to
+# DSPARK_DRAIN_GRACE_S (default 30 s), so give the container longer (docker stop -t 45, compose stop_grace_period,
+# Kubernetes terminationGracePeriodSeconds).
+
+# CPU: the same Python in both stages (the venv links to /usr/local/bin/python3.11).
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# CUDA: torch 2.13.0's PyPI wheels are CUDA 13.0 builds that bring their CUDA libraries as pip packages, so the
+# base only adds the NVIDIA container hook-up (driver >= 580 enforced via NVIDIA_REQUIRE_CUDA): the small -base
+# flavour. FlashInfer (DSPARK_ATTENTION_BACKEND=flashinfer, the `cuda` extra) compiles its kernels on first use
+# and needs nvcc: build with --build-arg CUDA_IMAGE=nvidia/cuda:13.0.0-devel-ubuntu24.04 for that.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
+
+# ---------------------------------------------------------------- CPU
+FROM ${PYTHON_IMAGE} AS cpu-builder
+# The +cpu build from PyTorch's CPU index, so pip never pulls the CUDA wheels; no test tools in the image.
+ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS="" DSPARK_TORCH_SPEC=torch==2.13.0+cpu \
+    PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY pyproject.toml README.md run ./
 COPY server server
@@ -11,8 +31,61 @@ COPY kernels kernels
 COPY loadtest loadtest
 COPY configs configs
 COPY models models
-RUN DSPARK_VENV=/opt/venv ./run setup && chown -R dspark /app
-USER dspark
+RUN --mount=type=cache,target=/root/.cache/pip ./run setup \
+    && /opt/venv/bin/python -m compileall -q server engine scheduler kernels loadtest
+
+FROM ${PYTHON_IMAGE} AS cpu
+LABEL org.opencontainers.image.title="dspark (CPU)" \
+      org.opencontainers.image.description="OpenAI-compatible LLM server with speculative decoding"
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DSPARK_HOST=0.0.0.0
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin dspark && mkdir /models
+COPY --from=cpu-builder /opt/venv /opt/venv
+COPY --from=cpu-builder /app /app
+WORKDIR /app
+USER 10001:10001
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=3s --start-period=60s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status!=200)"
-CMD ["/opt/venv/bin/dspark", "serve"]
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 CMD ["python", "-c", \
+    "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.getenv('DSPARK_PORT', '8000'), timeout=2)"]
+CMD ["dspark", "serve"]
+
+# ---------------------------------------------------------------- CUDA
+FROM ${CUDA_IMAGE} AS cuda-base
+ARG DEBIAN_FRONTEND=noninteractive
+# Ubuntu 24.04's Python 3.12 (no PPA); version pins would break with every security update of the archive.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends python3 && rm -rf /var/lib/apt/lists/*
+
+FROM cuda-base AS cuda-builder
+ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends python3-venv && rm -rf /var/lib/apt/lists/*
+# torch as ./run pins it (PyPI's CUDA build), plus the `cuda` extra (flashinfer-python).
+ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS=cuda PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY pyproject.toml README.md run ./
+COPY server server
+COPY engine engine
+COPY scheduler scheduler
+COPY kernels kernels
+COPY loadtest loadtest
+COPY configs configs
+COPY models models
+RUN --mount=type=cache,target=/root/.cache/pip ./run setup \
+    && /opt/venv/bin/python -m compileall -q server engine scheduler kernels loadtest
+
+FROM cuda-base AS cuda
+LABEL org.opencontainers.image.title="dspark (CUDA)" \
+      org.opencontainers.image.description="OpenAI-compatible LLM server with speculative decoding"
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DSPARK_HOST=0.0.0.0 \
+    DSPARK_DEVICE=cuda DSPARK_DTYPE=bfloat16
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin dspark && mkdir /models
+COPY --from=cuda-builder /opt/venv /opt/venv
+COPY --from=cuda-builder /app /app
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8000
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 CMD ["python", "-c", \
+    "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.getenv('DSPARK_PORT', '8000'), timeout=2)"]
+CMD ["dspark", "serve"]

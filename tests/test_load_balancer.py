@@ -37,8 +37,9 @@ class Nginx:
         self.prefix, self.port = prefix, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         conf = (REPO / "deploy/nginx/nginx.conf").read_text()
-        assert "listen 8080;" in conf
+        assert "listen 8080;" in conf and "access_log /dev/stdout dspark;" in conf
         conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
+        conf = conf.replace("access_log /dev/stdout dspark;", "access_log access.log dspark;")
         # temp files inside the prefix, so the test needs no write access to Debian's /var/lib/nginx
         temps = "".join(f"    {k}_temp_path tmp/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         conf = conf.replace("http {\n", "http {\n" + temps, 1)

