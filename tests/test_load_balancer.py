@@ -128,6 +128,11 @@ def test_rolling_restart_behind_nginx_loses_no_request(model_dir, tmp_path):
         retried = [ln for ln in lb.access_log() if "upstream_status=503, 200" in ln]
         assert len(retried) >= len(refused)
 
+        print(f"\n{len(results)} requests in {wall:.1f} s through nginx; SIGTERM at "
+              f"{exited['sigterm'] - t0:.1f} s; {len(finished_in_drain)} streams drained on the replica; it exited 0 "
+              f"after {exited['at'] - exited['sigterm']:.1f} s; {len(refused)} requests it refused with 503, "
+              f"{len(retried)} retried by nginx; {len(later)} served by the survivor after")
+
         # Logs: JSON, with request ids; neither prompt text nor the API key at INFO.
         text = "\n".join(json.dumps(x) for x in log_a + json_log(b))
         assert KEY not in text
