@@ -17,11 +17,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # and needs nvcc: build with --build-arg CUDA_IMAGE=nvidia/cuda:13.0.0-devel-ubuntu24.04 for that.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
-# ---------------------------------------------------------------- CPU
-FROM ${PYTHON_IMAGE} AS cpu-builder
-# The +cpu build from PyTorch's CPU index, so pip never pulls the CUDA wheels; no test tools in the image.
-ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS="" DSPARK_TORCH_SPEC=torch==2.13.0+cpu \
-    PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu PIP_DISABLE_PIP_VERSION_CHECK=1
+# ---------------------------------------------------------------- the sources, once for both builders
+FROM scratch AS src
 WORKDIR /app
 COPY pyproject.toml README.md run ./
 COPY server server
@@ -31,6 +28,14 @@ COPY kernels kernels
 COPY loadtest loadtest
 COPY configs configs
 COPY models models
+
+# ---------------------------------------------------------------- CPU
+FROM ${PYTHON_IMAGE} AS cpu-builder
+# The +cpu build from PyTorch's CPU index, so pip never pulls the CUDA wheels; no test tools in the image.
+ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS="" DSPARK_TORCH_SPEC=torch==2.13.0+cpu \
+    PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY --from=src /app /app
 RUN --mount=type=cache,target=/root/.cache/pip ./run setup \
     && /opt/venv/bin/python -m compileall -q server engine scheduler kernels loadtest
 
@@ -63,14 +68,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3-venv &&
 # torch as ./run pins it (PyPI's CUDA build), plus the `cuda` extra (flashinfer-python).
 ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS=cuda PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY pyproject.toml README.md run ./
-COPY server server
-COPY engine engine
-COPY scheduler scheduler
-COPY kernels kernels
-COPY loadtest loadtest
-COPY configs configs
-COPY models models
+COPY --from=src /app /app
 RUN --mount=type=cache,target=/root/.cache/pip ./run setup \
     && /opt/venv/bin/python -m compileall -q server engine scheduler kernels loadtest
 
