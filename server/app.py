@@ -198,9 +198,11 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
     app.state.server = srv
     app.state.admission = admission = Admission(settings.drain_retry_after_s)
 
+    endpoints = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics"}
+
     def rejected(status: str, reason: str | None = None):
-        def count(path: str) -> None:
-            metrics.REQUESTS.labels(path, status).inc()
+        def count(path: str) -> None:  # any path can be rejected: label only known ones (bounded series)
+            metrics.REQUESTS.labels(path if path in endpoints else "other", status).inc()
             if reason:
                 metrics.REJECTED.labels(reason).inc()
         return count
@@ -428,7 +430,7 @@ def sse(request: Request, chunks: AsyncIterator[dict], endpoint: str) -> Streami
             yield f"data: {json.dumps(error_body(str(e), 'invalid_request_error'))}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream has started; report in-band
             status = "500"
-            log.exception("stream failed")
+            log.exception("stream failed", extra={"request_id": getattr(request.state, "request_id", "-")})
             yield f"data: {json.dumps(error_body(f'internal error: {e}', 'server_error'))}\n\n"
         finally:
             metrics.REQUESTS.labels(endpoint, status).inc()

@@ -16,6 +16,7 @@ import uvicorn
 from server.middleware import Admission
 
 log = logging.getLogger("dspark.server")
+SHUTDOWN_S = 1
 
 
 class DrainingServer(uvicorn.Server):
@@ -23,18 +24,22 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.admission, self.grace_s = admission, grace_s
         self.drain_deadline: float | None = None
+        self.drain_logged = False
 
     def handle_exit(self, sig: int, frame) -> None:
+        """Runs in a signal handler: only flags here (logging could re-enter a half-written line)."""
         if sig == signal.SIGTERM and self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.grace_s
             self.admission.start_drain()
-            log.info("SIGTERM: draining", extra={"in_flight": self.admission.in_flight, "grace_s": self.grace_s})
         elif sig == signal.SIGTERM:
             self.should_exit = True  # second SIGTERM: stop now (still exit 0; nothing re-raised)
         else:
             super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.drain_logged:
+            self.drain_logged = True
+            log.info("SIGTERM: draining", extra={"in_flight": self.admission.in_flight, "grace_s": self.grace_s})
         if self.drain_deadline is not None and not self.should_exit:
             over = time.monotonic() >= self.drain_deadline
             if self.admission.in_flight == 0 or over:
@@ -44,6 +49,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app, settings) -> None:
+    # After the drain uvicorn closes idle connections and gives the rest SHUTDOWN_S before cancelling them, so a
+    # stream still running when the grace period ends is cut about grace + 1 s after SIGTERM.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=None, access_log=False, timeout_graceful_shutdown=2)
+                            log_config=None, access_log=False, timeout_graceful_shutdown=SHUTDOWN_S)
     DrainingServer(config, app.state.admission, settings.drain_grace_s).run()

@@ -53,7 +53,7 @@ class RequestContext:
         rid = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         api = scope["path"].startswith("/v1/")
-        t0, status = time.perf_counter(), 500
+        t0, status = time.perf_counter(), 499  # stays 499 if the client left before any response started
 
         async def send_with_id(msg):
             nonlocal status
@@ -71,6 +71,9 @@ class RequestContext:
         self.admission.in_flight += api
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            status = 500 if status == 499 else status
+            raise
         finally:
             self.admission.in_flight -= api
             self._log(scope, rid, status, t0)

@@ -34,7 +34,9 @@ class ServerProcess(Server):
         self.name = model.name
         self.model_dir = model
         logs = REPO / ".pytest_cache"
-        super().__init__(["--model", str(model), *flags], logs if logs.exists() else None, ready_timeout=120)
+        # a short drain by default, so stopping a server with a stream still open costs no test 30 s
+        super().__init__(["--model", str(model), "--drain-grace-s", "5", *flags], logs if logs.exists() else None,
+                         ready_timeout=120)
 
     def metric(self, name: str) -> float:
         """Value of a sample; `name` may include its labels, e.g. 'x_total{drafter="dspark"}'."""

@@ -22,6 +22,7 @@ from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 KEY = "sk-lb-test-0123456789"
 MAX_TOKENS = 32
+USERS, PER_USER = 6, 40
 
 
 def free_port() -> int:
@@ -46,7 +47,7 @@ class Nginx:
         (prefix / "tmp").mkdir(parents=True, exist_ok=True)
         (prefix / "nginx.conf").write_text(conf)
         (prefix / "upstreams.conf").write_text(
-            "".join(f"server {b} max_fails=1 fail_timeout=10s;\n" for b in backends))
+            "".join(f"server {b} max_fails=2 fail_timeout=10s;\n" for b in backends))
         self.proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
                                       "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "w"))
@@ -86,18 +87,20 @@ def test_rolling_restart_behind_nginx_loses_no_request(model_dir, tmp_path):
         exited: dict[str, float] = {}
 
         def stop_a():
+            # mid-run by progress, not by the clock: after a quarter of the requests went through nginx
+            wait_for(lambda: len(lb.access_log()) >= USERS * PER_USER // 4, 300)
             exited["sigterm"] = time.perf_counter()
             a.proc.send_signal(signal.SIGTERM)
             exited["code"] = a.proc.wait(60)
             exited["at"] = time.perf_counter()
 
         async def load():
-            timer = threading.Timer(4.0, stop_a)
-            timer.start()
+            stopper = threading.Thread(target=stop_a)
+            stopper.start()
             try:
-                return await closed_loop(cfg, users=6, requests_per_user=40)
+                return await closed_loop(cfg, users=USERS, requests_per_user=PER_USER)
             finally:
-                timer.join()
+                stopper.join()
 
         results, wall = asyncio.run(load())
 
