@@ -107,10 +107,16 @@ class LLMEngine:
         return seq
 
     def abort_request(self, request_id: str) -> None:
-        seq = self.seqs.pop(request_id, None)
+        seq = self.seqs.get(request_id)
         if seq is not None and not seq.finished:
-            self.scheduler.finish(seq, "abort")
-            self.draft_ctx.pop(seq.seq_id, None)
+            self._end(seq, "abort")
+        self.seqs.pop(request_id, None)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """End a request outside the normal accept path: its KV blocks and drafter state go now."""
+        self.scheduler.finish(seq, reason)
+        self.draft_ctx.pop(seq.seq_id, None)
+        self.seqs.pop(seq.request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -230,9 +236,7 @@ class LLMEngine:
         out = []
         for s in [s for s in self.seqs.values() if s.params.deadline_s and now - s.arrival > s.params.deadline_s]:
             s.text += s.detok.flush()
-            self.scheduler.finish(s, "deadline")
-            self.draft_ctx.pop(s.seq_id, None)
-            self.seqs.pop(s.request_id, None)
+            self._end(s, "deadline")
             out.append(s.take_output(0))
         return out
 
