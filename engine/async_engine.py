@@ -180,7 +180,7 @@ class AsyncEngine:
         self._seen["scheduler_seconds"] = eng.stats["scheduler_seconds"]
         metrics.SCHEDULER_TIME.observe(sched_s)
         rounds, eng.round_log = eng.round_log, deque(maxlen=100000)
-        for verified, accepted in rounds:
+        for verified, accepted, _ in rounds:
             metrics.DRAFT_LEN.labels(method).observe(verified)
             metrics.ACCEPT_LEN.labels(method).observe(accepted + 1)
         done, eng.scheduler.finished_rates = eng.scheduler.finished_rates, deque(maxlen=10000)

@@ -53,8 +53,9 @@ class LLMEngine:
         self.draft_ctx: dict[int, list] = {}
         self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
                       "scheduler_seconds": 0.0, "steps": 0}
-        self.round_log: deque[tuple[int, int]] = deque(maxlen=100000)  # (verified, accepted) per round, for metrics
-        self.rounds: list[tuple[int, int, list[float]]] | None = None  # (proposed, accepted, confidences) if on
+        # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
+        # eval-drafter reads it whole
+        self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
         draft_len = 0
         if settings.drafter_path is not None:
             self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
@@ -274,12 +275,10 @@ class LLMEngine:
         self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)
         self.stats["accepted_tokens"] += len(toks) - 1
         self.stats["verified_tokens"] += len(draft.tokens)
-        self.round_log.append((len(draft.tokens), len(toks) - 1))
+        self.round_log.append((len(draft.tokens), len(toks) - 1, draft.confidence))
         if self.scheduler.policy is not None:
             conf = draft.confidence if self.scheduler.has_confidence else None
             self.scheduler.policy.observe(seq.seq_id, p.greedy, len(draft.tokens), len(toks) - 1, conf)
-        if self.rounds is not None:
-            self.rounds.append((len(draft.tokens), len(toks) - 1, list(draft.confidence)))
         lps = [None] * len(toks)
         if p.logprobs is not None:
             logp = torch.log_softmax(logits[: len(toks)], -1)

@@ -12,6 +12,7 @@ Calibration (per-position temperature on the confidence logits) is fitted on a s
 from __future__ import annotations
 
 import random
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -41,12 +42,11 @@ def heldout_prompts(tokenizer, per_group: int, seed: int) -> dict[str, list[list
 
 
 def run_rounds(eng: LLMEngine, prompts: list[list[int]], temperature: float, max_tokens: int, threshold: float):
-    eng.rounds = []
+    eng.round_log = deque()
     eng.settings.confidence_threshold = threshold
     for i, p in enumerate(prompts):  # batch 1
         eng.generate([p], SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 + i))
-    rounds, eng.rounds = eng.rounds, None
-    return rounds
+    return list(eng.round_log)
 
 
 def summarize(rounds, block: int) -> dict:
