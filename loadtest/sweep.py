@@ -32,13 +32,26 @@ MODES = {
 }
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now (for a server process we are about to start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers_ok(url: str) -> bool:
+    """GET url answers 200 (False while the server is not up yet)."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class Server:
     """`dspark serve` in a subprocess on a free loopback port; stopped with SIGTERM."""
 
     def __init__(self, flags: list[str], log_dir: Path | None = None, ready_timeout: float = 180):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         out = open(log_dir / f"server-{self.port}.log", "w") if log_dir else subprocess.DEVNULL
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
@@ -48,11 +61,8 @@ class Server:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} (flags {flags})")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if answers_ok(self.url + "/health"):
+                return
             time.sleep(0.3)
         self.stop()
         raise RuntimeError("server did not become healthy")

@@ -7,28 +7,21 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import REPO, ServerProcess, wait_for
 
 from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
+from loadtest.sweep import answers_ok, free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 KEY = "sk-lb-test-0123456789"
 MAX_TOKENS = 32
 USERS, PER_USER = 6, 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Nginx:
@@ -51,15 +44,9 @@ class Nginx:
         self.proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
                                       "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "w"))
-        if not wait_for(self._up, 15):
+        if not wait_for(lambda: answers_ok(self.url + "/health"), 15):
             self.stop()
             raise RuntimeError(f"nginx did not start: {(prefix / 'stderr.log').read_text()}")
-
-    def _up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def access_log(self) -> list[str]:
         return (self.prefix / "access.log").read_text().splitlines()

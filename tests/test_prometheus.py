@@ -4,7 +4,6 @@ expressions, sent verbatim to Prometheus' HTTP API, must return data, and every 
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 from conftest import REPO, ServerProcess, wait_for
 
 from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
+from loadtest.sweep import answers_ok, free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 KEY_PANELS = ("Tokens/s (total)", "Acceptance length per drafter", "SLO attainment", "TTFT p50 / p99")
@@ -27,9 +27,7 @@ def dashboard_exprs() -> dict[str, list[str]]:
 
 class Prometheus:
     def __init__(self, workdir: Path, target: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         config = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
         config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
         config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
@@ -39,15 +37,9 @@ class Prometheus:
             [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address={self.url.removeprefix('http://')}"],
             stdout=subprocess.DEVNULL, stderr=open(workdir / "prometheus.log", "w"))
-        if not wait_for(self._ready, 30):
+        if not wait_for(lambda: answers_ok(self.url + "/-/ready"), 30):
             self.stop()
             raise RuntimeError("prometheus did not start: " + (workdir / "prometheus.log").read_text()[-2000:])
-
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(self.url + "/-/ready", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def query(self, expr: str) -> dict:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10).json()
