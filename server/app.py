@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,7 +24,7 @@ from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
 from server.auth import load_keys
 from server.middleware import Admission, ApiKeyAuth, BodyLimit, RequestContext
-from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body, error_response
 
 log = logging.getLogger("dspark.server")
 
@@ -40,9 +40,6 @@ class APIError(Exception):
 
 
 
-def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None,
-                   headers: dict | None = None):
-    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -257,8 +254,8 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
         if not engine.alive:
             return error_response(503, "engine is not running", "server_error")
         if admission.draining:
-            return error_response(503, "draining", "server_error", headers={"Retry-After": str(
-                settings.drain_retry_after_s)})
+            return error_response(503, "draining", "server_error",
+                                  headers={"Retry-After": str(admission.retry_after_s)})
         return {"status": "ready", "in_flight": admission.in_flight}
 
     @app.get("/metrics")

@@ -6,25 +6,15 @@ sees the client's disconnect, so a non-streaming request whose client went away 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 
 from server.auth import authorized, needs_key
-from server.protocol import error_body
+from server.protocol import error_response
 
 access_log = logging.getLogger("dspark.access")
 PROBES = ("/health", "/ready", "/metrics")
-
-
-async def send_error(send, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                     headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(error_body(message, type, None, code)).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
 
 
 class Admission:
@@ -65,8 +55,9 @@ class RequestContext:
         if api and self.admission.draining:
             if self.on_reject:
                 self.on_reject(scope["path"])
-            await send_error(send_with_id, 503, "server is shutting down; retry on another replica",
-                             "server_error", "draining", {"Retry-After": str(self.admission.retry_after_s)})
+            await error_response(503, "server is shutting down; retry on another replica", "server_error",
+                                 code="draining", headers={"Retry-After": str(self.admission.retry_after_s)})(
+                scope, receive, send_with_id)
             return self._log(scope, rid, 503, t0)
         self.admission.in_flight += api
         try:
@@ -100,8 +91,9 @@ class ApiKeyAuth:
             if not authorized(header or None, self.keys):
                 if self.on_reject:
                     self.on_reject(scope["path"])
-                return await send_error(send, 401, "Incorrect or missing API key: send Authorization: Bearer <key>.",
-                                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await error_response(401, "Incorrect or missing API key: send Authorization: Bearer <key>.",
+                                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -132,8 +124,8 @@ class BodyLimit:
         if too_big:
             if self.on_reject:
                 self.on_reject(scope["path"])
-            return await send_error(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes",
-                                    code="request_too_large", headers={"Connection": "close"})
+            return await error_response(413, f"request body exceeds the limit of {self.max_bytes} bytes",
+                                        code="request_too_large", headers={"Connection": "close"})(scope, receive, send)
         data, replayed = b"".join(chunks), False
 
         async def replay():

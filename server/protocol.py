@@ -5,11 +5,18 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None,
+                   headers: dict | None = None) -> JSONResponse:
+    """An error in OpenAI's shape; also an ASGI app, so the middlewares answer with it too."""
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
 class OpenAIModel(BaseModel):
