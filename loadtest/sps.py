@@ -64,8 +64,7 @@ def sps_curve(shape: dict = QWEN3_8B, device: str = "cuda", backend: str = "flas
     bs = 16
     per_req = -(-(context + draft + 1) // bs)
     bm = BlockManager(per_req * max(requests) + 1, bs)
-    c = cfg
-    runner = ModelRunner(model, make_backend(backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+    runner = ModelRunner(model, make_backend(backend, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                                              device, dtype), bm.num_blocks, bs, device, dtype)
     bw = copy_bandwidth(device, 1024 if device.startswith("cuda") else 128)
     # a step reads every weight once, except the embedding table (only the rows of its tokens)

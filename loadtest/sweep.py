@@ -138,27 +138,26 @@ def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed",
             data["modes"][mode] = points
         finally:
             server.stop()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
-    chart = out / f"{name}.png"
-    plot(data, chart)
-    if write_md:
-        from engine.report import replace_section
-
-        replace_section(Path(write_md), name, markdown(data, name, chart.name))
+    path = Path(out_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    publish(data, path, write_md)
     return data
 
 
 def render(json_path: str, write_md: str | None = "docs/benchmarks.md") -> None:
     """Redraw the chart and table of a saved sweep (no server, no load)."""
-    path = Path(json_path)
-    data = json.loads(path.read_text())
-    plot(data, path.with_suffix(".png"))
+    publish(json.loads(Path(json_path).read_text()), Path(json_path), write_md)
+
+
+def publish(data: dict, json_path: Path, write_md: str | None) -> None:
+    """The chart beside the sweep's JSON, and its table in the markdown report (sections named after the JSON)."""
+    chart = json_path.with_suffix(".png")
+    plot(data, chart)
     if write_md:
         from engine.report import replace_section
 
-        replace_section(Path(write_md), path.stem, markdown(data, path.stem, path.with_suffix(".png").name))
+        replace_section(Path(write_md), json_path.stem, markdown(data, json_path.stem, chart.name))
 
 
 def plot(data: dict, path: Path) -> None:

@@ -77,10 +77,6 @@ class StepCostModel:
         self.verify = CostTable(buckets_up_to(max_batch_tokens))
         self.draft = CostTable(buckets_up_to(max_seqs))
 
-    def sps(self, batch_tokens: float) -> float:
-        t = self.verify(batch_tokens)
-        return 1.0 / t if t > 0 else 0.0
-
     def profile(self, run_verify: Callable[[int], None], max_tokens: int,
                 run_draft: Callable[[int], None] | None = None, max_seqs: int = 64) -> None:
         """Start-up profile: one target forward of B tokens at every bucket up to `max_tokens`, and one drafting
