@@ -53,7 +53,8 @@ class Server:
     def __init__(self, flags: list[str], log_dir: Path | None = None, ready_timeout: float = 180):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        out = open(log_dir / f"server-{self.port}.log", "w") if log_dir else subprocess.DEVNULL
+        self.log_path = log_dir / f"server-{self.port}.log" if log_dir else None  # its stdout and stderr
+        out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
                                      stderr=subprocess.STDOUT)

@@ -57,7 +57,7 @@ class Nginx:
 
 
 def json_log(server: ServerProcess) -> list[dict]:
-    lines = (REPO / ".pytest_cache" / f"server-{server.port}.log").read_text().splitlines()
+    lines = server.log_path.read_text().splitlines()
     return [json.loads(x) for x in lines if x.startswith("{")]
 
 

@@ -5,7 +5,7 @@ import json
 import logging
 
 import httpx
-from conftest import REPO, ServerProcess, wait_for
+from conftest import ServerProcess, wait_for
 
 from server.logs import JsonFormatter, TextFormatter
 
@@ -26,7 +26,7 @@ def test_json_logs_carry_request_ids_and_no_prompt_or_key(model_dir):
         denied = httpx.post(s.url + "/v1/completions", json={"model": s.name, "prompt": PROMPT},
                             headers={"Authorization": "Bearer sk-wrong-key"})
         assert denied.status_code == 401
-        log_path = REPO / ".pytest_cache" / f"server-{s.port}.log"
+        log_path = s.log_path
         assert wait_for(lambda: log_path.read_text().count('"dspark.access"') >= 2)
     finally:
         s.stop()
