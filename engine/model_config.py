@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.gguf_model import find_gguf, open_gguf
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
@@ -74,4 +76,8 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
+        """An HF directory's config.json, or the metadata of a GGUF file (or of the one in a directory)."""
+        gguf = find_gguf(path)
+        if gguf is not None:
+            return cls.from_dict(open_gguf(gguf).hf_config())
         return cls.from_dict(json.loads((Path(path) / "config.json").read_text()))

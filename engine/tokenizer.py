@@ -15,6 +15,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.gguf_model import build_tokenizer, find_gguf, open_gguf
+
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 CHATML_TEMPLATE = (
@@ -39,10 +41,23 @@ def _token_text(tok) -> str | None:
 
 class Tokenizer:
     def __init__(self, path: str | Path):
+        """`path`: an HF directory (tokenizer.json + tokenizer_config.json), or a GGUF file (or a directory
+        holding one), whose vocabulary, specials and chat template are read from the file itself."""
         path = Path(path)
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        cfg_path = path / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        gguf = find_gguf(path)
+        if gguf is not None:
+            ckpt = open_gguf(gguf)
+            self.tok = build_tokenizer(ckpt)
+            tokens = ckpt.meta["tokenizer.ggml.tokens"]
+            bos = ckpt.meta.get("tokenizer.ggml.bos_token_id")
+            self.config = {"chat_template": ckpt.meta.get("tokenizer.chat_template"),
+                           "bos_token": tokens[bos] if bos is not None else None,
+                           "add_bos_token": ckpt.meta.get("tokenizer.ggml.add_bos_token", False)}
+            eos_ids = ckpt.eos_ids()
+        else:
+            self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            cfg_path = path / "tokenizer_config.json"
+            self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         template = self.config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
@@ -51,10 +66,14 @@ class Tokenizer:
             template = jinja_file.read_text()
         self.chat_template = template
         self.bos_token = _token_text(self.config.get("bos_token"))
-        self.eos_token = _token_text(self.config.get("eos_token"))
         self.add_bos = bool(self.config.get("add_bos_token", False)) and self.bos_token is not None
         self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
-        self.eos_ids = self._eos_ids(path)
+        if gguf is not None:
+            self.eos_ids = eos_ids
+            self.eos_token = self.tok.id_to_token(eos_ids[0]) if eos_ids else None
+        else:
+            self.eos_token = _token_text(self.config.get("eos_token"))
+            self.eos_ids = self._eos_ids(path)
         self.special_ids = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self._template = None

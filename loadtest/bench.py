@@ -115,7 +115,7 @@ def write_markdown(path: Path, settings: Settings, rows, ratios, tokens, concurr
     replace_section(path, "serving-core", "\n".join(lines))
 
 
-ASSISTANT_CMD = ("dspark train-target --out runs/assistant-model --tokenizer-from models/dspark-default "
+ASSISTANT_CMD = ("dspark train-target --out runs/assistant-model --tokenizer-from models/tiny-qwen3-5m "
                  "--steps 300 --hidden-size 128 --intermediate-size 384 --num-hidden-layers 2 "
                  "--num-attention-heads 2 --num-key-value-heads 1")
 

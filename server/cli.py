@@ -49,8 +49,9 @@ def cmd_train_target(args) -> None:
 def cmd_train_drafter(args) -> None:
     from engine.training.train_drafter import train_drafter
 
-    out = args.out or str(Path(args.model) / "drafters" / args.method)
-    print(train_drafter(args.model, out, method=args.method, steps=args.steps, batch=args.batch,
+    target = Settings(model=args.model)
+    out = args.out or str(target.drafters_dir / args.method)
+    print(train_drafter(target.model, out, method=args.method, steps=args.steps, batch=args.batch,
                         block_size=args.block_size, num_layers=args.num_layers, markov_rank=args.markov_rank,
                         lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens,
                         device=args.device))
@@ -111,8 +112,9 @@ def cmd_loadtest_soak(args) -> None:
 def cmd_eval_drafter(args) -> None:
     from engine.training.eval_drafter import evaluate
 
-    evaluate(args.model, args.methods.split(","), per_group=args.per_group, max_tokens=args.max_tokens,
-             write=args.write, save_calibration=not args.no_calibration, drafter=args.drafter)
+    evaluate(Settings(model=args.model).model, args.methods.split(","), per_group=args.per_group,
+             max_tokens=args.max_tokens, write=args.write,
+             save_calibration=not args.no_calibration, drafter=args.drafter)
 
 
 def cmd_bench(args) -> None:
@@ -142,12 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dspark", description="OpenAI-compatible LLM server with DSpark")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("serve", help="serve a model (default: the embedded one) on 127.0.0.1:8000")
+    p = sub.add_parser("serve", help="serve a model (default: SmolLM2-135M-Instruct) on 127.0.0.1:8000")
     _add_settings_flags(p)
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("train-target", help="retrain the embedded default model and its tokenizer")
-    p.add_argument("--out", default="models/dspark-default")
+    p = sub.add_parser("train-target", help="retrain the tiny test model (models/tiny-qwen3-5m) and its tokenizer")
+    p.add_argument("--out", default="models/tiny-qwen3-5m")
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
@@ -161,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_train_target)
 
     p = sub.add_parser("train-drafter", help="train a dspark / dflash drafter for a target (resumes if stopped)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="target model directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="target model (HF directory, GGUF file or known name)")
     p.add_argument("--method", default="dspark", choices=["dspark", "dflash", "eagle3"])
-    p.add_argument("--out", default=None, help="default: <model>/drafters/<method>")
+    p.add_argument("--out", default=None, help="default: the model's drafters directory/<method>")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--block-size", type=int, default=7)
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_train_drafter)
 
     p = sub.add_parser("eval-drafter", help="acceptance benchmark of drafters on held-out code / math / chat")
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--methods", default="dspark,dflash")
     p.add_argument("--per-group", type=int, default=24)
     p.add_argument("--max-tokens", type=int, default=96)

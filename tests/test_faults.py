@@ -19,7 +19,7 @@ def app_and_engine():
 
 def test_engine_step_failure_is_a_500_with_request_id_then_recovers(app_and_engine, monkeypatch):
     client, engine = app_and_engine
-    body = {"model": "dspark-default", "prompt": "def f(", "max_tokens": 4}
+    body = {"model": "tiny-qwen3-5m", "prompt": "def f(", "max_tokens": 4}
     real_step = engine.engine.step
     calls = {"n": 0}
 
@@ -43,14 +43,14 @@ def test_engine_step_failure_is_a_500_with_request_id_then_recovers(app_and_engi
 def test_streaming_engine_failure_reports_in_band(app_and_engine, monkeypatch):
     client, engine = app_and_engine
     monkeypatch.setattr(engine.engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("injected")))
-    r = client.post("/v1/completions", json={"model": "dspark-default", "prompt": "x", "max_tokens": 4,
+    r = client.post("/v1/completions", json={"model": "tiny-qwen3-5m", "prompt": "x", "max_tokens": 4,
                                              "stream": True})
     assert r.status_code == 200 and '"server_error"' in r.text and r.text.rstrip().endswith("data: [DONE]")
 
 
 def test_oversized_body_is_413_with_or_without_content_length(app_and_engine):
     client, _ = app_and_engine
-    big = {"model": "dspark-default", "prompt": "x" * 30_000, "max_tokens": 1}
+    big = {"model": "tiny-qwen3-5m", "prompt": "x" * 30_000, "max_tokens": 1}
     r = client.post("/v1/completions", json=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
@@ -63,14 +63,14 @@ def test_oversized_body_is_413_with_or_without_content_length(app_and_engine):
     r = client.post("/v1/completions", content=chunked(json.dumps(big).encode()),
                     headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
-    small = json.dumps({"model": "dspark-default", "prompt": "def f(", "max_tokens": 2}).encode()
+    small = json.dumps({"model": "tiny-qwen3-5m", "prompt": "def f(", "max_tokens": 2}).encode()
     r = client.post("/v1/completions", content=chunked(small, 7), headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2 and "x-request-id" in r.headers
 
 
 def test_deadline_ends_a_request_with_its_finish_reason(app_and_engine):
     client, engine = app_and_engine
-    body = {"model": "dspark-default", "prompt": "def f(", "max_tokens": 1500, "ignore_eos": True, "deadline_s": 0.3}
+    body = {"model": "tiny-qwen3-5m", "prompt": "def f(", "max_tokens": 1500, "ignore_eos": True, "deadline_s": 0.3}
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200
     choice, usage = r.json()["choices"][0], r.json()["usage"]

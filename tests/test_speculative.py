@@ -4,11 +4,12 @@ import random
 
 import pytest
 import torch
+from conftest import TEST_MODEL
 
 from engine import llm_engine
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
-from engine.settings import DEFAULT_MODEL, Settings
+from engine.settings import Settings
 from engine.training.corpus import math_problem
 
 METHODS = ("dspark", "dflash", "eagle3")
@@ -16,8 +17,8 @@ METHODS = ("dspark", "dflash", "eagle3")
 
 def test_drafters_are_shipped_within_the_size_budget():
     for m in METHODS:
-        assert (DEFAULT_MODEL / "drafters" / m / "model.safetensors").exists(), m
-    total = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+        assert (TEST_MODEL / "drafters" / m / "model.safetensors").exists(), m
+    total = sum(f.stat().st_size for f in TEST_MODEL.rglob("*") if f.is_file())
     assert total <= 30 * 2**20, f"model + tokenizer + drafters = {total / 2**20:.1f} MiB > 30 MiB"
 
 
@@ -25,7 +26,7 @@ def test_drafter_for_another_target_is_refused(tmp_path):
     import json
     import shutil
 
-    shutil.copytree(DEFAULT_MODEL / "drafters" / "dspark", tmp_path / "d")
+    shutil.copytree(TEST_MODEL / "drafters" / "dspark", tmp_path / "d")
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     cfg["target_fingerprint"] = "0" * 16
     (tmp_path / "d" / "config.json").write_text(json.dumps(cfg))
@@ -196,7 +197,7 @@ def test_markov_greedy_shortcut_is_the_exact_argmax(base, k_cand):
     back to full scoring whenever its bound cannot rule out the rest (k=1 forces many fallbacks)."""
     from engine.drafters import load_drafter
 
-    drafter = load_drafter(DEFAULT_MODEL / "drafters" / "dspark", base.model)
+    drafter = load_drafter(TEST_MODEL / "drafters" / "dspark", base.model)
     g = torch.Generator().manual_seed(0)
     vocab = base.model_config.vocab_size
     logits = torch.randn(200, vocab, generator=g) * 2

@@ -36,12 +36,12 @@ def write_card(model_dir: str | Path) -> str:
     size = sum(f.stat().st_size for f in model_dir.glob("*") if f.suffix in (".safetensors", ".json"))
     curve = [e for e in r["log"] if e["step"] % 100 == 0 or e is r["log"][-1]]
     lines = [
-        "# dspark-default: the embedded default model",
+        "# tiny-qwen3-5m: the 5M-parameter test model",
         "",
         "A small Qwen3-shaped decoder (`Qwen3ForCausalLM`, loads in HF transformers and in dspark) and its",
-        "byte-level BPE tokenizer, trained from scratch on CPU on text every Python installation has. It exists",
-        "so the server runs with no download; it writes Python-looking code and short formulaic answers, and is",
-        "no substitute for a real model (serve one with `--model /path/to/hf-dir`).",
+        "byte-level BPE tokenizer, trained from scratch on CPU on text every Python installation has. It is the",
+        "tests' fast fixture (the server's default is SmolLM2-135M-Instruct); it writes Python-looking code and",
+        "short formulaic answers, and is no substitute for a real model.",
         "",
         "## Data (built by `engine/training/corpus.py`, deterministic)",
         f"- Code: every `*.py` file of the CPython {r['python']} standard library at `{r['stdlib']}`, except",
@@ -73,9 +73,9 @@ def write_card(model_dir: str | Path) -> str:
         "",
         "## Retrain",
         "```",
-        f"./run dspark train-target --out models/dspark-default --steps {r['steps']} --batch {r['batch']} "
+        f"./run dspark train-target --out models/tiny-qwen3-5m --steps {r['steps']} --batch {r['batch']} "
         f"--seq {r['seq']}",
-        "python -m engine.training.model_card models/dspark-default   # rewrites this card",
+        "python -m engine.training.model_card models/tiny-qwen3-5m   # rewrites this card",
         "```",
         "",
         "## Samples (greedy, 80 tokens max, generated when this card was written)",
@@ -89,4 +89,4 @@ def write_card(model_dir: str | Path) -> str:
 
 
 if __name__ == "__main__":
-    print(write_card(sys.argv[1] if len(sys.argv) > 1 else "models/dspark-default"))
+    print(write_card(sys.argv[1] if len(sys.argv) > 1 else "models/tiny-qwen3-5m"))

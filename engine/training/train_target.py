@@ -1,6 +1,6 @@
 """Train the embedded default model: a byte-level BPE tokenizer and a small Qwen3-shaped decoder.
 
-    dspark train-target --out models/dspark-default --steps 900
+    dspark train-target --out models/tiny-qwen3-5m --steps 900
 
 Everything comes from `engine.training.corpus` (the interpreter's own stdlib), is deterministic under the
 seed, and is written as a Hugging Face directory that `transformers` and our engine both load.
