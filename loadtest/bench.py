@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from engine.gguf_model import find_gguf
 from engine.llm_engine import LLMEngine
 from engine.report import replace_section
 from engine.sampling import SamplingParams
@@ -44,12 +45,21 @@ def bench_engine(engine: LLMEngine, batch: int, tokens: int, repeats: int) -> di
     return {"total_tps": batch * tokens / dt, "per_user_tps": tokens / dt, "seconds": dt}
 
 
-def bench_hf(model_dir: str, batch: int, tokens: int, repeats: int, dtype: torch.dtype) -> dict:
+def hf_load(model: str, dtype: torch.dtype = torch.float32):
+    """transformers' model and tokenizer for an HF directory or a GGUF file (through its own GGUF loader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    gguf = find_gguf(model)
+    where, kw = (gguf.parent, {"gguf_file": gguf.name}) if gguf else (model, {})
+    return (AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw).eval(),
+            AutoTokenizer.from_pretrained(where, **kw))
+
+
+def bench_hf(model_dir: str, batch: int, tokens: int, repeats: int, dtype: torch.dtype) -> dict:
+    model, tok = hf_load(model_dir, dtype)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     enc = tok([_prompt(i) for i in range(batch)], return_tensors="pt", padding=True, add_special_tokens=False)
     kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     runs = []
@@ -122,12 +132,10 @@ ASSISTANT_CMD = ("dspark train-target --out runs/assistant-model --tokenizer-fro
 
 def bench_hf_assisted(model_dir: str, assistant: str | None, prompts: dict, tokens: int) -> list[dict]:
     """HF transformers generate(), plain and with assistant_model (its speculative decoding), batch 1."""
-    from transformers import AutoModelForCausalLM
-
     from engine.training.eval_drafter import GROUPS
 
-    target = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    asst = AutoModelForCausalLM.from_pretrained(assistant, dtype=torch.float32).eval() if assistant else None
+    target = hf_load(model_dir)[0]
+    asst = hf_load(assistant)[0] if assistant else None
     rows = []
     for name, kw in [("HF generate()", {}), ("HF generate(assistant_model=...)", {"assistant_model": asst})]:
         if name.endswith("...)") and asst is None:
