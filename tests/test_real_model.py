@@ -104,3 +104,16 @@ def test_default_server_answers_the_openai_client(default_server):
     comp = client.completions.create(model="SmolLM2-135M-Instruct", prompt="def add(a, b):\n", max_tokens=16,
                                      temperature=0)
     assert comp.usage.completion_tokens > 0 and "return" in comp.choices[0].text
+
+
+def test_default_server_logprobs_n_and_stop(default_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=default_server.url + "/v1", api_key="unused")
+    q = [{"role": "user", "content": "List three colours, one per line."}]
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=q, max_tokens=24, n=2, seed=7,
+                                       temperature=0.8, logprobs=True, top_logprobs=2, stop=["\n"])
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert "\n" not in c.message.content
+        assert c.logprobs.content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in c.logprobs.content)
