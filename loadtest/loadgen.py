@@ -65,6 +65,9 @@ class Result:
     slo: float = 0.0
     request_id: str = ""  # the server's X-Request-Id (through a balancer: the replica that answered)
     finish_reason: str | None = None
+    chunks: int = 0  # content chunks received
+    usage: bool = False  # tokens come from the server's usage; False: the server sent none, tokens = chunks
+    text: str = ""  # the generated text, kept only with LoadConfig.keep_text
 
     @property
     def tpot(self) -> float:
@@ -86,6 +89,8 @@ class LoadConfig:
     slo_tokens_per_s: float = 0.0  # sent per request; 0 = none
     timeout: float = 300.0
     api_key: str | None = None  # sent as Authorization: Bearer <key>
+    ignore_eos: bool = True  # send ignore_eos (a vLLM-style extra; some servers reject unknown fields)
+    keep_text: bool = False  # keep each request's generated text in its Result
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -94,7 +99,9 @@ class LoadConfig:
 async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) -> Result:
     chat = "messages" in body
     payload = {**body, "model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
-               "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+               "stream": True, "stream_options": {"include_usage": True}}
+    if cfg.ignore_eos:
+        payload["ignore_eos"] = True
     if cfg.slo_tokens_per_s:
         payload["slo_tokens_per_s"] = cfg.slo_tokens_per_s
     r = Result(ok=False, start=time.perf_counter(), slo=cfg.slo_tokens_per_s)
@@ -116,11 +123,14 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) ->
                     r.error = "in-stream error"
                     return r
                 if chunk.get("usage"):
-                    r.tokens = chunk["usage"]["completion_tokens"]
+                    r.tokens, r.usage = chunk["usage"]["completion_tokens"], True
                 choices = chunk.get("choices") or []
                 r.finish_reason = next((c["finish_reason"] for c in choices if c.get("finish_reason")), r.finish_reason)
-                has_text = any((c.get("delta") or {}).get("content") or c.get("text") for c in choices)
-                if has_text:
+                text = "".join((c.get("delta") or {}).get("content") or c.get("text") or "" for c in choices)
+                if text:
+                    r.chunks += 1
+                    if cfg.keep_text:
+                        r.text += text
                     now = time.perf_counter()
                     if last is None:
                         r.ttft = now - r.start
@@ -129,6 +139,8 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) ->
                     last = now
         r.latency = time.perf_counter() - r.start
         r.last = (last - r.start) if last is not None else 0.0
+        if not r.usage:  # no usage in the stream (e.g. llama-cpp-python): one token per content chunk
+            r.tokens = r.chunks
         r.ok = r.tokens > 0
         if not r.ok:
             r.error = "no tokens"

@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("server_flags", nargs="*", help="after --: extra flags for every server")
     q.set_defaults(fn=cmd_loadtest_sweep)
 
+    # its flags are loadtest/peers.py's own parser's: main() hands it everything after "loadtest peers"
+    lsub.add_parser("peers", help="this server beside llama.cpp and transformers serve, same prompts (--help)")
+
     q = lsub.add_parser("soak", help="time-bounded mix of good, bad, dropped and cancelled requests; checks leaks")
     q.add_argument("--url", default="http://127.0.0.1:8000")
     q.add_argument("--seconds", type=float, default=600)
@@ -233,6 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--pid", type=int, default=None, help="server process id, to compare its RSS before and after")
     q.set_defaults(fn=cmd_loadtest_soak)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["loadtest", "peers"]:
+        import shlex
+
+        from loadtest.peers import main as peers_main
+
+        peers_main(argv[2:], "dspark loadtest peers " + shlex.join(argv[2:]))
+        return
     args = parser.parse_args(argv)
     args.fn(args)
 
