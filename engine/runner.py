@@ -17,7 +17,7 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
 class ModelRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, num_blocks: int, block_size: int,
                  device: str = "cpu", kv_dtype: torch.dtype | None = None):
-        self.model = model
+        self.model = model.fuse_()  # serving layout: fused q|k|v and gate|up; bf16 weights packed for oneDNN
         self.backend = backend
         self.device = torch.device(device)
         self.block_size = block_size

@@ -70,3 +70,29 @@ def test_random_ragged_batches():
         q = torch.randint(1, 9, (b,), generator=g)
         extra = torch.randint(0, 20, (b,), generator=g)
         run_case(q.tolist(), (q + extra).tolist(), seed=seed)
+
+
+def test_single_request_decode_scattered_and_consecutive_pages():
+    run_case([1], [23], seed=4)  # scattered pages: gathered
+    meta, q, k, v, (kc, vc), ref = make_case([1], [23], seed=5)
+    n = meta.block_tables.shape[1]  # move its pages to blocks 7, 8, ...: read in place, no gather
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    kc2[7 : 7 + n], vc2[7 : 7 + n] = kc[meta.block_tables[0]], vc[meta.block_tables[0]]
+    slot = meta.slot_mapping[0]
+    page = (meta.block_tables[0] == slot // meta.block_size).nonzero()[0, 0]
+    meta.slot_mapping = torch.tensor([(7 + page) * meta.block_size + slot % meta.block_size])
+    meta.block_tables = torch.arange(7, 7 + n)[None]
+    be = TorchPagedAttention()
+    be.plan(meta)
+    assert be.first_page == 7
+    out = be.forward(0, q, k, v, (kc2, vc2), q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_bf16_close_to_fp32():
+    meta, q, k, v, (kc, vc), ref = make_case([1, 1], [9, 30], seed=6)
+    be = TorchPagedAttention()
+    be.plan(meta)
+    out = be.forward(0, q.bfloat16(), k.bfloat16(), v.bfloat16(), (kc.bfloat16(), vc.bfloat16()), q.shape[-1] ** -0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)

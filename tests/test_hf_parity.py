@@ -6,6 +6,7 @@ paged KV cache and the torch paged-attention backend, so the serving path is che
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -123,3 +124,32 @@ def test_tokenizer_and_chat_template_match_transformers(tmp_path):
     assert ours.apply_chat_template(msgs) == text == format_chatml(msgs, add_generation_prompt=True)
     assert ours.encode_chat(msgs) == fast(text, add_special_tokens=False)["input_ids"]
     assert ours.eos_ids == [tok.token_to_id(IM_END)]
+
+
+def test_fused_serving_layout_keeps_hf_names_and_logits(checkpoint):
+    """fuse_() (done by ModelRunner) keeps state_dict() under HF names with the same values, and the same logits;
+    bf16 weights get oneDNN-packed projections that give at::linear's numbers."""
+    hf, path = checkpoint
+    ours = load_model(path)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ids = torch.randint(0, 211, (2, 19), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = ours.logits(ours(ids)[0])
+    assert ours.fuse_() is ours.fuse_()  # idempotent
+    after = ours.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    attn = ours.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()  # a view of the fused weight, not a copy
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(ids)[0]), ref, atol=1e-5, rtol=1e-5)
+        packed = load_model(path).fuse_(pack_fp32=True)  # oneDNN-packed fp32 for 4..256 rows: 38 rows here
+        torch.testing.assert_close(packed.logits(packed(ids)[0]), ref, atol=1e-4, rtol=1e-4)
+    half = load_model(path, dtype=torch.bfloat16)
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        plain = F.linear(x, half.model.layers[0].mlp.gate_proj.weight)
+        half.fuse_()
+        gate = half.model.layers[0].mlp.gate_up(x)[:, :96]
+    torch.testing.assert_close(gate, plain, atol=0, rtol=0)
