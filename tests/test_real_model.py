@@ -80,7 +80,8 @@ def test_greedy_answer_equals_transformers(hf):
 def default_server():
     """`dspark serve` exactly as `./run serve` starts it: no --model, the repository's config."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("DSPARK_MODEL", raising=False)  # conftest points Settings() at the tiny test model
+        mp.delenv("DSPARK_MODEL", raising=False)  # conftest points Settings() at the tiny test model, in fp32
+        mp.delenv("DSPARK_DTYPE", raising=False)
         logs = REPO / ".pytest_cache"
         logs.mkdir(exist_ok=True)
         s = Server(["--drain-grace-s", "5"], logs, ready_timeout=300)
