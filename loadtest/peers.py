@@ -63,15 +63,14 @@ def export_hf_dir(gguf: str, out: Path) -> Path:
     loader (its dequantization, config and tokenizer), so the peer serves the same weights."""
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from loadtest.bench import hf_load
 
-    where, kw = Path(gguf).parent, {"gguf_file": Path(gguf).name}
-    model = AutoModelForCausalLM.from_pretrained(where, dtype="float32", **kw)
+    model, tok = hf_load(gguf)
     model.hf_quantizer = None  # the weights are dequantized already; let save_pretrained write them as fp32
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(where, **kw).save_pretrained(out)
+    tok.save_pretrained(out)
     return out
 
 

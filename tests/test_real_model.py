@@ -23,10 +23,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "In 1969, 3 astron
 @pytest.fixture(scope="module")
 def hf():
     """transformers' GGUF path: its dequantization, its tokenizer converter."""
-    transformers = pytest.importorskip("transformers")
-    kw = {"gguf_file": GGUF.name}
-    model = transformers.AutoModelForCausalLM.from_pretrained(GGUF.parent, dtype=torch.float32, **kw).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(GGUF.parent, **kw)
+    pytest.importorskip("transformers")
+    from loadtest.bench import hf_load
+
+    return hf_load(str(GGUF))
 
 
 @pytest.fixture(scope="module")
