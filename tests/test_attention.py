@@ -72,6 +72,19 @@ def test_random_ragged_batches():
         run_case(q.tolist(), (q + extra).tolist(), seed=seed)
 
 
+def test_prefill_chunks_mixed_with_decode_and_verify_rows_attend_in_two_parts():
+    """Long chunks interleaved with short rows: the short part is not padded to the chunk (checked: two parts)."""
+    g = torch.Generator().manual_seed(7)
+    for seed, q_lens in enumerate([[40, 1, 1, 5], [1, 33, 8, 17, 1], [17, 16]]):
+        extra = torch.randint(0, 30, (len(q_lens),), generator=g).tolist()
+        meta, q, k, v, cache, ref = make_case(q_lens, [a + b for a, b in zip(q_lens, extra)], seed)
+        be = TorchPagedAttention()
+        be.plan(meta)
+        assert be.parts is not None and len(be.parts) == 2
+        out = be.forward(0, q, k, v, cache, q.shape[-1] ** -0.5)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_single_request_decode_scattered_and_consecutive_pages():
     run_case([1], [23], seed=4)  # scattered pages: gathered
     meta, q, k, v, (kc, vc), ref = make_case([1], [23], seed=5)

@@ -22,7 +22,9 @@ def build_drafter(cfg: DrafterConfig, target) -> BlockDrafter | Eagle3Drafter:
         return drafter
     if cfg.method not in ("dspark", "dflash"):
         raise ValueError(f"unknown drafter method {cfg.method!r} (have: {', '.join(METHODS)})")
-    return BlockDrafter(cfg, target.config)
+    drafter = BlockDrafter(cfg, target.config)
+    drafter.attach_target(target)
+    return drafter
 
 
 def save_drafter(drafter: BlockDrafter, path: str | Path) -> None:

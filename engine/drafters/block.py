@@ -8,7 +8,7 @@ itself bidirectionally. Embedding and LM head are the target's, frozen and not s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +83,18 @@ class BlockDrafter(nn.Module):
         self.fc = nn.Linear(len(cfg.target_layer_ids) * d, d, bias=False)
         self.hidden_norm = RMSNorm(d, target_cfg.rms_norm_eps)
         self.mask_embedding = nn.Parameter(torch.randn(d) * 0.02)
-        self.layers = nn.ModuleList(BlockLayer(target_cfg) for _ in range(cfg.num_layers))
+        layer_cfg = replace(target_cfg, intermediate_size=cfg.intermediate_size or target_cfg.intermediate_size)
+        self.layers = nn.ModuleList(BlockLayer(layer_cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, target_cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(target_cfg)
         r = cfg.markov_rank
-        if r:
+        self._target: tuple[torch.Tensor, torch.Tensor] | None = None  # (embedding, LM head) weights, not stored
+        if r and cfg.markov_factored:
+            self.markov_a = nn.Linear(d, r, bias=False)
+            self.markov_b = nn.Linear(r, d, bias=False)
+            nn.init.normal_(self.markov_a.weight, std=d**-0.5)
+            nn.init.zeros_(self.markov_b.weight)  # starts as DFlash, learns the correction
+        elif r:
             self.markov_in = nn.Embedding(target_cfg.vocab_size, r)
             self.markov_out = nn.Linear(r, target_cfg.vocab_size, bias=False)
             nn.init.normal_(self.markov_in.weight, std=0.02)
@@ -113,11 +120,34 @@ class BlockDrafter(nn.Module):
             x = layer(x, cos, sin, ck, cv, mask)
         return self.norm(x)
 
+    def attach_target(self, target) -> None:
+        """The factored Markov head reads the target's embedding and LM head (frozen, never saved here)."""
+        self._target = (target.model.embed_tokens.weight, target.lm_head.weight)
+
+    def markov_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in [V, r], out [V, r]): bias(prev) = out @ in[prev]. Factored tables are rebuilt while training and
+        built once for inference (cached on the weights' versions)."""
+        if not self.cfg.markov_factored:
+            return self.markov_in.weight, self.markov_out.weight
+        assert self._target is not None, "factored Markov head: call attach_target(target) first"
+        a, b = self.markov_a.weight, self.markov_b.weight
+        key = (a.data_ptr(), a._version, b.data_ptr(), b._version, a.dtype)
+        if torch.is_grad_enabled() or getattr(self, "_tables", (None,))[0] != key:
+            emb, lm = (w.detach().to(a.dtype) for w in self._target)
+            tables = (emb @ a.T, lm @ b)
+            if torch.is_grad_enabled():
+                return tables
+            self._tables = (key, tables)
+        return self._tables[1]
+
     def markov_bias(self, prev: torch.Tensor) -> torch.Tensor | None:
-        return self.markov_out(self.markov_in(prev)) if self.cfg.markov_rank else None
+        if not self.cfg.markov_rank:
+            return None
+        w_in, w_out = self.markov_tables()
+        return F.linear(F.embedding(prev, w_in), w_out)
 
     def confidence_logit(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        parts = [h, self.markov_in(prev)] if self.cfg.markov_rank else [h]
+        parts = [h, F.embedding(prev, self.markov_tables()[0])] if self.cfg.markov_rank else [h]
         return self.confidence(torch.cat(parts, -1)).squeeze(-1)
 
     def _markov_argmax(self, base, top_vals, top_ids, prev) -> list[int]:
@@ -128,14 +158,14 @@ class BlockDrafter(nn.Module):
         candidate is the argmax. Otherwise the row is scored fully. All of it in float32 whatever the weights'
         dtype, so the shortcut and the full scoring agree (up to float32 summation order, covered by a margin).
         """
-        w1, w2 = self.markov_in.weight, self.markov_out.weight
+        w1, w2 = self.markov_tables()
         key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
         if getattr(self, "_max_bias", (None,))[0] != key:
             w2f = w2.float()
             table = torch.cat([(w1[i : i + 1024].float() @ w2f.T).amax(-1) for i in range(0, len(w1), 1024)])
             self._max_bias = (key, table, w2f)
         _, table, w2f = self._max_bias
-        u = self.markov_in(prev).float()  # [n, r]
+        u = F.embedding(prev, w1).float()  # [n, r]
         scores = top_vals + torch.bmm(F.embedding(top_ids, w2f), u[:, :, None])[..., 0]
         best, arg = scores.max(-1)
         bound = top_vals[:, -1] + table[prev]

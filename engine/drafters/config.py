@@ -18,7 +18,11 @@ class DrafterConfig:
     target_layer_ids: list[int]  # 0-based decoder layers whose outputs are fused into the context features
     block_size: int = 7  # gamma: the most tokens one round drafts
     num_layers: int = 2
+    intermediate_size: int = 0  # the drafter layers' MLP width; 0 = the target's
     markov_rank: int = 0  # 0 = no Markov head (dflash, eagle3)
+    # The Markov head as W_lm B A E[prev]: through the target's frozen embedding E and LM head W_lm, with only
+    # A (rank x d) and B (d x rank) stored, 2 d r weights instead of 2 V r (a 49k vocabulary makes the latter MBs).
+    markov_factored: bool = False
     confidence_head: bool = False
     # Greedy drafting with a Markov head scores only the top-k tokens of the block's base logits (k x rank per
     # position instead of vocab x rank) and falls back to the whole vocabulary when a bound says a token outside

@@ -8,6 +8,8 @@ per step. Trained with a "training-time test": the same unroll over several step
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +36,7 @@ class Eagle3Drafter(nn.Module):
         self.v_proj = nn.Linear(2 * d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.post_attention_layernorm = RMSNorm(d, eps)
-        self.mlp = MLP(target_cfg)
+        self.mlp = MLP(replace(target_cfg, intermediate_size=cfg.intermediate_size or target_cfg.intermediate_size))
         self.norm = RMSNorm(d, eps)
         self.rotary = RotaryEmbedding(target_cfg)
         self.register_buffer("conf_temperature", torch.ones(cfg.block_size), persistent=True)

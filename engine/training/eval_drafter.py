@@ -1,7 +1,7 @@
 """`dspark eval-drafter`: acceptance of each shipped drafter on held-out prompts, per group and temperature.
 
-Groups: code (held-out stdlib files), math (word problems from a separately seeded generator), chat (held-out
-topic and code questions). Batch 1. Metrics, as DeepSpec defines them:
+Groups (`prompts.prompt_set("heldout")`, never trained on): code (HumanEval), chat (a held-out ShareGPT slice),
+math (word problems from a separately seeded generator). Batch 1. Metrics, as DeepSpec defines them:
 - tau: mean committed tokens per verification round, bonus included;
 - draft tokens per round; acceptance rate at position p = P(accepted > p | proposed > p);
 - confidence head (dspark): ECE (20 bins) and AUROC of the cumulative product of confidences against the
@@ -11,7 +11,6 @@ Calibration (per-position temperature on the confidence logits) is fitted on a s
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from pathlib import Path
 
@@ -22,23 +21,17 @@ from engine.llm_engine import LLMEngine
 from engine.report import replace_section
 from engine.sampling import SamplingParams
 from engine.settings import Settings
-from engine.training.corpus import build_corpus, math_chats
-
-GROUPS = ("code", "math", "chat")
+from engine.training.prompts import GROUPS, prompt_set
 
 
-def heldout_prompts(tokenizer, per_group: int, seed: int) -> dict[str, list[list[int]]]:
-    rng = random.Random(seed)
-    corpus = build_corpus(0)
-    code = []
-    for _ in range(per_group):
-        lines = rng.choice(corpus.heldout_code).splitlines(keepends=True)
-        start = rng.randrange(max(1, len(lines) - 8))
-        code.append(tokenizer.encode("".join(lines[start : start + 6]))[-96:] or [0])
-    maths = [tokenizer.encode_chat(c[:1]) for c in math_chats(per_group, random.Random(10_000 + seed))]
-    chats = [c for c in corpus.heldout_chat if "The answer is" not in c[-1]["content"]]
-    chat = [tokenizer.encode_chat(c[:1])[-128:] for c in rng.sample(chats, per_group)]
-    return {"code": code, "math": maths, "chat": chat}
+def heldout_prompts(tokenizer, per_group: int, seed: int, calibration: int = 0
+                    ) -> dict[str, list[list[int]]] | tuple[dict, dict]:
+    """Chat-formatted held-out prompts per group; with `calibration`, also a disjoint calibration set."""
+    sets = prompt_set("heldout", per_group + calibration, lambda t: len(tokenizer.encode(t)), seed=seed)
+    enc = {g: [tokenizer.encode_chat(m) for m in sets[g]] for g in GROUPS}
+    if not calibration:
+        return enc
+    return {g: v[:per_group] for g, v in enc.items()}, {g: v[per_group:] for g, v in enc.items()}
 
 
 def run_rounds(eng: LLMEngine, prompts: list[list[int]], temperature: float, max_tokens: int, threshold: float):
@@ -113,10 +106,9 @@ def evaluate(model_dir: str, methods: list[str], per_group: int = 24, max_tokens
     for method in methods:
         # fixed: every round drafts the whole block, so tau measures the drafter, not the scheduler
         eng = LLMEngine(Settings(model=model_dir, speculative=method, drafter=drafter, draft_policy="fixed"))
-        prompts = heldout_prompts(eng.tokenizer, per_group, seed)
+        prompts, calib = heldout_prompts(eng.tokenizer, per_group, seed, calibration=per_group // 2)
         block = eng.drafter.cfg.block_size
         if eng.drafter.cfg.confidence_head:
-            calib = heldout_prompts(eng.tokenizer, per_group // 2, seed + 1)
             temps = calibrate(eng, [p for g in GROUPS for p in calib[g]], 1.0, max_tokens)
             print(f"{method}: confidence temperatures per position {temps}")
             if save_calibration:

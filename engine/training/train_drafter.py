@@ -26,52 +26,79 @@ from engine.llm_engine import LLMEngine
 from engine.model import load_model
 from engine.sampling import SamplingParams
 from engine.settings import Settings
-from engine.training.corpus import build_corpus
+from engine.training.prompts import GROUPS, prompt_set
+
+GROUP_SHARE = {"code": 0.4, "chat": 0.4, "math": 0.2}
 
 
-def training_prompts(tokenizer, n: int, seed: int, heldout: bool = False) -> list[list[int]]:
-    """A third code windows, a third chat requests, a third math problems (chat-formatted)."""
-    rng = random.Random(seed)
-    corpus = build_corpus(0)
-    code = corpus.heldout_code if heldout else corpus.code
-    chats = corpus.heldout_chat if heldout else corpus.chat
-    math_chats = [c for c in chats if "The answer is" in c[-1]["content"]]
-    other_chats = [c for c in chats if "The answer is" not in c[-1]["content"]]
-    out = []
-    for i in range(n):
-        kind = i % 3
-        if kind == 0:
-            src = rng.choice(code)
-            lines = src.splitlines(keepends=True)
-            start = rng.randrange(max(1, len(lines) - 8))
-            out.append(tokenizer.encode("".join(lines[start : start + rng.randint(2, 8)]))[-96:] or [0])
-        else:
-            chat = rng.choice(other_chats if kind == 1 else math_chats)
-            out.append(tokenizer.encode_chat(chat[:1])[-96:])
-    return out
+def generate_data(model_dir: str, n: int, max_new: int, seed: int, device: str = "cpu", batch: int = 64,
+                  max_prompt_tokens: int = 256, partial: Path | None = None) -> list[dict]:
+    """The target answers n real training prompts (`prompts.prompt_set`, 40% code, 40% chat, 20% math) with this
+    engine, batched, sampling at temperature 0.7 / top-p 0.8 / top-k 20 as DeepSpec regenerates its data.
 
-
-def generate_data(model_dir: str, n: int, max_new: int, seed: int, heldout: bool = False,
-                  device: str = "cpu") -> list[dict]:
-    eng = LLMEngine(Settings(model=model_dir, max_num_seqs=64, max_num_batched_tokens=4096, device=device))
-    prompts = training_prompts(eng.tokenizer, n, seed, heldout)
-    params = [SamplingParams(temperature=0.7, top_p=0.8, top_k=20, seed=seed * 100003 + i, max_tokens=max_new)
-              for i in range(len(prompts))]
-    data = []
-    for lo in tqdm(range(0, len(prompts), 64), desc="target generations", mininterval=5):
-        seqs = eng.generate(prompts[lo : lo + 64], params[lo : lo + 64])
-        data += [{"ids": s.token_ids, "prompt_len": s.num_prompt} for s in seqs]
+    Progress is saved to `partial` after every chunk, so a stopped run picks up where it was."""
+    eng = LLMEngine(Settings(model=model_dir, max_num_seqs=batch, max_num_batched_tokens=4096, device=device))
+    want = {g: round(n * f) for g, f in GROUP_SHARE.items()}
+    want["chat"] += n - sum(want.values())
+    sets = prompt_set("train", want, lambda t: len(eng.tokenizer.encode(t)), max_prompt_tokens, seed)
+    items = [(g, m) for g in GROUPS for m in sets.get(g, [])]
+    random.Random(seed).shuffle(items)
+    data = torch.load(partial) if partial is not None and partial.exists() else []
+    chunk, t0, new_tokens = batch * 4, time.time(), 0
+    bar = tqdm(total=len(items), initial=len(data), desc="target generations", mininterval=5)
+    for lo in range(len(data), len(items), chunk):
+        part = items[lo : lo + chunk]
+        prompts = [eng.tokenizer.encode_chat(m) for _, m in part]
+        params = [SamplingParams(temperature=0.7, top_p=0.8, top_k=20, seed=seed * 100003 + lo + i, max_tokens=max_new)
+                  for i in range(len(part))]
+        seqs = eng.generate(prompts, params)
+        data += [{"ids": s.token_ids, "prompt_len": s.num_prompt, "group": g} for s, (g, _) in zip(seqs, part)]
+        new_tokens += sum(len(s.token_ids) - s.num_prompt for s in seqs)
+        bar.update(len(part))
+        bar.set_postfix(gen_tok_s=f"{new_tokens / (time.time() - t0):.0f}")
+        if partial is not None:
+            torch.save(data, partial)
+    bar.close()
+    print(f"batch generation: {new_tokens} new tokens in {time.time() - t0:.0f}s = "
+          f"{new_tokens / max(1e-9, time.time() - t0):.0f} tok/s (max {batch} sequences per step)")
     return data
 
 
-def make_batch(items: list[dict], pad: int):
+def make_batch(items: list[dict], pad: int, feats: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """Right-padded ids [B, S] and generated-token mask; with `feats`, also the target's taps [B, S, m*d] and
+    final hidden states [B, S, d] (zeros past each sequence: right padding never reaches earlier positions)."""
     n = max(len(x["ids"]) for x in items)
     ids = torch.full((len(items), n), pad, dtype=torch.long)
     gen_mask = torch.zeros(len(items), n, dtype=torch.bool)
     for i, x in enumerate(items):
         ids[i, : len(x["ids"])] = torch.tensor(x["ids"])
         gen_mask[i, x["prompt_len"] : len(x["ids"])] = True
-    return ids, gen_mask
+    if feats is None:
+        return ids, gen_mask
+    taps = torch.zeros(len(items), n, feats[0][0].shape[-1], dtype=feats[0][0].dtype)
+    final = torch.zeros(len(items), n, feats[0][1].shape[-1], dtype=feats[0][1].dtype)
+    for i, (t, f) in enumerate(feats):
+        taps[i, : len(t)], final[i, : len(f)] = t, f
+    return ids, gen_mask, taps, final
+
+
+@torch.inference_mode()
+def target_features(target, data: list[dict], layer_ids: list[int], pad: int, batch: int = 8
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(taps [n, m*d], final hidden [n, d]) per sequence, bfloat16, from one dense pass of the frozen target:
+    training then never runs the target again (it was most of a step's cost)."""
+    out: list = [None] * len(data)
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["ids"]))
+    dev = next(target.parameters()).device
+    for lo in tqdm(range(0, len(order), batch), desc="target features", mininterval=5):
+        idx = order[lo : lo + batch]
+        ids, _ = make_batch([data[i] for i in idx], pad)
+        final, taps = target(ids.to(dev), hidden_layers=tuple(i + 1 for i in layer_ids))
+        taps = torch.cat(taps, -1)
+        for j, i in enumerate(idx):
+            n = len(data[i]["ids"])
+            out[i] = (taps[j, :n].to("cpu", torch.bfloat16).clone(), final[j, :n].to("cpu", torch.bfloat16).clone())
+    return out
 
 
 def sample_anchors(gen_mask: torch.Tensor, num: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,15 +117,12 @@ def sample_anchors(gen_mask: torch.Tensor, num: int, gen: torch.Generator) -> tu
     return anchors, valid
 
 
-def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str):
-    """One forward over all anchored blocks; returns (loss, metrics)."""
+def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str, taps, final):
+    """One forward over all anchored blocks; returns (loss, metrics). taps/final: the target's, precomputed."""
     cfg = drafter.cfg
     gamma, (b, s), a_n = cfg.block_size, ids.shape, anchors.shape[1]
     dev = ids.device
-    with torch.no_grad():
-        final, taps = target(ids, hidden_layers=tuple(i + 1 for i in cfg.target_layer_ids))
-        taps = torch.cat(taps, -1)
-    feats = drafter.fuse(taps)
+    feats = drafter.fuse(taps.to(drafter.fc.weight.dtype))
     ctx_kv = drafter.context_kv(feats, torch.arange(s, device=dev).expand(b, s))
     offs = torch.arange(gamma, device=dev)
     pos = anchors[:, :, None] + offs  # [B, A, gamma]: position of each block slot; predicts token pos+1
@@ -127,7 +151,7 @@ def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str):
     ce = (F.cross_entropy(logits.reshape(b * q, -1), labels.flatten(), reduction="none").view(b, q) * w).sum() / wsum
     with torch.no_grad():  # p_target at block slot i: the target's distribution for token a+i+1
         tgt_h = final.gather(1, pos.clamp(max=s - 1).reshape(b, q, 1).expand(b, q, final.shape[-1]))
-        p_t = F.softmax(target.logits(tgt_h), -1)
+        p_t = F.softmax(target.logits(tgt_h.to(target.lm_head.weight.dtype)), -1)
     p_d = F.softmax(logits, -1)
     l1_each = (p_d - p_t).abs().sum(-1)  # [B, Q], in [0, 2]
     l1 = (l1_each * w).sum() / wsum
@@ -145,7 +169,7 @@ def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str):
     return loss, metrics
 
 
-def eagle3_loss(drafter, target, ids, gen_mask, decay: float = 0.8, max_slots: int = 512,
+def eagle3_loss(drafter, target, ids, gen_mask, taps, final, decay: float = 0.8, max_slots: int = 512,
                 gen: torch.Generator | None = None):
     """Training-time test: unroll `block_size` steps, each feeding back the drafter's own hidden.
 
@@ -155,10 +179,7 @@ def eagle3_loss(drafter, target, ids, gen_mask, decay: float = 0.8, max_slots: i
     random supervised slots (every slot still runs through the layer): the LM head dominates the cost."""
     b, s = ids.shape
     steps = drafter.cfg.block_size
-    with torch.no_grad():
-        final, taps = target(ids, hidden_layers=tuple(i + 1 for i in drafter.cfg.target_layer_ids))
-        taps = torch.cat(taps, -1)
-    hidden = drafter.fc(taps)
+    hidden = drafter.fc(taps.to(drafter.fc.weight.dtype))
     t = torch.arange(s, device=ids.device)
     keys, vals = [], []
     total, metrics = 0.0, {}
@@ -182,7 +203,7 @@ def eagle3_loss(drafter, target, ids, gen_mask, decay: float = 0.8, max_slots: i
             continue
         logits = F.linear(drafter.norm(hidden[rows, cols]), target.lm_head.weight.detach()).float()
         with torch.no_grad():  # the target's distribution at t+1+i predicts token t+2+i
-            p_t = F.softmax(target.logits(final[rows, cols + 1 + i]), -1)
+            p_t = F.softmax(target.logits(final[rows, cols + 1 + i].to(target.lm_head.weight.dtype)), -1)
         soft_ce = -(p_t * F.log_softmax(logits, -1)).sum(-1)
         total = total + decay**i * soft_ce.mean()
         if i == 0:
@@ -195,7 +216,8 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
                   anchors: int = 16, block_size: int = 7, num_layers: int = 2, markov_rank: int | None = None,
                   lr: float = 1e-3, seed: int = 0, num_prompts: int = 1536, max_new: int = 128,
                   data_cache: str | None = None, save_every: int = 250, stop_after: int | None = None,
-                  device: str = "cpu") -> dict | None:
+                  device: str = "cpu", intermediate_size: int = 0, markov_factored: bool = False,
+                  taps: int = 5) -> dict | None:
     """Train and save to `out`. `stop_after` ends this run after that many steps, leaving a checkpoint that the
     next call resumes from exactly (model, optimizer, schedule and data-sampling state).
 
@@ -213,19 +235,32 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         data = torch.load(cache)
     else:
         t0 = time.time()
-        data = generate_data(model_dir, num_prompts, max_new, seed, device=device)
         cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(".partial")
+        data = generate_data(model_dir, num_prompts, max_new, seed, device=device, partial=partial)
         torch.save(data, cache)
+        partial.unlink(missing_ok=True)
         print(f"generated {sum(len(x['ids']) - x['prompt_len'] for x in data)} target tokens in "
               f"{time.time() - t0:.0f}s -> {cache}")
     d = target.config.hidden_size
+    dspark = method == "dspark"
     cfg = DrafterConfig(
-        method=method, target_layer_ids=default_layer_ids(target.config.num_hidden_layers), block_size=block_size,
-        num_layers=1 if method == "eagle3" else num_layers,
-        markov_rank=(min(256, d) if markov_rank is None else markov_rank) if method == "dspark" else 0,
-        confidence_head=method == "dspark", target_fingerprint=target_fingerprint(target),
-        target_name=Path(model_dir).name,
+        method=method, target_layer_ids=default_layer_ids(target.config.num_hidden_layers, taps),
+        block_size=block_size, num_layers=1 if method == "eagle3" else num_layers,
+        intermediate_size=intermediate_size,
+        markov_rank=(min(256, d) if markov_rank is None else markov_rank) if dspark else 0,
+        markov_factored=markov_factored and dspark, markov_candidates=0 if markov_factored else 256,
+        confidence_head=dspark, target_fingerprint=target_fingerprint(target), target_name=Path(model_dir).name,
     )
+    pad = target.config.eos_token_id[0] if target.config.eos_token_id else 0
+    fcache = cache.with_name(f"{cache.stem}-feats-{'-'.join(map(str, cfg.target_layer_ids))}.pt")
+    if fcache.exists():
+        feats = torch.load(fcache)
+    else:  # in the dtype the target serves in, as the drafter will see it
+        served = load_model(model_dir, Settings(model=model_dir, device=device).torch_dtype, device)
+        feats = target_features(served, data, cfg.target_layer_ids, pad)
+        del served
+        torch.save(feats, fcache)
     drafter = build_drafter(cfg, target).to(dev)
     outdir = Path(out)
     ckpt = outdir / "train_state.pt"
@@ -243,19 +278,18 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         gen.set_state(st["gen"])
         start, log = st["step"], st["log"]
         print(f"resumed from step {start}")
-    pad = target.config.eos_token_id[0] if target.config.eos_token_id else 0
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=f"train {method}", mininterval=5, initial=start, total=steps)
     for step in bar:
         idx = torch.randint(0, len(data), (batch,), generator=gen).tolist()
-        ids, gen_mask = make_batch([data[i] for i in idx], pad)
+        ids, gen_mask, tp, fin = make_batch([data[i] for i in idx], pad, [feats[i] for i in idx])
         anc, valid = sample_anchors(gen_mask, anchors, gen)
-        ids, gen_mask, anc, valid = (x.to(dev) for x in (ids, gen_mask, anc, valid))
+        ids, gen_mask, anc, valid, tp, fin = (x.to(dev) for x in (ids, gen_mask, anc, valid, tp, fin))
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             if method == "eagle3":
-                loss, m = eagle3_loss(drafter, target, ids, gen_mask, gen=gen)
+                loss, m = eagle3_loss(drafter, target, ids, gen_mask, tp, fin, gen=gen)
             else:
-                loss, m = drafter_loss(drafter, target, ids, gen_mask, anc, valid, method)
+                loss, m = drafter_loss(drafter, target, ids, gen_mask, anc, valid, method, tp, fin)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
@@ -272,7 +306,8 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         if stopping:
             return None
     cfg.training = {"steps": steps, "batch": batch, "anchors_per_seq": anchors, "lr": lr, "seed": seed,
-                    "prompts": num_prompts, "max_new_tokens": max_new, "seconds_this_run": round(time.time() - t0),
+                    "prompts": num_prompts, "max_new_tokens": max_new, "data": "ShareGPT / stdlib code / math",
+                    "seconds_this_run": round(time.time() - t0),
                     "final": log[-1] if log else {}}
     save_drafter(drafter.cpu().eval(), outdir)
     (outdir / "training_log.json").write_text(json.dumps(log, indent=1))

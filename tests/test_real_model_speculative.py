@@ -1,0 +1,80 @@
+"""Speculation on the real default model (SmolLM2-135M-Instruct) with drafters trained for it: greedy output
+identical to the target's over held-out prompts (HumanEval, held-out ShareGPT, generated math) for every drafter
+and draft policy, and sampled output distributed as the target's.
+
+The dspark drafter ships in the repository; dflash and eagle3 are rebuilt by one command each (README), and their
+cases skip, naming that command, until they exist. float32 (conftest), where the target's logits are exact."""
+
+import pytest
+from test_speculative import TOP_K, N, cheap_drafting, exact_joint, tv, tv_bound
+
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.settings import DEFAULT_MODEL, Settings, resolve_model
+from engine.training.eval_drafter import heldout_prompts
+
+try:
+    GGUF = resolve_model(DEFAULT_MODEL)
+except ValueError as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+PER_GROUP, TOKENS = 17, 32  # 51 prompts
+DRAFTERS = Settings(model=DEFAULT_MODEL).drafters_dir
+
+
+def settings(**kw) -> Settings:
+    return Settings(model=DEFAULT_MODEL, max_num_seqs=64, max_num_batched_tokens=4096, **kw)
+
+
+def need(method: str) -> None:
+    if not (DRAFTERS / method / "config.json").exists():
+        pytest.skip(f"no {method} drafter for {DEFAULT_MODEL}: build it with `dspark train-drafter --method {method}` "
+                    "(README, Drafters)")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    eng = LLMEngine(settings())
+    ps = [p for g in heldout_prompts(eng.tokenizer, PER_GROUP, seed=0).values() for p in g]
+    assert len(ps) >= 50
+    return ps, [s.output_ids for s in eng.generate(ps, SamplingParams(temperature=0, max_tokens=TOKENS))]
+
+
+def test_dspark_drafter_ships_within_the_size_budget():
+    files = [f for f in (DRAFTERS / "dspark").iterdir() if f.is_file()]
+    assert {"config.json", "model.safetensors"} <= {f.name for f in files}
+    size = sum(f.stat().st_size for f in files)
+    assert size <= 8 * 2**20, f"shipped dspark drafter is {size / 2**20:.1f} MiB > 8 MiB"
+
+
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+@pytest.mark.parametrize("method", ["dspark", "dflash", "eagle3"])
+def test_greedy_identical_on_heldout_prompts(method, policy, reference):
+    need(method)
+    ps, ref = reference
+    eng = LLMEngine(settings(speculative=method, draft_policy=policy))
+    if policy == "adaptive":
+        cheap_drafting(eng)  # drafts under any load, lengths from the scheduler's rule
+    seqs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=TOKENS))
+    mismatched = [i for i, s in enumerate(seqs) if s.output_ids != ref[i]]
+    assert not mismatched, f"{len(mismatched)} of {len(ps)} differ, first {mismatched[:5]}"
+    rounds = eng.stats["draft_rounds"]
+    assert rounds and eng.stats["accepted_tokens"] > 0.5 * rounds, "the drafter does real work"
+    assert eng.block_manager.num_free == eng.block_manager.num_blocks and not eng.draft_ctx
+    eng.block_manager.check()
+
+
+def test_sampled_distribution_matches_target():
+    """Three tokens at temperature 1, top-k 4, under the shipped dspark drafter: the joint distribution of N
+    samples against the target's, enumerated exactly (the bound is calibrated by simulation)."""
+    need("dspark")
+    eng = LLMEngine(Settings(model=DEFAULT_MODEL, max_num_seqs=512, max_num_batched_tokens=8192,
+                             speculative="dspark", draft_policy="fixed"))
+    ids = eng.tokenizer.encode_chat([{"role": "user", "content": "Write a Python function that adds two numbers."}])
+    params = [SamplingParams(temperature=1.0, top_k=TOP_K, seed=s, max_tokens=3, ignore_eos=True) for s in range(N)]
+    counts: dict = {}
+    for s in eng.generate([ids] * N, params):
+        counts[tuple(s.output_ids)] = counts.get(tuple(s.output_ids), 0) + 1
+    assert eng.stats["accepted_tokens"] > 0
+    joint = exact_joint(eng, ids)
+    assert tv(counts, joint, N) < tv_bound(joint, N)
