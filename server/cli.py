@@ -55,7 +55,8 @@ def cmd_train_drafter(args) -> None:
                         block_size=args.block_size, num_layers=args.num_layers, markov_rank=args.markov_rank,
                         lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens,
                         device=args.device, intermediate_size=args.intermediate_size,
-                        markov_factored=args.markov_factored, taps=args.taps, anchors=args.anchors))
+                        markov_factored=args.markov_factored, taps=args.taps, anchors=args.anchors,
+                        gen_limit=args.gen_limit))
 
 
 def _loadtest_flags(p: argparse.ArgumentParser) -> None:
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--intermediate-size", type=int, default=0, help="drafter MLP width; 0 = the target's")
     p.add_argument("--taps", type=int, default=5, help="target layers whose hidden states feed the drafter")
     p.add_argument("--anchors", type=int, default=16, help="blocks trained per sequence per step")
+    p.add_argument("--gen-limit", type=int, default=None,
+                   help="answer only the first N of the --num-prompts draw (a shorter generation, same recipe)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-prompts", type=int, default=1536)

@@ -175,6 +175,7 @@ def prompt_set(split: str, per_group: int | dict[str, int], count_tokens: Callab
         "chat": [t for t in dict.fromkeys(sharegpt) if heldout_text(t) == held],
         "code": ([HUMANEVAL_ASK.format(prompt=p) for p in humaneval_prompts()] if held
                  else stdlib_code_asks(random.Random(seed))),
+        # held-out draws are prefixes of one generator: excluding as many as train draws covers every smaller one
         "math": math_questions(want.get("math", 0), 10_000 + seed) if held else
         math_questions(want.get("math", 0), seed, set(math_questions(want.get("math", 0), 10_000 + seed))),
     }

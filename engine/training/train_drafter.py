@@ -32,9 +32,10 @@ GROUP_SHARE = {"code": 0.4, "chat": 0.4, "math": 0.2}
 
 
 def generate_data(model_dir: str, n: int, max_new: int, seed: int, device: str = "cpu", batch: int = 64,
-                  max_prompt_tokens: int = 256, partial: Path | None = None) -> list[dict]:
-    """The target answers n real training prompts (`prompts.prompt_set`, 40% code, 40% chat, 20% math) with this
-    engine, batched, sampling at temperature 0.7 / top-p 0.8 / top-k 20 as DeepSpec regenerates its data.
+                  max_prompt_tokens: int = 256, partial: Path | None = None, limit: int | None = None) -> list[dict]:
+    """The target answers n real training prompts (`prompts.prompt_set`, 40% code, 40% chat, 20% math; only the
+    first `limit` of that draw when given) with this engine, batched, sampling at temperature 0.7 / top-p 0.8 /
+    top-k 20 as DeepSpec regenerates its data.
 
     Progress is saved to `partial` after every chunk, so a stopped run picks up where it was."""
     eng = LLMEngine(Settings(model=model_dir, max_num_seqs=batch, max_num_batched_tokens=4096, device=device))
@@ -43,6 +44,7 @@ def generate_data(model_dir: str, n: int, max_new: int, seed: int, device: str =
     sets = prompt_set("train", want, lambda t: len(eng.tokenizer.encode(t)), max_prompt_tokens, seed)
     items = [(g, m) for g in GROUPS for m in sets.get(g, [])]
     random.Random(seed).shuffle(items)
+    items = items[:limit]
     data = torch.load(partial) if partial is not None and partial.exists() else []
     chunk, t0, new_tokens = batch * 4, time.time(), 0
     bar = tqdm(total=len(items), initial=len(data), desc="target generations", mininterval=5)
@@ -217,7 +219,7 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
                   lr: float = 1e-3, seed: int = 0, num_prompts: int = 1536, max_new: int = 128,
                   data_cache: str | None = None, save_every: int = 250, stop_after: int | None = None,
                   device: str = "cpu", intermediate_size: int = 0, markov_factored: bool = False,
-                  taps: int = 5) -> dict | None:
+                  taps: int = 5, gen_limit: int | None = None) -> dict | None:
     """Train and save to `out`. `stop_after` ends this run after that many steps, leaving a checkpoint that the
     next call resumes from exactly (model, optimizer, schedule and data-sampling state).
 
@@ -230,14 +232,16 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
     target = load_model(model_dir, device=device).eval()
     for p in target.parameters():
         p.requires_grad_(False)
-    cache = Path(data_cache or Path("runs") / f"drafter-data-{Path(model_dir).name}-{num_prompts}-{max_new}-{seed}.pt")
+    stem = f"drafter-data-{Path(model_dir).name}-{num_prompts}-{max_new}-{seed}"
+    stem += f"-{gen_limit}" if gen_limit else ""
+    cache = Path(data_cache or Path("runs") / f"{stem}.pt")
     if cache.exists():
         data = torch.load(cache)
     else:
         t0 = time.time()
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(".partial")
-        data = generate_data(model_dir, num_prompts, max_new, seed, device=device, partial=partial)
+        data = generate_data(model_dir, num_prompts, max_new, seed, device=device, partial=partial, limit=gen_limit)
         torch.save(data, cache)
         partial.unlink(missing_ok=True)
         print(f"generated {sum(len(x['ids']) - x['prompt_len'] for x in data)} target tokens in "
@@ -306,7 +310,8 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         if stopping:
             return None
     cfg.training = {"steps": steps, "batch": batch, "anchors_per_seq": anchors, "lr": lr, "seed": seed,
-                    "prompts": num_prompts, "max_new_tokens": max_new, "data": "ShareGPT / stdlib code / math",
+                    "prompts": num_prompts, "max_new_tokens": max_new, "gen_limit": gen_limit,
+                    "sequences": len(data), "data": "ShareGPT / stdlib code / math",
                     "seconds_this_run": round(time.time() - t0),
                     "final": log[-1] if log else {}}
     save_drafter(drafter.cpu().eval(), outdir)
