@@ -27,10 +27,20 @@ CHAT = ["Explain lists in Python.", "How do I read a file line by line?", "What 
 
 
 def builtin_prompts(kind: str, n: int = 24, seed: int = 0) -> list[dict]:
-    """Request bodies (without model/sampling fields) for 'code', 'math', 'chat' or 'mixed'."""
+    """Request bodies (without model/sampling fields) for 'code', 'math', 'chat' or 'mixed' (the tiny test model's
+    kind of text), or 'heldout': the drafters' held-out real prompts (HumanEval, held-out ShareGPT, generated
+    math; engine/training/prompts.py), interleaved, counted with the default model's tokenizer."""
     from engine.training.corpus import math_problem
 
     rng = random.Random(seed)
+    if kind == "heldout":
+        from engine.settings import DEFAULT_MODEL, resolve_model
+        from engine.tokenizer import Tokenizer
+        from engine.training.prompts import prompt_set
+
+        tok = Tokenizer(resolve_model(DEFAULT_MODEL))
+        sets = list(prompt_set("heldout", -(-n // 3), lambda t: len(tok.encode(t)), seed=seed).values())
+        return [{"messages": sets[i % 3][i // 3]} for i in range(n)]
     if kind == "mixed":
         sets = [builtin_prompts(k, n, seed) for k in ("code", "math", "chat")]
         return [sets[i % 3][i // 3] for i in range(n)]
@@ -40,7 +50,7 @@ def builtin_prompts(kind: str, n: int = 24, seed: int = 0) -> list[dict]:
         return [{"messages": [{"role": "user", "content": math_problem(rng)[0]}]} for _ in range(n)]
     if kind == "chat":
         return [{"messages": [{"role": "user", "content": CHAT[i % len(CHAT)]}]} for i in range(n)]
-    raise ValueError(f"unknown prompt set {kind!r} (code, math, chat, mixed)")
+    raise ValueError(f"unknown prompt set {kind!r} (code, math, chat, mixed, heldout)")
 
 
 def file_prompts(path: str) -> list[dict]:

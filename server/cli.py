@@ -60,7 +60,8 @@ def cmd_train_drafter(args) -> None:
 
 
 def _loadtest_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", default="mixed", help="code | math | chat | mixed, or a .jsonl file")
+    p.add_argument("--prompts", default="mixed", help="code | math | chat | mixed | heldout (real held-out prompts), "
+                   "or a .jsonl file")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--slo", type=float, default=0.0, help="per-request tokens/s target sent as slo_tokens_per_s")

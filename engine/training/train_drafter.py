@@ -223,8 +223,9 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
     """Train and save to `out`. `stop_after` ends this run after that many steps, leaving a checkpoint that the
     next call resumes from exactly (model, optimizer, schedule and data-sampling state).
 
-    Weights are float32 on every device; on CUDA the forward runs under bf16 autocast. Data sampling uses a
-    CPU generator, so the batches are the same on every device."""
+    Weights are float32 on every device; where the target serves in bfloat16 (CUDA, CPUs with bf16 kernels) the
+    forward runs under bf16 autocast. Data sampling uses a CPU generator, so the batches are the same on every
+    device."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -257,11 +258,13 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         confidence_head=dspark, target_fingerprint=target_fingerprint(target), target_name=Path(model_dir).name,
     )
     pad = target.config.eos_token_id[0] if target.config.eos_token_id else 0
+    serve_dtype = Settings(model=model_dir, device=device).torch_dtype
+    amp = serve_dtype == torch.bfloat16  # matmuls in bf16 where the target serves in it (CUDA, bf16 CPUs)
     fcache = cache.with_name(f"{cache.stem}-feats-{'-'.join(map(str, cfg.target_layer_ids))}.pt")
     if fcache.exists():
         feats = torch.load(fcache)
     else:  # in the dtype the target serves in, as the drafter will see it
-        served = load_model(model_dir, Settings(model=model_dir, device=device).torch_dtype, device)
+        served = load_model(model_dir, serve_dtype, device)
         feats = target_features(served, data, cfg.target_layer_ids, pad)
         del served
         torch.save(feats, fcache)
@@ -289,9 +292,10 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         ids, gen_mask, tp, fin = make_batch([data[i] for i in idx], pad, [feats[i] for i in idx])
         anc, valid = sample_anchors(gen_mask, anchors, gen)
         ids, gen_mask, anc, valid, tp, fin = (x.to(dev) for x in (ids, gen_mask, anc, valid, tp, fin))
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             if method == "eagle3":
-                loss, m = eagle3_loss(drafter, target, ids, gen_mask, tp, fin, gen=gen)
+                # as many supervised slots per unrolled step as the block drafters get blocks per step
+                loss, m = eagle3_loss(drafter, target, ids, gen_mask, tp, fin, max_slots=batch * anchors, gen=gen)
             else:
                 loss, m = drafter_loss(drafter, target, ids, gen_mask, anc, valid, method, tp, fin)
         opt.zero_grad(set_to_none=True)
