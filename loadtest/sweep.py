@@ -110,6 +110,8 @@ def run_point(server: Server, prompts: list[dict], users: int, requests_per_user
     accepted = _delta(after, before, "dspark_spec_accepted_tokens_total")
     verified = _delta(after, before, "dspark_spec_draft_tokens_total")
     step_s = _delta(after, before, "dspark_step_seconds_sum")
+    ok = [r for r in results if r.ok]
+    s.update(requests_tps=[round(r.tokens_per_s, 2) for r in ok], requests_tokens=[r.tokens for r in ok])
     s.update(concurrency=users, tau=(rounds + accepted) / rounds if rounds else None,
              draft_per_round=verified / rounds if rounds else None,
              scheduler_share=_delta(after, before, "dspark_scheduler_seconds_sum") / step_s if step_s else None)
@@ -146,9 +148,21 @@ def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed",
     return data
 
 
-def render(json_path: str, write_md: str | None = "docs/benchmarks.md") -> None:
-    """Redraw the chart and table of a saved sweep (no server, no load)."""
-    publish(json.loads(Path(json_path).read_text()), Path(json_path), write_md)
+def render(json_path: str, write_md: str | None = "docs/benchmarks.md", goodput_slo: float = 0.0) -> None:
+    """Redraw the chart and table of a saved sweep (no server, no load); with goodput_slo, also the goodput."""
+    data = json.loads(Path(json_path).read_text())
+    if goodput_slo:
+        data["config"]["goodput_slo"] = goodput_slo
+        Path(json_path).write_text(json.dumps(data, indent=1))
+    publish(data, Path(json_path), write_md)
+
+
+def goodput(point: dict, slo: float) -> float | None:
+    """Tokens/s of the requests whose own tokens/s met `slo` (DistServe's goodput, in tokens)."""
+    if "requests_tps" not in point:
+        return None
+    good = sum(n for tps, n in zip(point["requests_tps"], point["requests_tokens"]) if tps >= slo)
+    return good / point["wall_s"] if point["wall_s"] else 0.0
 
 
 def publish(data: dict, json_path: Path, write_md: str | None) -> None:
@@ -230,6 +244,19 @@ def markdown(data: dict, name: str, chart: str) -> str:
             lines.append(f"| {mode} | {p['concurrency']} | {p['total_tokens_per_s']:.1f} | {u['p50']:.1f} / "
                          f"{u['p90']:.1f} | {p['ttft_s']['p50'] * 1e3:.0f} | {p['tpot_s']['p50'] * 1e3:.1f} | {tau} | "
                          f"{dpr} | {share} | {sum(p['errors'].values())} |")
+    slo = cfg.get("goodput_slo")
+    if slo:
+        modes = list(data["modes"])
+        lines += ["", f"Goodput at a per-user SLO of {slo:g} tok/s (tokens/s of the requests that met it; the SLO "
+                  "chosen from the curve above, rendered with `dspark loadtest sweep --render docs/"
+                  f"{name}.json --goodput-slo {slo:g}`):", "",
+                  "| users | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+        for i, c in enumerate(cfg["concurrencies"]):
+            cells = []
+            for m in modes:
+                g = goodput(data["modes"][m][i], slo) if i < len(data["modes"][m]) else None
+                cells.append("-" if g is None else f"{g:.1f}")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     rows = adaptive_vs_fixed(data)
     if rows:
         def cell(r, key, what):

@@ -93,9 +93,9 @@ def cmd_loadtest_sweep(args) -> None:
     from loadtest.sweep import render, sweep
 
     if args.render:
-        return render(args.render, args.write or None)
+        return render(args.render, args.write or None, args.goodput_slo)
     if args.prompts.endswith(".jsonl"):
-        raise SystemExit("sweep uses the built-in prompt sets (code, math, chat, mixed)")
+        raise SystemExit("sweep uses the built-in prompt sets (code, math, chat, mixed, heldout)")
     sweep([m.strip() for m in args.modes.split(",")], [int(c) for c in args.concurrency.split(",")],
           args.prompts, args.max_tokens, args.temperature, args.slo, args.requests, args.server_flags,
           args.out_dir, write_md=args.write or None)
@@ -116,7 +116,7 @@ def cmd_eval_drafter(args) -> None:
     from engine.training.eval_drafter import evaluate
 
     evaluate(Settings(model=args.model).model, args.methods.split(","), per_group=args.per_group,
-             max_tokens=args.max_tokens, write=args.write,
+             max_tokens=args.max_tokens, write=args.write, thresholds=tuple(map(float, args.thresholds.split(","))),
              save_calibration=not args.no_calibration, drafter=args.drafter)
 
 
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-group", type=int, default=24)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--no-calibration", action="store_true", help="do not write fitted confidence temperatures")
+    p.add_argument("--thresholds", default="0.5,0.6,0.7,0.8", help="confidence cuts to sweep (dspark)")
     p.add_argument("--drafter", default=None, help="evaluate this drafter directory (one method) instead")
     p.add_argument("--write", default="docs/benchmarks.md")
     p.set_defaults(fn=cmd_eval_drafter)
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--out-dir", default="docs")
     q.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
     q.add_argument("--render", default=None, help="only redraw chart and table from this saved sweep JSON")
+    q.add_argument("--goodput-slo", type=float, default=0.0,
+                   help="with --render: add goodput (tokens/s of requests meeting this per-user tok/s)")
     q.add_argument("server_flags", nargs="*", help="after --: extra flags for every server")
     q.set_defaults(fn=cmd_loadtest_sweep)
 

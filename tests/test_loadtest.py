@@ -4,7 +4,7 @@ import asyncio
 import json
 
 from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop, open_loop, percentiles, summarize
-from loadtest.sweep import adaptive_vs_fixed, markdown, sweep
+from loadtest.sweep import adaptive_vs_fixed, goodput, markdown, render, sweep
 
 
 def test_closed_and_open_loop_against_the_server(server):
@@ -43,3 +43,14 @@ def test_sweep_writes_json_chart_and_table(tmp_path):
     rows = adaptive_vs_fixed(data)
     assert len(rows) == 2 and "none" in rows[0] and "fixed" not in rows[0]  # no fixed-k mode in this sweep
     assert markdown(data, "x", "x.png").count("| none |") == 2
+    for points in data["modes"].values():  # per-request figures are kept, so goodput can be read afterwards
+        assert all(len(p["requests_tps"]) == p["ok"] == len(p["requests_tokens"]) for p in points)
+    render(str(tmp_path / "sweep-test.json"), str(md), goodput_slo=1e-3)
+    assert "Goodput at a per-user SLO of 0.001 tok/s" in md.read_text()
+
+
+def test_goodput_counts_only_requests_meeting_the_slo():
+    point = {"requests_tps": [10.0, 30.0, 50.0], "requests_tokens": [64, 32, 16], "wall_s": 4.0}
+    assert goodput(point, 30.0) == (32 + 16) / 4.0
+    assert goodput(point, 60.0) == 0.0
+    assert goodput({"wall_s": 1.0}, 1.0) is None  # a sweep saved before per-request figures

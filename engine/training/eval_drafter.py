@@ -128,14 +128,34 @@ def evaluate(model_dir: str, methods: list[str], per_group: int = 24, max_tokens
                       "rate@p=" + ",".join(f"{x:.2f}" for x in row["accept_rate"]),
                       *(f"ece={row['ece']:.3f} auroc={row['auroc']:.3f}",) if "ece" in row else ())
     if write:
-        write_markdown(Path(write), results, methods, thresholds, per_group, max_tokens)
+        merged = merge_results(Path(write).with_name("acceptance.json"), results, per_group, max_tokens)
+        write_markdown(Path(write), merged, thresholds, per_group, max_tokens)
     return results
 
 
-def write_markdown(path: Path, results, methods, thresholds, per_group, max_tokens) -> None:
+def merge_results(path: Path, results: dict, per_group: int, max_tokens: int) -> dict:
+    """Results of earlier runs (other methods, same settings) kept beside this run's, in `path` (JSON): each
+    drafter can be evaluated as soon as it is trained."""
+    import json
+
+    old = json.loads(path.read_text()) if path.exists() else {}
+    keep = {} if old.get("settings") != [per_group, max_tokens] else old.get("rows", {})
+    done = {m for m, _, _ in results}
+    rows = {k: v for k, v in keep.items() if k.split("|")[0] not in done}
+    rows.update({f"{m}|{t}|{g}": r for (m, t, g), r in results.items()})
+    path.write_text(json.dumps({"settings": [per_group, max_tokens], "rows": rows}, indent=1))
+    order = {m: i for i, m in enumerate(("dspark", "dflash", "eagle3"))}
+    keys = sorted(rows, key=lambda k: (order.get(k.split("|")[0], 9), float(k.split("|")[1]), k.split("|")[2]))
+    return {(k.split("|")[0], float(k.split("|")[1]), k.split("|")[2]): rows[k] for k in keys}
+
+
+def write_markdown(path: Path, results, thresholds, per_group, max_tokens) -> None:
+    methods = list(dict.fromkeys(m for m, _, _ in results))
     lines = ["<!-- bench:acceptance -->", "## Drafter acceptance on held-out prompts (default model, block 7)", "",
              f"Command: `dspark eval-drafter --methods {','.join(methods)} --per-group {per_group} --max-tokens "
-             f"{max_tokens}`. Batch 1; {per_group} prompts per group, up to {max_tokens} new tokens each. "
+             f"{max_tokens}` (methods may be evaluated in separate runs with the same settings: "
+             f"docs/acceptance.json keeps each one's rows). Batch 1; {per_group} prompts per group, up to "
+             f"{max_tokens} new tokens each. "
              "tau = committed tokens per round incl. the bonus; rate@p = P(accepted > p | proposed > p) (DeepSpec's "
              "definition); ECE / AUROC of the calibrated confidences' running product against the accepted-prefix "
              "label; 'cut t': drafts stop where a calibrated confidence falls below t (accepted share = accepted / "
@@ -150,5 +170,27 @@ def write_markdown(path: Path, results, methods, thresholds, per_group, max_toke
                      + " ".join(f"{x:.2f}" for x in r["accept_rate"]) + " | "
                      + (f"{r['ece']:.3f} | {r['auroc']:.3f}" if "ece" in r else "- | -") + " | "
                      + " | ".join(cut) + " |")
+    lines += macro_ratios(results)
+    lines += ["", "Confidence cuts are swept for dspark only (the others have no confidence head)."]
     lines += ["", "<!-- /bench:acceptance -->"]
     replace_section(path, "acceptance", "\n".join(lines))
+
+
+PAPER_RATIO = {"dflash": 1.17, "eagle3": 1.30}  # DSpark paper: macro tau of DSpark over DFlash / EAGLE-3
+
+
+def macro_ratios(results) -> list[str]:
+    """tau(dspark) / tau(other), macro-averaged over groups (mean of tau per group), per temperature."""
+    temps = sorted({t for _, t, _ in results})
+    out = []
+    for other, paper in PAPER_RATIO.items():
+        for t in temps:
+            a = [r["tau"] for (m, tt, _), r in results.items() if m == "dspark" and tt == t]
+            b = [r["tau"] for (m, tt, _), r in results.items() if m == other and tt == t]
+            if a and b and len(a) == len(b):
+                out.append(f"| dspark / {other} | {t} | {sum(a) / len(a):.2f} / {sum(b) / len(b):.2f} = "
+                           f"{sum(a) / sum(b):.2f}x | {paper:.2f}x |")
+    if not out:
+        return []
+    return ["", "Macro tau (mean over groups) of dspark over the other drafters, beside the DSpark paper's ratios:", "",
+            "| ratio | T | tau | paper |", "|---|---|---|---|", *out]
