@@ -210,3 +210,32 @@ def test_markov_greedy_shortcut_is_the_exact_argmax(base, k_cand):
     assert got == want
     if k_cand == 1:
         assert drafter.markov_fallbacks > 0  # the fallback path ran and was checked too
+
+
+def test_factored_markov_head_goes_through_the_targets_embedding_and_lm_head(base, tmp_path):
+    """bias(prev) = W_lm B A E[prev]: only A and B are stored (no vocabulary-sized tensor), the save/load round
+    trip keeps it, and the greedy shortcut over its tables is still the exact argmax."""
+    from engine.drafters import DrafterConfig, build_drafter, load_drafter, save_drafter, target_fingerprint
+
+    model = base.model
+    cfg = DrafterConfig(method="dspark", target_layer_ids=[0, 1], num_layers=1, intermediate_size=64,
+                        markov_rank=8, markov_factored=True, confidence_head=True, markov_candidates=16,
+                        target_fingerprint=target_fingerprint(model))
+    drafter = build_drafter(cfg, model)
+    torch.nn.init.normal_(drafter.markov_b.weight, std=0.05)
+    vocab, d = model.config.vocab_size, model.config.hidden_size
+    assert all(vocab not in p.shape for p in drafter.state_dict().values())
+    assert drafter.layers[0].mlp.gate_proj.weight.shape == (64, d)
+    prev = torch.randint(0, vocab, (50,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        emb, lm = model.model.embed_tokens.weight, model.lm_head.weight
+        want = (emb[prev] @ drafter.markov_a.weight.T @ drafter.markov_b.weight.T) @ lm.T
+        torch.testing.assert_close(drafter.markov_bias(prev), want, atol=1e-4, rtol=1e-4)
+        save_drafter(drafter, tmp_path / "d")
+        again = load_drafter(tmp_path / "d", model)
+        torch.testing.assert_close(again.markov_bias(prev), drafter.markov_bias(prev).bfloat16().float(),
+                                   atol=2e-2, rtol=2e-2)  # saved in bf16
+        logits = torch.randn(50, vocab, generator=torch.Generator().manual_seed(2)) * 2
+        top = logits.topk(16, -1)
+        got = again._markov_argmax(logits, top.values, top.indices, prev)
+        assert got == (logits + again.markov_bias(prev).float()).argmax(-1).tolist()

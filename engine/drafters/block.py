@@ -20,6 +20,14 @@ from engine.model_config import ModelConfig
 from engine.sampling import SamplingParams, draw, filter_logits
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place update counter (cache keys); inference tensors have none (-1: their data pointer decides)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class BlockAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -131,7 +139,7 @@ class BlockDrafter(nn.Module):
             return self.markov_in.weight, self.markov_out.weight
         assert self._target is not None, "factored Markov head: call attach_target(target) first"
         a, b = self.markov_a.weight, self.markov_b.weight
-        key = (a.data_ptr(), a._version, b.data_ptr(), b._version, a.dtype)
+        key = (a.data_ptr(), _version(a), b.data_ptr(), _version(b), a.dtype)
         if torch.is_grad_enabled() or getattr(self, "_tables", (None,))[0] != key:
             emb, lm = (w.detach().to(a.dtype) for w in self._target)
             tables = (emb @ a.T, lm @ b)
@@ -159,7 +167,7 @@ class BlockDrafter(nn.Module):
         dtype, so the shortcut and the full scoring agree (up to float32 summation order, covered by a margin).
         """
         w1, w2 = self.markov_tables()
-        key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version)
+        key = (w1.data_ptr(), _version(w1), w2.data_ptr(), _version(w2))
         if getattr(self, "_max_bias", (None,))[0] != key:
             w2f = w2.float()
             table = torch.cat([(w1[i : i + 1024].float() @ w2f.T).amax(-1) for i in range(0, len(w1), 1024)])

