@@ -59,7 +59,7 @@ def test_greedy_identical_on_heldout_prompts(method, policy, reference):
     mismatched = [i for i, s in enumerate(seqs) if s.output_ids != ref[i]]
     assert not mismatched, f"{len(mismatched)} of {len(ps)} differ, first {mismatched[:5]}"
     rounds = eng.stats["draft_rounds"]
-    assert rounds and eng.stats["accepted_tokens"] > 0.5 * rounds, "the drafter does real work"
+    assert rounds and eng.stats["accepted_tokens"] > 0.3 * rounds, "the drafter does real work"
     assert eng.block_manager.num_free == eng.block_manager.num_blocks and not eng.draft_ctx
     eng.block_manager.check()
 
