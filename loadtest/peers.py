@@ -286,26 +286,38 @@ def run_peers(model: str, gguf: str, hf_dir: str, peers_python: str, users: list
                        "seed": seed, "threads": threads, "pld_tokens": pld_tokens, "ignore_eos": False,
                        "command": command or "", "cpu": _cpu_name()},
             "versions": v, "prompts": prompts, "systems": {}}
+    run_each(chosen, v, data, log_dir,
+             lambda server, s, points: measure(server, prompts, users, requests, max_tokens, count, s.name, points))
+    return save(data, out_dir, name, write_md, markdown)
+
+
+def run_each(chosen: list[System], v: dict, data: dict, log_dir: Path, measure_one: Callable) -> None:
+    """Start each system in turn, measure_one(server, system, points) it, stop it; a failure is recorded in
+    data["systems"] and the other systems still run."""
     for s in chosen:
         entry = {"version": system_version(s, v), "command": s.command(), "points": [], "error": None}
         data["systems"][s.name] = entry
         server = None
         try:
             server = start(s, log_dir)
-            measure(server, prompts, users, requests, max_tokens, count, s.name, entry["points"])
-        except (RuntimeError, httpx.HTTPError, OSError) as e:  # recorded; the other systems still run
+            measure_one(server, s, entry["points"])
+        except (RuntimeError, httpx.HTTPError, OSError) as e:
             entry["error"] = f"{type(e).__name__}: {e}"
             print(f"{s.name}: {entry['error']}", file=sys.stderr, flush=True)
         finally:
             if server is not None:
                 server.stop()
+
+
+def save(data: dict, out_dir: str, name: str, write_md: str | None, render: Callable[[dict, str], str]) -> dict:
+    """The run's JSON in out_dir, and its section (rendered by `render`) in the report."""
     path = Path(out_dir) / f"{name}.json"
     path.write_text(json.dumps(data, indent=1))
     print(f"wrote {path}")
     if write_md:
         from engine.report import replace_section
 
-        replace_section(Path(write_md), name, markdown(data, name))
+        replace_section(Path(write_md), name, render(data, name))
     return data
 
 
@@ -459,27 +471,9 @@ def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group:
                        "max_prompt_tokens": max_prompt_tokens, "seed": seed, "threads": threads,
                        "pld_tokens": pld_tokens, "temperatures": [0.0, 1.0], "command": command or "",
                        "cpu": _cpu_name()}, "versions": v, "prompts": groups, "systems": {}}
-    for s in chosen:
-        entry = {"version": system_version(s, v), "command": s.command(), "points": [], "error": None}
-        data["systems"][s.name] = entry
-        server = None
-        try:
-            server = start(s, log_dir)
-            measure_groups(server, s, groups, [0.0, 1.0], max_tokens, count, entry["points"])
-        except (RuntimeError, httpx.HTTPError, OSError) as e:
-            entry["error"] = f"{type(e).__name__}: {e}"
-            print(f"{s.name}: {entry['error']}", file=sys.stderr, flush=True)
-        finally:
-            if server is not None:
-                server.stop()
-    path = Path(out_dir) / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1))
-    print(f"wrote {path}")
-    if write_md:
-        from engine.report import replace_section
-
-        replace_section(Path(write_md), name, groups_markdown(data, name))
-    return data
+    run_each(chosen, v, data, log_dir,
+             lambda server, s, points: measure_groups(server, s, groups, [0.0, 1.0], max_tokens, count, points))
+    return save(data, out_dir, name, write_md, groups_markdown)
 
 
 def groups_markdown(data: dict, name: str) -> str:
