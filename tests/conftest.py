@@ -42,11 +42,14 @@ class ServerProcess(Server):
         super().__init__(["--model", str(model), "--drain-grace-s", "5", *flags], logs if logs.exists() else None,
                          ready_timeout=120)
 
-    def metric(self, name: str) -> float:
-        """Value of a sample; `name` may include its labels, e.g. 'x_total{drafter="dspark"}'."""
+    def metric(self, name: str, default: float | None = None) -> float:
+        """Value of a sample; `name` may include its labels, e.g. 'x_total{drafter="dspark"}'. A labelled child
+        not created yet (no request has reached it) reads as `default` when one is given."""
         for key, value in scrape(self.url).items():
             if key == name or ("{" not in name and key.startswith(name + "{")):
                 return value
+        if default is not None:
+            return default
         raise KeyError(name)
 
 
@@ -56,3 +59,11 @@ def server(model_dir):
     s = ServerProcess(model_dir, "--max-num-batched-tokens", "256", "--speculative", "none")
     yield s
     s.stop()
+
+
+def cheap_drafting(eng) -> None:
+    """Make the adaptive policy draft under any load: drafting free, verification cost growing with B, so the
+    lengths it verifies vary with the confidences (the scheduler's rule runs, not a fixed length)."""
+    eng.cost.draft.seconds = [0.0] * len(eng.cost.draft.points)
+    eng.cost.verify.seconds = [1.0 + 0.002 * b for b in eng.cost.verify.points]
+    eng.cost.verify.alpha = eng.cost.draft.alpha = 0.0  # keep these numbers: no online refresh

@@ -4,9 +4,8 @@ import random
 
 import pytest
 import torch
-from conftest import TEST_MODEL
+from conftest import TEST_MODEL, cheap_drafting
 
-from engine import llm_engine
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.settings import Settings
@@ -107,88 +106,6 @@ def test_adaptive_policy_greedy_identical(method, reference):
     assert 0 < eng.stats["verified_tokens"] < eng.stats["draft_tokens"]
     assert eng.block_manager.num_free == eng.block_manager.num_blocks
     eng.block_manager.check()
-
-
-# -- sampling is lossless ----------------------------------------------------------------------------------------
-TOP_K, N = 4, 3000
-PROMPT = "def main():\n    "
-
-
-def exact_joint(eng, prompt_ids):
-    """P(t1, t2, t3) under the target with temperature 1 and top-k, by enumeration (TOP_K**3 outcomes)."""
-    model = eng.model
-
-    def dist(ids):
-        with torch.inference_mode():
-            h, _ = model(torch.tensor([ids]))
-            logits = model.logits(h)[0, -1]
-        v, i = logits.topk(TOP_K)
-        return dict(zip(i.tolist(), v.softmax(-1).tolist()))
-
-    joint = {}
-    for a, pa in dist(prompt_ids).items():
-        for b, pb in dist(prompt_ids + [a]).items():
-            for c, pc in dist(prompt_ids + [a, b]).items():
-                joint[(a, b, c)] = pa * pb * pc
-    return joint
-
-
-def tv(counts: dict, joint: dict, n: int) -> float:
-    keys = set(counts) | set(joint)
-    return 0.5 * sum(abs(counts.get(k, 0) / n - joint.get(k, 0.0)) for k in keys)
-
-
-def tv_bound(joint: dict, n: int, reps: int = 300) -> float:
-    """Calibrated by simulation: the TV of n exact samples exceeds this in well under 1 of `reps` trials."""
-    keys = list(joint)
-    probs = torch.tensor([joint[k] for k in keys])
-    g = torch.Generator().manual_seed(0)
-    tvs = []
-    for _ in range(reps):
-        draws = torch.multinomial(probs, n, replacement=True, generator=g)
-        counts = torch.bincount(draws, minlength=len(keys)).float() / n
-        tvs.append(0.5 * (counts - probs).abs().sum().item())
-    return max(tvs) * 1.15
-
-
-def cheap_drafting(eng: LLMEngine) -> None:
-    """Make the adaptive policy draft under any load: drafting free, verification cost growing with B, so the
-    lengths it verifies vary with the confidences (the scheduler's rule runs, not a fixed length)."""
-    eng.cost.draft.seconds = [0.0] * len(eng.cost.draft.points)
-    eng.cost.verify.seconds = [1.0 + 0.002 * b for b in eng.cost.verify.points]
-    eng.cost.verify.alpha = eng.cost.draft.alpha = 0.0  # keep these numbers: no online refresh
-
-
-def speculative_samples(method: str, threshold: float, policy: str = "fixed") -> tuple[dict, dict]:
-    eng = LLMEngine(Settings(max_num_seqs=512, max_num_batched_tokens=8192, speculative=method,
-                             confidence_threshold=threshold, draft_policy=policy))
-    if policy == "adaptive":
-        cheap_drafting(eng)
-    ids = eng.tokenizer.encode(PROMPT)
-    params = [SamplingParams(temperature=1.0, top_k=TOP_K, seed=s, max_tokens=3, ignore_eos=True) for s in range(N)]
-    counts: dict = {}
-    for s in eng.generate([ids] * N, params):
-        key = tuple(s.output_ids)
-        counts[key] = counts.get(key, 0) + 1
-    assert eng.stats["draft_tokens"] > 0
-    if policy == "adaptive":  # the scheduler verified part of the drafts, not all or nothing
-        assert 0 < eng.stats["verified_tokens"] < eng.stats["draft_tokens"]
-    return counts, exact_joint(eng, ids)
-
-
-@pytest.mark.parametrize("method,threshold,policy", [("dspark", 0.0, "fixed"), ("dspark", 0.5, "fixed"),
-                                                     ("dflash", 0.0, "fixed"), ("dspark", 0.0, "adaptive")])
-def test_sampled_distribution_matches_target(method, threshold, policy):
-    """With the adaptive policy the lengths come from the scheduler's rule over 512 concurrent requests."""
-    counts, joint = speculative_samples(method, threshold, policy)
-    assert tv(counts, joint, N) < tv_bound(joint, N)
-
-
-def test_a_broken_acceptance_rule_is_detected(monkeypatch):
-    """Accepting every draft token returns the drafter's distribution: the same check must fail."""
-    monkeypatch.setattr(llm_engine, "accept_sampled", lambda draft, q, p, gen: [*draft, int(p[-1].argmax())])
-    counts, joint = speculative_samples("dspark", 0.0)
-    assert tv(counts, joint, N) > tv_bound(joint, N)
 
 
 @pytest.mark.parametrize("k_cand", [1, 16, 256])
