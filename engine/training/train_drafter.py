@@ -219,9 +219,10 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
                   lr: float = 1e-3, seed: int = 0, num_prompts: int = 1536, max_new: int = 128,
                   data_cache: str | None = None, save_every: int = 250, stop_after: int | None = None,
                   device: str = "cpu", intermediate_size: int = 0, markov_factored: bool = False,
-                  taps: int = 5, gen_limit: int | None = None) -> dict | None:
+                  taps: int = 5, gen_limit: int | None = None, log_every: int = 25) -> dict | None:
     """Train and save to `out`. `stop_after` ends this run after that many steps, leaving a checkpoint that the
-    next call resumes from exactly (model, optimizer, schedule and data-sampling state).
+    next call resumes from exactly (model, optimizer, schedule and data-sampling state). Every `log_every`
+    steps (and a run's first and the last) the log records the loss and the data rows the batch drew.
 
     Weights are float32 on every device; where the target serves in bfloat16 (CUDA, CPUs with bf16 kernels) the
     forward runs under bf16 autocast. Data sampling uses a CPU generator, so the batches are the same on every
@@ -303,8 +304,9 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 25 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in m.items()}})
+        if step % log_every == 0 or step in (start, steps - 1):
+            log.append({"step": step, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in m.items()},
+                        "rows": idx})
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{m['acc']:.3f}")
         stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < steps
         if ((step + 1) % save_every == 0 and step + 1 < steps) or stopping:
@@ -315,7 +317,7 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
             return None
     cfg.training = {"steps": steps, "batch": batch, "anchors_per_seq": anchors, "lr": lr, "seed": seed,
                     "prompts": num_prompts, "max_new_tokens": max_new, "gen_limit": gen_limit,
-                    "sequences": len(data), "data": "ShareGPT / stdlib code / math",
+                    "sequences": len(data), "data": "ShareGPT / stdlib code / math", "first_step_this_run": start,
                     "seconds_this_run": round(time.time() - t0),
                     "final": log[-1] if log else {}}
     save_drafter(drafter.cpu().eval(), outdir)
