@@ -130,8 +130,9 @@ class AsyncEngine:
                 except ValueError as e:
                     self._deliver(rid, e)
             elif kind == "abort":
-                if arg in self.engine.seqs:
+                if arg in self.engine.seqs:  # still generating: it ends here, and is counted as aborted
                     log.info("request aborted", extra={"request_id": arg})
+                    metrics.FINISHED.labels("abort").inc()
                 self.engine.abort_request(arg)
             try:
                 kind, arg = self._inbox.get_nowait()

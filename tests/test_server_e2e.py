@@ -169,9 +169,23 @@ def test_openai_client_raises_typed_errors(server, client):
         client.completions.create(model=server.name, prompt="x", temperature=-1)
 
 
-def test_disconnect_mid_stream_frees_kv_blocks(server):
+ABORTED = 'dspark_request_finished_total{reason="abort"}'
+
+
+def assert_aborted(server, aborted_before: float, generated_before: float, max_tokens: int) -> None:
+    """The engine ended the request as aborted (a server that lets it run to its length never counts one, however
+    fast it is), it stopped generating well short of what it asked for, and its KV blocks went back."""
+    assert wait_for(lambda: server.metric(ABORTED, 0) >= aborted_before + 1, 20), "the engine never aborted it"
+    assert wait_for(lambda: server.metric("dspark_kv_free_blocks") == server.metric("dspark_kv_total_blocks"))
+    assert wait_for(lambda: server.metric("dspark_num_requests_running") == 0)
+    generated = server.metric("dspark_generation_tokens_total") - generated_before
+    assert generated < max_tokens // 2, f"{generated} tokens generated for an abandoned request"
+
+
+def test_disconnect_mid_stream_aborts_the_request(server):
     total = server.metric("dspark_kv_total_blocks")
     assert wait_for(lambda: server.metric("dspark_kv_free_blocks") == total)
+    aborted, generated = server.metric(ABORTED, 0), server.metric("dspark_generation_tokens_total")
     body = {"model": server.name, "prompt": "def main():\n" * 40, "max_tokens": 1500, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
@@ -184,16 +198,15 @@ def test_disconnect_mid_stream_frees_kv_blocks(server):
                     break
         assert server.metric("dspark_kv_free_blocks") < total  # the request holds blocks while streaming
     # leaving the block closed the connection mid-stream
-    assert wait_for(lambda: server.metric("dspark_kv_free_blocks") == total), "KV blocks not freed"
-    assert wait_for(lambda: server.metric("dspark_num_requests_running") == 0)
+    assert_aborted(server, aborted, generated, 1500)
 
 
-def test_disconnect_non_streaming_frees_kv_blocks(server):
-    total = server.metric("dspark_kv_total_blocks")
+def test_disconnect_non_streaming_aborts_the_request(server):
+    aborted, generated = server.metric(ABORTED, 0), server.metric("dspark_generation_tokens_total")
     body = {"model": server.name, "prompt": "import os\n", "max_tokens": 1800, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
-    assert wait_for(lambda: server.metric("dspark_kv_free_blocks") == total, 15), "KV blocks not freed"
+    assert_aborted(server, aborted, generated, 1800)
 
 
 def test_metrics_exported(server):
