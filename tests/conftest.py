@@ -1,4 +1,6 @@
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +15,22 @@ TEST_MODEL = REPO / "models" / "tiny-qwen3-5m"
 MODEL_DIR = Path(os.environ.get("DSPARK_TEST_MODEL", TEST_MODEL))
 os.environ["DSPARK_MODEL"] = str(MODEL_DIR)
 os.environ["DSPARK_DTYPE"] = "float32"  # the servers tests start compare with in-process fp32 engines
+
+
+# .ci/run sets this: a tool a test needs (nginx, Prometheus, kubectl, hadolint) that is missing fails the test
+# instead of skipping it, so a green CI run has really run them.
+REQUIRE_TOOLS = os.environ.get("DSPARK_REQUIRE_TOOLS") == "1"
+
+
+def needs_tool(path: str | Path | None, reason: str):
+    """skipif the tool is missing; under DSPARK_REQUIRE_TOOLS=1 the test runs anyway and fails on it."""
+    missing = path is None or not Path(path).exists()
+    return pytest.mark.skipif(missing and not REQUIRE_TOOLS, reason=reason)
+
+
+def venv_tool(name: str) -> str | None:
+    """A command from this interpreter's environment (the test extra's wheels) first, then PATH."""
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 
 def wait_for(pred, timeout=10.0) -> bool:

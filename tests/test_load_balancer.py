@@ -12,8 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-from conftest import REPO, ServerProcess, wait_for
+from conftest import REPO, ServerProcess, needs_tool, wait_for
 
 from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
 from loadtest.sweep import answers_ok, free_port
@@ -61,7 +60,7 @@ def json_log(server: ServerProcess) -> list[dict]:
     return [json.loads(x) for x in lines if x.startswith("{")]
 
 
-@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed (.ci/run installs Debian's nginx-light)")
+@needs_tool(NGINX, "nginx is not installed (.ci/run installs Debian's nginx-light)")
 def test_rolling_restart_behind_nginx_loses_no_request(model_dir, tmp_path):
     flags = ("--max-num-batched-tokens", "256", "--speculative", "none", "--log-format", "json",
              "--log-level", "info", "--api-key", KEY)

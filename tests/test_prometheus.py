@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
-from conftest import REPO, ServerProcess, wait_for
+from conftest import REPO, ServerProcess, needs_tool, wait_for
 
 from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
 from loadtest.sweep import answers_ok, free_port
@@ -56,8 +55,7 @@ def has_data(data: dict) -> bool:
     return any(v not in ("NaN", "+Inf", "-Inf") for v in values)
 
 
-@pytest.mark.skipif(not Path(PROMETHEUS).exists(),
-                    reason="prometheus is not installed (.ci/run installs Debian's prometheus package)")
+@needs_tool(PROMETHEUS, "prometheus is not installed (.ci/run installs Debian's prometheus package)")
 def test_dashboard_key_expressions_return_data_from_a_real_prometheus(model_dir, tmp_path):
     exprs = dashboard_exprs()
     assert set(KEY_PANELS) <= set(exprs)
