@@ -78,10 +78,14 @@ def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
 
     torch.multinomial draws an exponential per vocabulary entry; this is a cumsum and a binary search, in float64
     so that tail tokens keep their probability over a 150k vocabulary."""
+    return index_at(probs, float(torch.rand(1, generator=gen, dtype=torch.float64)))
+
+
+def index_at(probs: torch.Tensor, u: float) -> int:
+    """The index whose slice of the CDF holds u * total, for u in [0, 1]; never an index without mass."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(1, generator=gen, dtype=cdf.dtype) * cdf[-1]
-    i = int(torch.searchsorted(cdf, u, right=True))
-    if i >= probs.shape[-1] or probs[i] <= 0:  # u rounded onto the total: the last token with mass
+    i = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True))
+    if i >= probs.shape[-1] or probs[i] <= 0:  # u * total rounded onto (or u was) the total: last with mass
         i = int(probs.nonzero()[-1])
     return i
 

@@ -29,13 +29,13 @@ def accept_sampled(draft: list[int], q: torch.Tensor, p: torch.Tensor, gen: torc
         rows = torch.arange(k)
         px, qx = p[rows, idx], q[rows, idx]
         u = torch.rand(k, generator=gen)
-        ok = (u * qx <= px).tolist()  # accept with prob min(1, p/q); q(x) > 0 since x was drawn from q
+        # accept with prob P(u < p/q) = min(1, p/q) for u in [0, 1); q(x) > 0 since x was drawn from q, and a
+        # token the target rules out (p(x) = 0) is never accepted, even at u = 0
+        ok = (u * qx < px).tolist()
         for i in range(k):
             if not ok[i]:
-                residual = (p[i] - q[i]).clamp_min(0)
-                total = residual.sum()
+                residual = (p[i] - q[i]).clamp_min(0)  # draw() normalises
                 # p == q makes the residual empty; then rejection had probability 0 and cannot be here,
                 # except through rounding: fall back to p.
-                dist = residual / total if total > 0 else p[i]
-                return [*draft[:i], draw(dist, gen)]
+                return [*draft[:i], draw(residual if residual.sum() > 0 else p[i], gen)]
     return [*draft, draw(p[k], gen)]

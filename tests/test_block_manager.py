@@ -50,3 +50,26 @@ def test_random_operations_never_leak():
     for s in list(lengths):
         bm.free(s)
     assert bm.num_free == 64
+
+
+def test_capacity_checks_at_the_boundary():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    bm.allocate(1, 8)  # 2 blocks; 3 free
+    assert bm.can_allocate(1, 8, reserve=3)  # holds them already: needs none, 3 in reserve fits exactly
+    assert bm.can_allocate(2, 12) and not bm.can_allocate(2, 13)  # 3 blocks fit, 4 do not
+    assert bm.can_allocate(2, 8, reserve=1) and not bm.can_allocate(2, 8, reserve=2)
+    assert bm.can_allocate(1, 20) and not bm.can_allocate(1, 21)  # grows by the difference only
+    with pytest.raises(MemoryError, match="need 4 blocks, 3 free"):
+        bm.allocate(2, 13)
+
+
+def test_rollback_frees_the_tail_and_unknown_sequences_are_empty():
+    bm = BlockManager(num_blocks=6, block_size=2)
+    table = list(bm.allocate(1, 11))  # 6 blocks
+    bm.rollback(1, 5)  # 3 blocks stay: the first three, in order
+    assert bm.table(1) == table[:3] and sorted(bm._free) == sorted(table[3:])
+    bm.check()
+    assert bm.table(99) == [] and bm.rollback(99, 0) is None  # never allocated: nothing to do
+    bm._free.append(table[0])  # a block both owned and free
+    with pytest.raises(AssertionError, match="KV block leak or double use"):
+        bm.check()

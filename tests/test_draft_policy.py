@@ -1,5 +1,7 @@
 """The load- and SLO-aware draft policy and the step cost model, on synthetic cost curves."""
 
+import pytest
+
 from scheduler.cost_model import CostTable, StepCostModel, buckets_up_to
 from scheduler.draft_policy import DraftPolicy
 
@@ -100,3 +102,174 @@ def test_scheduler_admits_and_decodes_requests_behind_their_slo_first():
     ahead.token_ids += [4] * 10
     ahead.first_token_time = time.monotonic() - 1.0
     assert sched.slo_weight(ahead, time.monotonic()) == 0.25 and sched.slo_weight(slow, time.monotonic()) == 4.0
+
+
+# -- the rules, exactly: hand-worked updates and an oracle that recomputes Theta from scratch -------------------
+class LinearCost:
+    """verify(B) = base + per_token * B, draft(R) = per_request * R: simple enough to check by hand."""
+
+    def __init__(self, base=1.0, per_token=0.01, per_request=0.0):
+        self.verify = lambda b: base + per_token * b
+        self.draft = lambda r: per_request * r
+
+
+def test_priors_for_a_new_request():
+    pol = DraftPolicy(LinearCost(), max_len=4)
+    assert pol.prior_tau == {True: 3.0, False: 2.0}  # 1 + max_len/2 greedy, 1 + max_len/4 sampled
+    assert pol.accept_rate == {True: [0.7] * 4, False: [0.5] * 4}
+    assert pol.mean_conf == {True: [0.7] * 4, False: [0.5] * 4}
+    assert pol.class_idle == {True: 0, False: 0} and pol.probe_interval == {True: 32, False: 32}
+    assert pol.probing == set() and pol.probe_every == 32 and pol.ema == 0.2
+
+
+def test_observe_updates_the_running_estimates():
+    pol = DraftPolicy(LinearCost(), max_len=3)
+    pol.observe(7, True, verified=3, accepted=1, confidence=[0.9, 0.6, 0.3])
+    st = pol.state[7]
+    assert st.tau == pytest.approx(0.8 * 2.5 + 0.2 * 2) and st.length == pytest.approx(0.8 * 3 + 0.2 * 3)
+    assert pol.prior_tau[True] == pytest.approx(0.95 * 2.5 + 0.05 * 2)
+    # positions reached: the accepted one and the first rejected; the third was never looked at
+    assert pol.accept_rate[True] == pytest.approx([0.95 * 0.7 + 0.05, 0.95 * 0.7, 0.7])
+    assert pol.mean_conf[True] == pytest.approx([0.95 * 0.7 + 0.05 * 0.9, 0.95 * 0.7 + 0.05 * 0.6, 0.7])
+    assert pol.accept_rate[False] == [0.5] * 3 and pol.prior_tau[False] == 1.75  # the other class is untouched
+    pol.observe(7, True, verified=0, accepted=0)  # a draft trimmed to nothing still counts one round
+    assert st.length == pytest.approx(0.8 * 3.0 + 0.2 * 1) and st.tau == pytest.approx(0.8 * 2.4 + 0.2)
+    pol.forget(7)
+    assert 7 not in pol.state
+
+
+def test_survival_is_the_running_product_of_recalibrated_rates():
+    pol = DraftPolicy(LinearCost(), max_len=3)
+    pol.accept_rate[True] = [0.8, 0.5, 0.5]
+    assert pol.survival(True, None, 3) == pytest.approx([0.8, 0.4, 0.2])
+    assert pol.survival(True, None, 2) == pytest.approx([0.8, 0.4])
+    pol.mean_conf[True] = [0.4, 0.5, 0.5]  # the head says 0.4 where 0.8 survive: its scores are scaled up
+    assert pol.survival(True, [0.3, 0.9, 0.5], 3) == pytest.approx([0.6, 0.6 * 0.9, 0.6 * 0.9 * 0.5])
+    assert pol.survival(True, [0.9, 0.9, 0.9], 3)[0] == 1.0  # never above 1: survival stays non-increasing
+
+
+def oracle_lengths(drafts, base, committing, cost):
+    """The documented rule restated: pairs in descending w*a (earlier position first on ties); admit the next
+    while Theta = committed / verify(B), recomputed from scratch, strictly grows."""
+    out = [min(m, n) for n, _, _, m in drafts]
+
+    def theta(lengths):
+        gain = sum(w * sum(a[:m]) for (_, a, w, _), m in zip(drafts, lengths))
+        return (committing + gain) / cost.verify(base + sum(lengths))
+
+    pairs = sorted(((w * a[j], j, r) for r, (n, a, w, _) in enumerate(drafts) for j in range(out[r], n)),
+                   key=lambda x: (-x[0], x[1]))
+    for _, j, r in pairs:
+        if j != out[r]:
+            continue
+        more = out[:r] + [j + 1] + out[r + 1:]
+        if theta(more) <= theta(out):
+            break
+        out = more
+    return out
+
+
+def random_drafts(rng, n_req):
+    drafts = []
+    for _ in range(n_req):
+        n = rng.randint(0, 5)
+        a, s = [], 1.0
+        for _ in range(n):
+            s *= rng.uniform(0.2, 1.0)
+            a.append(s)
+        drafts.append((n, a, rng.choice([0.25, 1.0, 2.0, 4.0]), rng.choice([0, 0, 1, 2])))
+    return drafts
+
+
+def test_lengths_follow_the_rule_exactly():
+    import random
+
+    rng = random.Random(0)
+    admitted = 0
+    for _ in range(300):
+        cost = LinearCost(base=rng.uniform(0.2, 2.0), per_token=rng.uniform(0.001, 0.2))
+        drafts = random_drafts(rng, rng.randint(1, 6))
+        base, committing = rng.randint(0, 20), rng.randint(1, 20)
+        got = DraftPolicy(cost, max_len=5).lengths(drafts, base, committing)
+        assert got == oracle_lengths(drafts, base, committing, cost), (drafts, base, committing)
+        admitted += sum(got) - sum(min(m, n) for n, _, _, m in drafts)
+    assert admitted > 100  # the cases admit, not only stop at once
+    flat = LinearCost(per_token=0.0)  # a token of survival 0 adds nothing: not verified even when free
+    assert DraftPolicy(flat, max_len=2).lengths([(2, [1.0, 0.0], 1.0, 0)], 1, 1) == [1]
+    # ties go to the earlier position: request 0's second token waits behind request 1's first
+    tie = [(2, [0.5, 0.5], 1.0, 0), (1, [0.5], 1.0, 0)]
+    knee = LinearCost()
+    knee.verify = lambda b: 1.0 if b <= 3 else 10.0  # room for two more tokens (with a linear cost, equal pairs
+    assert DraftPolicy(knee, max_len=2).lengths(tie, 1, 1) == [1, 1]  # all pay or none do)
+
+
+def oracle_gate(pol, cands, base, committing):
+    """Who drafts: requests by descending w*(tau-1) (input order on ties) while committed / (verify + draft)
+    strictly grows, starting from committing / verify(base) with no drafting."""
+    scored = sorted([(w * (pol.state[sid].tau - 1), sid, min(k, pol.state[sid].length))
+                     for sid, _, k, w in cands if k > 0], key=lambda x: -x[0])
+    chosen, best = [], committing / pol.cost.verify(base)
+    for i in range(len(scored)):
+        top = scored[: i + 1]
+        t = pol.cost.verify(base + sum(x[2] for x in top)) + pol.cost.draft(len(top))
+        theta = (committing + sum(x[0] for x in top)) / t
+        if theta <= best:
+            break
+        chosen, best = [x[1] for x in top], theta
+    return set(chosen)
+
+
+def test_gate_follows_the_rule_exactly():
+    import random
+
+    from scheduler.draft_policy import SpecState
+
+    rng = random.Random(1)
+    drafted = 0
+    for _ in range(300):
+        pol = DraftPolicy(LinearCost(rng.uniform(0.2, 2.0), rng.uniform(0.001, 0.1), rng.uniform(0, 0.5)), 5,
+                          probe_every=10**6)
+        cands = []
+        for sid in range(rng.randint(1, 6)):
+            greedy = rng.random() < 0.5
+            pol.state[sid] = SpecState(rng.uniform(1.0, 4.0), rng.uniform(0.5, 5.0))
+            cands.append((sid, greedy, rng.randint(0, 5), rng.choice([0.25, 1.0, 4.0])))
+        base, committing = rng.randint(1, 20), rng.randint(1, 20)
+        want = oracle_gate(pol, cands, base, committing)
+        assert pol.gate(cands, base, committing) == want, cands
+        drafted += len(want)
+    assert drafted > 100
+
+
+def test_gate_bookkeeping_idle_drift_and_probes():
+    from scheduler.draft_policy import SpecState
+
+    pol = DraftPolicy(LinearCost(per_request=0.0), max_len=4, probe_every=2)
+    pol.state[1] = SpecState(3.0, 4.0)  # greedy, pays
+    pol.state[2] = SpecState(1.0, 4.0)  # sampled, gains nothing: never drafts on its own merit
+    pol.state[3] = SpecState(1.0, 4.0)  # sampled
+    cands = [(2, False, 4, 1.0), (3, False, 4, 1.0), (1, True, 4, 1.0)]
+    assert pol.gate(cands, 3, 3) == {1}
+    assert pol.state[1].idle == 0 and pol.state[2].idle == 1 and pol.state[3].idle == 1
+    assert pol.state[2].tau == pytest.approx(1.0 + 0.02 * (2.0 - 1.0))  # drifts toward the sampled prior
+    assert pol.class_idle == {True: 0, False: 1} and pol.probing == set()
+    assert pol.gate(cands, 3, 3) == {1, 3}  # second idle step for the sampled class: it probes (3 idled longest
+    assert pol.probing == {3} and pol.state[3].idle == 0  # on ties, the larger seq_id), the greedy one drafts
+    assert pol.class_idle[False] == 0 and pol.probe_interval == {True: 2, False: 4}
+    pol.prior_tau[False] = 1.0  # no drift toward paying: the sampled class keeps probing and backing off
+    pol.state[2].tau = pol.state[3].tau = 1.0
+    intervals = []
+    for _ in range(200):
+        pol.gate(cands, 3, 3)
+        intervals.append(pol.probe_interval[False])
+    assert max(intervals) == 32 and sorted(set(intervals)) == [4, 8, 16, 32]  # doubles up to 16 x probe_every
+    # only sampled requests: they still probe (the greedy class having no members does not stop the loop)
+    only = DraftPolicy(LinearCost(), max_len=4, probe_every=2)
+    only.state[5] = SpecState(1.0, 4.0)
+    assert [only.gate([(5, False, 4, 1.0)], 1, 1) for _ in range(2)] == [set(), {5}]
+    # a request with nothing to draft never drafts, one with a single token can; fixed policy: all with k > 0
+    pol = DraftPolicy(LinearCost(), max_len=4)
+    pol.state[8], pol.state[9] = SpecState(4.0, 4.0), SpecState(4.0, 4.0)
+    assert pol.gate([(8, True, 0, 4.0), (9, True, 1, 1.0)], 1, 1) == {9}
+    fixed = DraftPolicy(LinearCost(), max_len=4, adaptive=False)
+    assert fixed.gate([(1, True, 0, 1.0), (2, True, 1, 1.0), (3, False, 4, 1.0)], 1, 1) == {2, 3}

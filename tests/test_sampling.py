@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from engine.sampling import SamplingParams, filter_logits, make_generator, sample
+from engine.sampling import SamplingParams, draw, filter_logits, index_at, make_generator, sample
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -36,3 +37,112 @@ def test_sampling_follows_the_distribution():
     toks = torch.tensor(sample(logits, params, [g] * 4000).token_ids)
     freq = torch.bincount(toks, minlength=3).float() / 4000
     assert (freq - probs).abs().max() < 0.03
+
+
+def reference_filter(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
+    """Temperature, then keep rank r while r < k (k > 0) and the tokens ranked above hold < p of the mass."""
+    probs = torch.softmax(logits.double() / t, -1)
+    order = probs.argsort(descending=True)
+    out = torch.zeros_like(probs)
+    mass = 0.0
+    for rank, i in enumerate(order.tolist()):
+        if (k > 0 and rank >= k) or mass >= p:
+            break
+        out[i] = probs[i]
+        mass += float(probs[i])
+    return out / out.sum()
+
+
+SETTINGS = [(t, k, p) for t in (0.3, 0.7, 1.0, 1.5) for k, p in ((0, 1.0), (2, 1.0), (0, 0.8), (3, 0.9), (-1, 0.5))]
+
+
+def test_filter_logits_applies_each_rows_temperature_top_k_and_top_p():
+    """Rows with different settings in one batch, against the plain definition: a filter that ignores the
+    temperature, applies one row's setting to another, or cuts top-p one token early or late fails."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(SETTINGS), 40, generator=g) * 2
+    temps = torch.tensor([t for t, _, _ in SETTINGS])
+    ks = torch.tensor([max(k, 0) for _, k, _ in SETTINGS])
+    ps = torch.tensor([p for _, _, p in SETTINGS])
+    got = filter_logits(logits, temps, ks, ps)
+    for row, (t, k, p) in enumerate(SETTINGS):
+        torch.testing.assert_close(got[row].double(), reference_filter(logits[row], t, k, p), atol=1e-6, rtol=1e-5,
+                                   msg=f"T={t} top_k={k} top_p={p}")
+    # all rows with a top-k takes the partial-sort path: same result
+    only_k = filter_logits(logits, temps, torch.full_like(ks, 5), ps)
+    for row, (t, _, p) in enumerate(SETTINGS):
+        torch.testing.assert_close(only_k[row].double(), reference_filter(logits[row], t, 5, p), atol=1e-6, rtol=1e-5)
+
+
+def test_sample_draws_from_the_tempered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    for t, k in ((0.5, 0), (1.5, 3)):
+        n = 6000
+        params = [SamplingParams(temperature=t, top_k=k)] * n
+        toks = torch.tensor(sample(logits.expand(n, 5).clone(), params, [make_generator(1)] * n).token_ids)
+        freq = torch.bincount(toks, minlength=5).double() / n
+        assert (freq - reference_filter(logits, t, k, 1.0)).abs().max() < 0.025, (t, k, freq)
+
+
+def test_draw_never_returns_a_token_without_mass():
+    g = make_generator(3)
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
+    seen = {draw(probs, g) for _ in range(2000)}
+    assert seen == {1, 3}
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), g) == 2  # unnormalised is fine
+
+
+@pytest.mark.parametrize("field,bad,edge", [("temperature", -0.1, 0.0), ("top_p", 0.0, 1.0), ("top_p", 1.01, 1e-3),
+                                            ("top_k", -2, -1), ("max_tokens", 0, 1), ("logprobs", -1, 0),
+                                            ("logprobs", 21, 20), ("slo_tokens_per_s", -1.0, 0.0),
+                                            ("deadline_s", 0.0, 1e-3)])
+def test_validate_names_the_bad_parameter_and_accepts_the_edge(field, bad, edge):
+    with pytest.raises(ValueError, match=f"^{field} must"):
+        SamplingParams(**{field: bad}).validate()
+    SamplingParams(**{field: edge}).validate()
+
+
+def test_greedy_means_temperature_zero():
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=1e-6).greedy
+    assert not SamplingParams(temperature=0.01).greedy
+
+
+def test_index_at_the_cdf_edges():
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
+    assert index_at(probs, 0.0) == 1  # u = 0 lands on the first token with mass, not on a leading zero
+    assert index_at(probs, 0.2499) == 1 and index_at(probs, 0.25) == 3  # the CDF's right-closed slices
+    assert index_at(probs, 1.0) == 3  # u * total on the total (rounding): the last token with mass
+
+
+def test_seeded_sampling_ignores_the_global_rng():
+    """A request's seed alone fixes its tokens: other requests and torch's global RNG must not move them."""
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=s) for s in range(64)]
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        runs.append(sample(logits, params, [make_generator(p.seed) for p in params]).token_ids)
+    assert runs[0] == runs[1]
+    other = sample(logits, params, [make_generator(p.seed + 1000) for p in params]).token_ids
+    assert other != runs[0]
+    unseeded = [make_generator(None) for _ in range(2)]
+    assert unseeded[0].initial_seed() != unseeded[1].initial_seed()
+
+
+def test_top_k_one_alone_is_the_argmax():
+    logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(6))
+    probs = filter_logits(logits, torch.full((8,), 1.3), torch.ones(8, dtype=torch.long), torch.ones(8))
+    assert probs.argmax(-1).tolist() == logits.argmax(-1).tolist() and bool((probs.max(-1).values == 1).all())
+
+
+def test_logprobs_report_the_chosen_token_and_the_top_alternatives():
+    logits = torch.randn(2, 100, generator=torch.Generator().manual_seed(7))  # fewer rows than the vocabulary
+    res = sample(logits, [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0, logprobs=0)],
+                 [make_generator(0)] * 2)
+    assert len(res.logprobs) == len(res.token_ids) == 2
+    logp = torch.log_softmax(logits, -1)
+    top = logp[0].topk(2)
+    assert res.logprobs[0][1] == list(zip(top.indices.tolist(), top.values.tolist()))
+    assert res.logprobs[1] == (pytest.approx(float(logp[1].max())), [])
+    only_zero = sample(logits[:1], [SamplingParams(temperature=0, logprobs=0)], [make_generator(0)])
+    assert only_zero.logprobs[0][1] == []

@@ -78,3 +78,22 @@ def test_all_draft_positions_reachable():
     for _ in itertools.repeat(None, 300):
         lengths.add(len(accept_sampled([3, 1], torch.stack([Q1, Q2]), torch.stack([P1, P2[3], P2[1]]), g)))
     assert lengths == {1, 2, 3}
+
+
+def test_seeded_acceptance_ignores_the_global_rng():
+    """The request's generator alone decides acceptance, correction and bonus draws."""
+    q, p = torch.stack([Q1, Q2]), torch.stack([P1, P2[3], P2[1]])
+    runs = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        g = torch.Generator().manual_seed(9)
+        runs.append([tuple(accept_sampled([3, 1], q, p, g)) for _ in range(200)])
+    assert runs[0] == runs[1]
+
+
+def test_a_token_the_target_rules_out_is_never_accepted():
+    g = torch.Generator().manual_seed(4)
+    p = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.25] * 4])
+    q = torch.tensor([[0.97, 0.01, 0.01, 0.01]])
+    for _ in range(2000):
+        assert accept_sampled([0], q, p, g)[0] in (1, 2)
