@@ -85,7 +85,7 @@ def index_at(probs: torch.Tensor, u: float) -> int:
     """The index whose slice of the CDF holds u * total, for u in [0, 1]; never an index without mass."""
     cdf = probs.double().cumsum(-1)
     i = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True))
-    if i >= probs.shape[-1] or probs[i] <= 0:  # u * total rounded onto (or u was) the total: last with mass
+    if i >= probs.shape[-1]:  # u * total rounded onto (or u was) the total: the last token with mass
         i = int(probs.nonzero()[-1])
     return i
 

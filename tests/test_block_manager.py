@@ -71,5 +71,5 @@ def test_rollback_frees_the_tail_and_unknown_sequences_are_empty():
     bm.check()
     assert bm.table(99) == [] and bm.rollback(99, 0) is None  # never allocated: nothing to do
     bm._free.append(table[0])  # a block both owned and free
-    with pytest.raises(AssertionError, match="KV block leak or double use"):
+    with pytest.raises(AssertionError, match="^KV block leak or double use$"):
         bm.check()

@@ -271,5 +271,8 @@ def test_gate_bookkeeping_idle_drift_and_probes():
     pol = DraftPolicy(LinearCost(), max_len=4)
     pol.state[8], pol.state[9] = SpecState(4.0, 4.0), SpecState(4.0, 4.0)
     assert pol.gate([(8, True, 0, 4.0), (9, True, 1, 1.0)], 1, 1) == {9}
+    pol.state[10] = SpecState(1.0, 0.0)  # gains nothing and costs nothing: Theta unchanged, so it does not draft
+    assert pol.gate([(10, True, 4, 1.0)], 1, 1) == set()
+    pol.forget(12345)  # forgetting an unknown request is fine
     fixed = DraftPolicy(LinearCost(), max_len=4, adaptive=False)
     assert fixed.gate([(1, True, 0, 1.0), (2, True, 1, 1.0), (3, False, 4, 1.0)], 1, 1) == {2, 3}

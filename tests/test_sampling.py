@@ -108,10 +108,19 @@ def test_greedy_means_temperature_zero():
 
 
 def test_index_at_the_cdf_edges():
-    probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.25, 0.5, 0.0])
     assert index_at(probs, 0.0) == 1  # u = 0 lands on the first token with mass, not on a leading zero
     assert index_at(probs, 0.2499) == 1 and index_at(probs, 0.25) == 3  # the CDF's right-closed slices
-    assert index_at(probs, 1.0) == 3  # u * total on the total (rounding): the last token with mass
+    assert index_at(probs, 1.0) == 4  # u * total on the total (rounding): the last token with mass
+    # float64 throughout: a token of mass 1e-9 keeps its slice (a float32 u would round past it)
+    assert index_at(torch.tensor([0.3, 1e-9, 0.7 - 1e-9], dtype=torch.float64), 0.3000000005) == 1
+
+
+def test_draw_is_one_float64_uniform_from_the_requests_generator():
+    probs = torch.full((1000,), 1e-3)
+    g, twin = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    for _ in range(50):
+        assert draw(probs, g) == index_at(probs, float(torch.rand(1, generator=twin, dtype=torch.float64)))
 
 
 def test_seeded_sampling_ignores_the_global_rng():
@@ -125,8 +134,8 @@ def test_seeded_sampling_ignores_the_global_rng():
     assert runs[0] == runs[1]
     other = sample(logits, params, [make_generator(p.seed + 1000) for p in params]).token_ids
     assert other != runs[0]
-    unseeded = [make_generator(None) for _ in range(2)]
-    assert unseeded[0].initial_seed() != unseeded[1].initial_seed()
+    unseeded = {make_generator(None).initial_seed() for _ in range(64)}
+    assert len(unseeded) == 64  # unseeded requests get their own streams (62-bit random seeds)
 
 
 def test_top_k_one_alone_is_the_argmax():
