@@ -168,6 +168,7 @@ class AsyncEngine:
         eng = self.engine
         metrics.STEP_TIME.observe(time.perf_counter() - t0)
         metrics.STEP_TOKENS.observe(eng.last_step_tokens)
+        metrics.STEP_BYTES_TO_HOST.observe(eng.last_step_bytes_to_host)
         metrics.GENERATION_TOKENS.inc(sum(len(o.token_ids) for o in outputs))
         metrics.PREEMPTIONS.inc(preempted)
         method = eng.settings.speculative_method

@@ -13,11 +13,11 @@ from engine.drafters import load_drafter
 from engine.model import load_model
 from engine.model_config import ModelConfig
 from engine.runner import ModelRunner, kv_bytes_per_token
-from engine.sampling import SamplingParams, filter_logits, make_generator, sample
+from engine.sampling import SamplingParams, make_generator
 from engine.sequence import RequestOutput, SeqStatus, Sequence
 from engine.settings import Settings
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.verify import accept_greedy, accept_sampled
+from engine.verify import Verify, verify_step
 from kernels.attention import make_backend
 from scheduler.cost_model import StepCostModel
 from scheduler.draft_policy import DraftPolicy
@@ -49,7 +49,7 @@ class LLMEngine:
         # Features are folded in only when the request drafts, so steps where it decodes plainly cost nothing.
         self.draft_ctx: dict[int, list] = {}
         self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
-                      "scheduler_seconds": 0.0, "steps": 0}
+                      "scheduler_seconds": 0.0, "steps": 0, "bytes_to_host": 0}
         # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
         # eval-drafter reads it whole
         self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
@@ -82,6 +82,7 @@ class LLMEngine:
         self.eos_ids = set(self.tokenizer.eos_ids) | set(self.model_config.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
         self.last_step_tokens = 0
+        self.last_step_bytes_to_host = 0  # what the last step copied from the logits' device (ids, counts, logprobs)
         log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d)",
                  settings.model, num_blocks, bs, self.max_model_len, settings.speculative_method, draft_len)
 
@@ -169,7 +170,7 @@ class LLMEngine:
         t_sched += t3 - t2
         self.stats["scheduler_seconds"] += t_sched
         self.stats["steps"] += 1
-        chunks, seq_ids, logits_index, rows = [], [], [], []  # rows[i]: item i's first row in `logits`
+        chunks, seq_ids, logits_index = [], [], []
         offset = 0
         for it in plan.items:
             s = it.seq
@@ -179,7 +180,6 @@ class LLMEngine:
                 toks = s.token_ids[s.num_computed : s.num_computed + it.num_new_tokens]
             chunks.append((toks, s.num_computed))
             seq_ids.append(s.seq_id)
-            rows.append(len(logits_index))
             if it.num_draft:
                 logits_index.extend(range(offset, offset + len(toks)))
             elif it.samples:
@@ -188,19 +188,12 @@ class LLMEngine:
         logits, taps = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
         self.last_step_tokens = offset
         self.cost.verify.observe(offset, time.perf_counter() - t3)  # refined online; drafting excluded
-        plain = [i for i, it in enumerate(plan.items) if it.samples and not it.num_draft]
-        committed: dict[int, list] = {}  # item index -> [(token, logprob entry)]
-        if plain:
-            res = sample(logits[[rows[i] for i in plain]], [plan.items[i].seq.params for i in plain],
-                         [plan.items[i].seq.generator for i in plain])
-            for i, tok, lp in zip(plain, res.token_ids, res.logprobs):
-                committed[i] = [(tok, lp)]
+        committed = self._verify(plan, drafts, logits)  # item index -> [(token, logprob entry)]
         outputs = expired
         tap_row = 0
         for i, it in enumerate(plan.items):
             s, n = it.seq, len(chunks[i][0])
             if it.num_draft:
-                committed[i] = self._accept(s, drafts[s.seq_id], logits[rows[i] : rows[i] + n])
                 valid = len(committed[i])  # anchor + accepted drafts now have valid KV; the last token not yet
             else:
                 valid = n
@@ -259,30 +252,33 @@ class LLMEngine:
                                                    [t for _, _, nxt in entry[1] for t in nxt])
             entry[1], entry[2] = [], 0
 
-    def _accept(self, seq: Sequence, draft, logits: torch.Tensor) -> list:
-        """Verify one request's draft against the target's logits at [anchor, x_1..x_k]; lossless."""
-        p = seq.params
-        if p.greedy:
-            toks = accept_greedy(draft.tokens, logits.argmax(-1).tolist())
-        else:
-            n = logits.shape[0]
-            probs = filter_logits(logits, torch.full((n,), p.temperature), torch.full((n,), max(p.top_k, 0)),
-                                  torch.full((n,), p.top_p))
-            toks = accept_sampled(draft.tokens, draft.q, probs, seq.generator)
-        self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)
-        self.stats["accepted_tokens"] += len(toks) - 1
-        self.stats["verified_tokens"] += len(draft.tokens)
-        self.round_log.append((len(draft.tokens), len(toks) - 1, draft.confidence))
-        if self.scheduler.policy is not None:
-            conf = draft.confidence if self.scheduler.has_confidence else None
-            self.scheduler.policy.observe(seq.seq_id, p.greedy, len(draft.tokens), len(toks) - 1, conf)
-        lps = [None] * len(toks)
-        if p.logprobs is not None:
-            logp = torch.log_softmax(logits[: len(toks)], -1)
-            for j, t in enumerate(toks):
-                top = logp[j].topk(p.logprobs) if p.logprobs else None
-                lps[j] = (float(logp[j, t]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
-        return list(zip(toks, lps))
+    def _verify(self, plan, drafts: dict, logits: torch.Tensor) -> dict[int, list]:
+        """Every sampling item's tokens for this step, in one batched pass where the logits are (lossless:
+        greedy matching or rejection sampling), then the host-side bookkeeping of the drafting rounds."""
+        items = [(i, it) for i, it in enumerate(plan.items) if it.samples]
+        if not items:
+            return {}
+        reqs = []
+        for _, it in items:
+            s, d = it.seq, drafts.get(it.seq.seq_id) if it.num_draft else None
+            reqs.append(Verify(d.tokens if d else [], s.params, s.generator, d.q if d else None))
+        res = verify_step(logits, reqs)
+        self.stats["bytes_to_host"] += res.bytes_to_host
+        self.last_step_bytes_to_host = res.bytes_to_host
+        committed = {}
+        for (i, it), toks, lps in zip(items, res.tokens, res.logprobs):
+            committed[i] = list(zip(toks, lps or [None] * len(toks)))
+            if not it.num_draft:
+                continue
+            s, d = it.seq, drafts[it.seq.seq_id]
+            self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)
+            self.stats["accepted_tokens"] += len(toks) - 1
+            self.stats["verified_tokens"] += len(d.tokens)
+            self.round_log.append((len(d.tokens), len(toks) - 1, d.confidence))
+            if self.scheduler.policy is not None:
+                conf = d.confidence if self.scheduler.has_confidence else None
+                self.scheduler.policy.observe(s.seq_id, s.params.greedy, len(d.tokens), len(toks) - 1, conf)
+        return committed
 
     def _holdback(self, seq: Sequence) -> int:
         return max((len(x) for x in seq.params.stop), default=1) - 1

@@ -24,6 +24,9 @@ STEP_TOKENS = Histogram("dspark_batch_tokens_per_step", "Tokens run per engine s
 SPEC_ROUNDS = Counter("dspark_spec_rounds", "Draft-and-verify rounds", ["drafter"])
 SPEC_DRAFT_TOKENS = Counter("dspark_spec_draft_tokens", "Draft tokens verified by the target", ["drafter"])
 SPEC_ACCEPTED_TOKENS = Counter("dspark_spec_accepted_tokens", "Draft tokens accepted", ["drafter"])
+STEP_BYTES_TO_HOST = Histogram("dspark_step_bytes_to_host", "Bytes a step copies from the logits' device to the host "
+                               "(accepted counts, tokens, requested logprobs)",
+                               buckets=(16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304))
 STEP_TIME = Histogram("dspark_step_seconds", "Engine step wall time", buckets=LATENCY_BUCKETS)
 DRAFT_LEN = Histogram("dspark_draft_length", "Draft tokens verified per speculating request per step",
                       ["drafter"], buckets=tuple(range(0, 17)))

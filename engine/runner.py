@@ -56,8 +56,9 @@ class ModelRunner:
                 logits_index: list[int], tap_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the target on every request's new tokens.
 
-        Returns float32 logits at the flat `logits_index` rows, and the outputs of `tap_layers` (0-based
-        decoder layers) for every token, concatenated [T, len(tap_layers) * hidden], for the drafter."""
+        Returns float32 logits at the flat `logits_index` rows (on the model's device), and the outputs of
+        `tap_layers` (0-based decoder layers) for every token, concatenated [T, len(tap_layers) * hidden], for the
+        drafter."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
         self.backend.plan(meta)
         hidden, taps = self.model(
@@ -66,5 +67,5 @@ class ModelRunner:
             self.backend, self.kv_caches, hidden_layers=tuple(i + 1 for i in tap_layers),
         )
         index = torch.tensor(logits_index, dtype=torch.long, device=self.device)
-        logits = self.model.logits(hidden[index]).cpu()  # empty when only mid-prompt chunks ran
+        logits = self.model.logits(hidden[index])  # stays on the device; empty when only mid-prompt chunks ran
         return logits, (torch.cat(taps, -1) if taps else None)

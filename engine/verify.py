@@ -8,9 +8,11 @@ distributed exactly as if sampled from the target one at a time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from engine.sampling import draw
+from engine.sampling import SamplingParams, draw, filter_logits
 
 
 def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:
@@ -39,3 +41,117 @@ def accept_sampled(draft: list[int], q: torch.Tensor, p: torch.Tensor, gen: torc
                 # except through rounding: fall back to p.
                 return [*draft[:i], draw(residual if residual.sum() > 0 else p[i], gen)]
     return [*draft, draw(p[k], gen)]
+
+
+# -- the whole step at once, where the logits are -----------------------------------------------------------------
+@dataclass
+class Verify:
+    """One request's rows in a step's logits: len(draft) + 1 consecutive rows, row j scoring draft token j (the
+    last row gives the bonus token). A request that did not draft has one row: its next token is sampled.
+    q: the drafter's [len(draft), V] distributions for a sampled request that drafted, else None."""
+
+    draft: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    q: torch.Tensor | None = None
+
+
+@dataclass
+class StepResult:
+    tokens: list[list[int]]  # committed tokens per request: accepted drafts, then the correction or bonus
+    logprobs: list[list | None]  # per request, per committed token: (chosen logprob, [(id, logprob)]) or None
+    bytes_to_host: int  # what the step copied from the logits' device
+
+
+def ratio_test(px: torch.Tensor, qx: torch.Tensor, u: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Accept draft token x with probability min(1, p(x)/q(x)): u < p/q for u in [0, 1) (position: 0-based)."""
+    return u * qx < px
+
+
+def correction(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Where the token after a rejection comes from: the residual (p - q)+ (unnormalised; q is 0 on bonus rows)."""
+    return (p - q).clamp_min(0)
+
+
+def index_at_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """engine.sampling.index_at for every row: the index whose CDF slice holds u * total (float64)."""
+    cdf = probs.double().cumsum(-1)
+    i = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)  # last index with mass
+    return torch.where(i >= probs.shape[-1], last, i)
+
+
+def verify_step(logits: torch.Tensor, reqs: list[Verify]) -> StepResult:
+    """Greedy matching and rejection sampling for every request of a step in one pass over its logits [M, V]
+    (on whatever device they are), then one small copy to the host: accepted counts and final tokens (and the
+    logprobs asked for). The uniforms come from each request's own generator on the host (a fixed number per
+    round: len(draft) + 1), so a seeded request draws the same tokens whatever else is in the batch."""
+    dev, (m, vocab) = logits.device, logits.shape
+    n = [len(r.draft) for r in reqs]
+    starts = [0]
+    for k in n[:-1]:
+        starts.append(starts[-1] + k + 1)
+    assert starts[-1] + n[-1] + 1 == m, "logits rows do not match the requests' drafts"
+    draft_rows = [t for r in reqs for t in (*r.draft, -1)]  # the token each row scores; -1 on bonus rows
+    position = [j for k in n for j in range(k + 1)]
+    sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    u = torch.zeros(m, dtype=torch.float64)
+    for i in sampled:
+        u[starts[i] : starts[i] + n[i] + 1] = torch.rand(n[i] + 1, generator=reqs[i].generator, dtype=torch.float64)
+    x = torch.tensor(draft_rows, device=dev)
+    pos = torch.tensor(position, device=dev)
+    u = u.to(dev)
+    start_t, n_t = torch.tensor(starts, device=dev), torch.tensor(n, device=dev)
+
+    am = logits.argmax(-1)
+    ok = x == am  # greedy matching; bonus rows (x = -1) never match
+    if sampled:
+        rows = torch.tensor([starts[i] + j for i in sampled for j in range(n[i] + 1)], device=dev)
+        per_row = [reqs[i].params for i in sampled for _ in range(n[i] + 1)]
+        p = filter_logits(logits[rows], torch.tensor([s.temperature for s in per_row], device=dev),
+                          torch.tensor([max(s.top_k, 0) for s in per_row], device=dev),
+                          torch.tensor([s.top_p for s in per_row], device=dev))
+        zero = torch.zeros(1, vocab)
+        q = torch.cat([t for i in sampled for t in ((reqs[i].q.float().cpu(), zero) if n[i] else (zero,))]).to(dev)
+        xs = x[rows].clamp_min(0)[:, None]
+        ok[rows] = ratio_test(p.gather(1, xs)[:, 0], q.gather(1, xs)[:, 0], u[rows], pos[rows]) & (x[rows] >= 0)
+    width = max(n) + 1
+    grid = start_t[:, None] + torch.arange(width, device=dev)
+    in_draft = torch.arange(width, device=dev)[None, :] < n_t[:, None]
+    accepted = (ok[grid.clamp(max=m - 1)] & in_draft).long().cumprod(1).sum(1)  # [R]
+    final_row = start_t + accepted
+    tokens = am[final_row]
+    if sampled:
+        s_req = torch.tensor(sampled, device=dev)
+        row_in_p = torch.full((m,), -1, dtype=torch.long, device=dev)
+        row_in_p[rows] = torch.arange(len(rows), device=dev)
+        fr = row_in_p[final_row[s_req]]
+        dist = correction(p[fr], q[fr])
+        dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p[fr])  # p == q: rejection only by rounding
+        # the last uniform of the round (its bonus row's): the one that rejected x_j is not uniform any more
+        tokens[s_req] = index_at_rows(dist, u[(start_t + n_t)[s_req]])
+    packed = torch.stack([accepted, tokens]).cpu()
+    copied = packed.numel() * packed.element_size()
+    acc, fin = packed.tolist()
+    out = [[*r.draft[:a], t] for r, a, t in zip(reqs, acc, fin)]
+    lps: list = [None] * len(reqs)
+    want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    if want:
+        w_rows = torch.tensor([starts[i] + j for i in want for j in range(acc[i] + 1)], device=dev)
+        chosen = torch.tensor([t for i in want for t in out[i]], device=dev)
+        logp = torch.log_softmax(logits[w_rows], -1)
+        kmax = max(reqs[i].params.logprobs for i in want)
+        top = logp.topk(kmax, -1) if kmax else None
+        host = [logp.gather(1, chosen[:, None])[:, 0].cpu()] + ([top.values.cpu(), top.indices.cpu()] if top else [])
+        copied += sum(t.numel() * t.element_size() for t in host)
+        chosen_lp = host[0].tolist()
+        top_v, top_i = (host[1].tolist(), host[2].tolist()) if top else (None, None)
+        row = 0
+        for i in want:
+            k = reqs[i].params.logprobs
+            lps[i] = []
+            for _ in out[i]:
+                alts = list(zip(top_i[row][:k], top_v[row][:k])) if k else []
+                lps[i].append((chosen_lp[row], alts))
+                row += 1
+    return StepResult(out, lps, copied)

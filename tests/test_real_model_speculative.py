@@ -6,7 +6,8 @@ The dspark drafter ships in the repository; dflash and eagle3 are rebuilt by one
 cases skip, naming that command, until they exist. float32 (conftest), where the target's logits are exact."""
 
 import pytest
-from test_speculative import TOP_K, N, cheap_drafting, exact_joint, tv, tv_bound
+from conftest import cheap_drafting
+from test_lossless import Case, L, assert_multi_token_rounds, exact_joint, tv, tv_bound
 
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
@@ -65,16 +66,19 @@ def test_greedy_identical_on_heldout_prompts(method, policy, reference):
 
 
 def test_sampled_distribution_matches_target():
-    """Three tokens at temperature 1, top-k 4, under the shipped dspark drafter: the joint distribution of N
-    samples against the target's, enumerated exactly (the bound is calibrated by simulation)."""
+    """The first 4 tokens at temperature 1, top-k 2, under the shipped dspark drafter verifying up to 3 tokens a
+    round: the joint distribution of N samples against the target's, enumerated exactly (tests/test_lossless.py
+    has the method and the bound)."""
     need("dspark")
+    case, n = Case("dspark", "fixed", 1.0, top_k=2), 1500
     eng = LLMEngine(Settings(model=DEFAULT_MODEL, max_num_seqs=512, max_num_batched_tokens=8192,
-                             speculative="dspark", draft_policy="fixed"))
+                             speculative="dspark", draft_policy="fixed", draft_len=L - 1))
     ids = eng.tokenizer.encode_chat([{"role": "user", "content": "Write a Python function that adds two numbers."}])
-    params = [SamplingParams(temperature=1.0, top_k=TOP_K, seed=s, max_tokens=3, ignore_eos=True) for s in range(N)]
+    params = [SamplingParams(temperature=case.temperature, top_k=case.top_k, seed=s, max_tokens=L + 1,
+                             ignore_eos=True) for s in range(n)]
     counts: dict = {}
-    for s in eng.generate([ids] * N, params):
-        counts[tuple(s.output_ids)] = counts.get(tuple(s.output_ids), 0) + 1
-    assert eng.stats["accepted_tokens"] > 0
-    joint = exact_joint(eng, ids)
-    assert tv(counts, joint, N) < tv_bound(joint, N)
+    for s in eng.generate([ids] * n, params):
+        counts[tuple(s.output_ids[:L])] = counts.get(tuple(s.output_ids[:L]), 0) + 1
+    assert_multi_token_rounds(eng, case.policy)
+    joint = exact_joint(eng, ids, case)
+    assert tv(counts, joint, n) < tv_bound(joint, n)

@@ -241,7 +241,8 @@ def test_speculating_server_gives_the_same_greedy_answers(server, client):
         text = httpx.get(spec.url + "/metrics").text
         for name in ("dspark_draft_length_bucket", "dspark_acceptance_length_bucket", "dspark_steps_per_second{",
                      "dspark_request_tokens_per_second_bucket", "dspark_scheduler_seconds_bucket",
-                     "dspark_batch_tokens_per_step_bucket", "dspark_preemptions_total"):
+                     "dspark_batch_tokens_per_step_bucket", "dspark_preemptions_total",
+                     "dspark_step_bytes_to_host_bucket"):
             assert name in text, name
     finally:
         spec.stop()

@@ -6,9 +6,11 @@ distribution by total variation; a deliberately broken rule (accepting every dra
 
 import itertools
 
+import pytest
 import torch
 
-from engine.verify import accept_greedy, accept_sampled
+from engine.sampling import SamplingParams, filter_logits, index_at, make_generator
+from engine.verify import Verify, accept_greedy, accept_sampled, verify_step
 
 
 def test_greedy_prefix_and_bonus():
@@ -97,3 +99,77 @@ def test_a_token_the_target_rules_out_is_never_accepted():
     q = torch.tensor([[0.97, 0.01, 0.01, 0.01]])
     for _ in range(2000):
         assert accept_sampled([0], q, p, g)[0] in (1, 2)
+
+
+# -- the batched step equals the per-request rules ----------------------------------------------------------------
+def reference_round(draft, q, logits, params, u):
+    """One request by the per-request rules, from the same uniforms verify_step draws (len(draft) + 1 float64s):
+    greedy matching, or ratio tests u_j * q(x_j) < p(x_j) then the residual (or bonus) at u_last."""
+    if params.greedy:
+        return accept_greedy(draft, logits.argmax(-1).tolist())
+    n = logits.shape[0]
+    p = filter_logits(logits, torch.full((n,), params.temperature), torch.full((n,), max(params.top_k, 0)),
+                      torch.full((n,), params.top_p))
+    for j, x in enumerate(draft):
+        if not float(u[j]) * float(q[j, x]) < float(p[j, x]):
+            residual = (p[j] - q[j]).clamp_min(0)
+            return [*draft[:j], index_at(residual if residual.sum() > 0 else p[j], float(u[-1]))]
+    return [*draft, index_at(p[len(draft)], float(u[-1]))]
+
+
+def random_step(seed: int, vocab: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    reqs, logits = [], []
+    for r in range(int(torch.randint(1, 9, (1,), generator=g))):
+        k = int(torch.randint(0, 5, (1,), generator=g))
+        greedy = bool(torch.rand(1, generator=g) < 0.4)
+        params = SamplingParams(temperature=0 if greedy else float(torch.rand(1, generator=g)) * 1.5 + 0.2,
+                                top_k=int(torch.randint(0, 6, (1,), generator=g)),
+                                top_p=float(torch.rand(1, generator=g)) * 0.5 + 0.5, seed=seed * 100 + r,
+                                logprobs=[None, 0, 3][r % 3])
+        rows = torch.randn(k + 1, vocab, generator=g) * 2
+        draft, q = [], None
+        if k:  # drafts from a distribution near the target's, so that some are accepted
+            q = torch.softmax(rows[:k] + torch.randn(k, vocab, generator=g), -1)
+            draft = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(k)]
+            if greedy:  # a greedy drafter that is right about half the time
+                draft = [int(rows[j].argmax()) if torch.rand(1, generator=g) < 0.6 else d for j, d in enumerate(draft)]
+                q = None
+        reqs.append(Verify(draft, params, make_generator(params.seed), q))
+        logits.append(rows)
+    return reqs, torch.cat(logits)
+
+
+def test_verify_step_equals_the_per_request_rules():
+    accepted_past_first = 0
+    for seed in range(60):
+        reqs, logits = random_step(seed)
+        res = verify_step(logits, reqs)
+        start = 0
+        for r, toks, lps in zip(reqs, res.tokens, res.logprobs):
+            rows = logits[start : start + len(r.draft) + 1]
+            u = torch.rand(len(r.draft) + 1, generator=make_generator(r.params.seed), dtype=torch.float64)
+            assert toks == reference_round(r.draft, r.q, rows, r.params, u), (seed, r)
+            accepted_past_first += len(toks) >= 3
+            if r.params.logprobs is None:
+                assert lps is None
+            else:
+                logp = torch.log_softmax(rows[: len(toks)], -1)
+                for j, (t, (lp, alts)) in enumerate(zip(toks, lps)):
+                    assert lp == pytest.approx(float(logp[j, t]), abs=1e-5)
+                    top = logp[j].topk(r.params.logprobs)
+                    assert [a for a, _ in alts] == top.indices.tolist()
+            start += len(r.draft) + 1
+        # two int64 per request; per committed token of a request with logprobs, its float32 logprob and the top
+        # kmax (float32 value, int64 id) of the step's largest request
+        want = [(r.params.logprobs, len(t)) for r, t in zip(reqs, res.tokens) if r.params.logprobs is not None]
+        kmax = max((k for k, _ in want), default=0)
+        assert res.bytes_to_host == 16 * len(reqs) + sum(n for _, n in want) * (4 + 12 * kmax)
+    assert accepted_past_first > 20  # multi-token acceptance is exercised
+
+
+def test_verify_step_copies_two_ids_per_request_to_the_host():
+    reqs, logits = random_step(3)
+    for r in reqs:
+        r.params.logprobs = None
+    assert verify_step(logits, reqs).bytes_to_host == 2 * 8 * len(reqs)
