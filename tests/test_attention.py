@@ -16,10 +16,10 @@ def dense(q, k, v, scale):
                                           attn_mask=mask, scale=scale).transpose(0, 1)
 
 
-def make_case(q_lens, kv_lens, seed=0):
+def make_case(q_lens, kv_lens, seed=0, head_dim=8):
     """A ragged batch over scattered pages: (metadata, q, new k, new v, (k_cache, v_cache), dense reference)."""
     g = torch.Generator().manual_seed(seed)
-    h, hkv, d, bs, nblocks = 4, 2, 8, 4, 64
+    h, hkv, d, bs, nblocks = 4, 2, head_dim, 4, 64
     kc = torch.zeros(nblocks, bs, hkv, d)
     vc = torch.zeros(nblocks, bs, hkv, d)
     perm = torch.randperm(nblocks, generator=g).tolist()  # scattered physical pages

@@ -85,10 +85,12 @@ def reference_probs(logits: torch.Tensor, c: Case) -> dict[int, float]:
 
 def exact_joint(eng: LLMEngine, prompt: list[int], c: Case) -> dict[tuple, float]:
     """P(t_1..t_L) under the target, enumerated: one forward per kept prefix."""
+    device = next(eng.model.parameters()).device
+
     def next_dist(ids):
         with torch.inference_mode():
-            h, _ = eng.model(torch.tensor([ids]))
-            return reference_probs(eng.model.logits(h)[0, -1].float(), c)
+            h, _ = eng.model(torch.tensor([ids], device=device))
+            return reference_probs(eng.model.logits(h)[0, -1].float().cpu(), c)
 
     joint = {(): 1.0}
     for _ in range(L):

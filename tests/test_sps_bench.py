@@ -27,10 +27,11 @@ def test_sps_curve_reports_the_floor_it_defines(tmp_path):
         assert r["floor_ratio"] == pytest.approx(r["step_ms"] / r["floor_ms"])
         assert r["sps"] == pytest.approx(1e3 / r["step_ms"])
         assert r["step_ms"] > 0
+        assert r["bytes_to_host"] == 16 * r["requests"]  # accepted count and final token per request, int64
     md = tmp_path / "b.md"
     write_sps(str(md), rows, "cmd", "cpu", "torch", context, draft)
     text = md.read_text()
     assert "<!-- bench:sps-torch -->" in text and "<!-- /bench:sps-torch -->" in text
     row = steps[1]
-    assert (f"| 4 | 16 | {row['step_ms']:.2f} | {row['sps']:.1f} | {row['floor_ms']:.2f} | {row['floor_ratio']:.2f}x |"
-            in text)
+    assert (f"| 4 | 16 | {row['step_ms']:.2f} | {row['sps']:.1f} | {row['floor_ms']:.2f} | {row['floor_ratio']:.2f}x | "
+            f"64 |" in text)

@@ -19,9 +19,10 @@ needs_fi = pytest.mark.skipif(not HAVE_FI, reason="needs flashinfer-python (pip 
 
 @cuda
 @needs_fi
-@pytest.mark.parametrize("seed", range(6))
-def test_flashinfer_equals_torch_reference(seed):
-    """Prefill chunks, plain decodes and drafts to verify in one ragged batch, then again after a rollback."""
+@pytest.mark.parametrize("head_dim", [64, 128])  # FlashInfer's kernels exist for these (not for 8)
+@pytest.mark.parametrize("seed", range(3))
+def test_flashinfer_equals_torch_reference(seed, head_dim):
+    """Prefill chunks, plain decodes and drafts to verify in one ragged batch."""
     from test_attention import make_case
 
     from kernels.attention import TorchPagedAttention
@@ -32,7 +33,7 @@ def test_flashinfer_equals_torch_reference(seed):
     q_lens = torch.randint(1, 9, (b,), generator=g)
     q_lens[0] = 1
     kv_lens = (q_lens + torch.randint(0, 40, (b,), generator=g)).tolist()
-    meta, q, k, v, (kc, vc), _ = make_case(q_lens.tolist(), kv_lens, seed)
+    meta, q, k, v, (kc, vc), _ = make_case(q_lens.tolist(), kv_lens, seed, head_dim)
     ref_be = TorchPagedAttention()
     ref_be.plan(meta)
     ref = ref_be.forward(0, q, k, v, (kc.clone(), vc.clone()), q.shape[-1] ** -0.5)
@@ -67,22 +68,57 @@ def test_greedy_engine_on_gpu_equals_cpu():
     assert greedy("cuda", "torch", "float32", "dspark") == ref
 
 
+def teacher_forced_logits(backend: str, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Logits at every position of each sequence, run as the engine runs it: a prefill chunk of half the sequence,
+    then one decode step per token (the same inputs for both backends, whatever either would have generated)."""
+    from engine.llm_engine import LLMEngine
+    from engine.settings import Settings
+
+    eng = LLMEngine(Settings(device="cuda", attention_backend=backend, dtype="bfloat16", speculative="none"))
+    out = []
+    for sid, ids in enumerate(sequences):
+        eng.block_manager.allocate(sid, len(ids))
+        half = len(ids) // 2
+        rows = [eng.runner.forward([(ids[:half], 0)], eng.block_manager, [sid], list(range(half)))[0]]
+        for t in range(half, len(ids)):
+            rows.append(eng.runner.forward([([ids[t]], t)], eng.block_manager, [sid], [0])[0])
+        out.append(torch.cat(rows).float().cpu())
+        eng.block_manager.free(sid)
+    return out
+
+
 @cuda
 @needs_fi
 def test_flashinfer_engine_equals_torch_backend_in_bf16():
-    """FlashInfer runs bf16 only: compare with the torch backend in bf16 on the same GPU; speculation exact."""
-    ref = greedy("cuda", "torch", "bfloat16", "none")
+    """FlashInfer runs bf16 only. Greedy sequences of a tiny bf16 model diverge at near-ties, so the backends are
+    compared on the same inputs (teacher forcing): logits within bf16 rounding, argmax equal where not a near-tie.
+    Speculation on FlashInfer stays exact against FlashInfer itself."""
+    from engine.llm_engine import LLMEngine
+    from engine.settings import Settings
+
+    tok = LLMEngine(Settings(speculative="none")).tokenizer
+    seqs = [ids + out for ids, out in zip([tok.encode(p) for p in PROMPTS], greedy("cpu", "torch", "float32", "none"))]
+    for ref, fi in zip(teacher_forced_logits("torch", seqs), teacher_forced_logits("flashinfer", seqs)):
+        scale = ref.abs().max()
+        assert (fi - ref).abs().max() <= 0.03 * scale, float((fi - ref).abs().max() / scale)
+        top2 = ref.topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.05 * scale  # not a near-tie
+        assert bool((fi.argmax(-1) == ref.argmax(-1))[clear].all())
     fi = greedy("cuda", "flashinfer", "bfloat16", "none")
-    assert sum(a == b for a, b in zip(fi, ref)) >= 2 and all(a[:8] == b[:8] for a, b in zip(fi, ref))
     assert greedy("cuda", "flashinfer", "bfloat16", "dspark") == fi
 
 
 @cuda
-def test_sampled_distribution_on_gpu(monkeypatch):
-    import test_speculative as ts
+@pytest.mark.parametrize("case", ["dspark-adaptive", "eagle3-fixed"])
+def test_sampled_distribution_on_gpu(case, monkeypatch):
+    """tests/test_lossless.py's check, the engine (batched verification included) on the GPU."""
+    import test_lossless as tl
 
     from engine.settings import Settings
 
-    monkeypatch.setattr(ts, "Settings", lambda **kw: Settings(device="cuda", **kw))
-    counts, joint = ts.speculative_samples("dspark", 0.0, "adaptive")
-    assert ts.tv(counts, joint, ts.N) < ts.tv_bound(joint, ts.N)
+    monkeypatch.setattr(tl, "Settings", lambda **kw: Settings(device="cuda", **kw))
+    c = {"dspark-adaptive": tl.Case("dspark", "adaptive", 1.0, top_k=3),
+         "eagle3-fixed": tl.Case("eagle3", "fixed", 0.7, top_k=3)}[case]
+    counts, joint, eng = tl.run_case(c)
+    tl.assert_multi_token_rounds(eng, c.policy)
+    assert tl.tv(counts, joint, tl.N) < tl.tv_bound(joint, tl.N)
