@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.sampling import SamplingParams, filter_logits, index_at, make_generator
-from engine.verify import Verify, accept_greedy, accept_sampled, verify_step
+from engine.verify import Verify, accept_greedy, accept_sampled, index_at_rows, verify_step
 
 
 def test_greedy_prefix_and_bonus():
@@ -159,6 +159,7 @@ def test_verify_step_equals_the_per_request_rules():
                     assert lp == pytest.approx(float(logp[j, t]), abs=1e-5)
                     top = logp[j].topk(r.params.logprobs)
                     assert [a for a, _ in alts] == top.indices.tolist()
+                    assert [v for _, v in alts] == pytest.approx(top.values.tolist(), abs=1e-5)
             start += len(r.draft) + 1
         # two int64 per request; per committed token of a request with logprobs, its float32 logprob and the top
         # kmax (float32 value, int64 id) of the step's largest request
@@ -173,3 +174,13 @@ def test_verify_step_copies_two_ids_per_request_to_the_host():
     for r in reqs:
         r.params.logprobs = None
     assert verify_step(logits, reqs).bytes_to_host == 2 * 8 * len(reqs)
+
+
+def test_index_at_rows_matches_index_at_row_by_row():
+    """Several rows at once, at the CDF's edges: u = 0, a slice boundary, and u * total on the total."""
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.25, 0.5, 0.0], [0.5, 0.0, 0.5, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    for u in (0.0, 0.25, 0.5, 0.7, 1.0):
+        got = index_at_rows(probs, torch.full((3,), u, dtype=torch.float64)).tolist()
+        assert got == [index_at(row, u) for row in probs], u
+    assert index_at_rows(probs, torch.ones(3, dtype=torch.float64)).tolist() == [4, 2, 5]  # last with mass
