@@ -30,26 +30,25 @@ class ModelRunner:
         ]
 
     def build_metadata(self, chunks: list[tuple[list[int], int]], bm: BlockManager,
-                       seq_ids: list[int]) -> tuple[list[int], list[int], AttentionMetadata]:
-        """chunks: (token ids to run, KV length before them) per request -> flat ids, positions, metadata."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        q_lens, kv_lens, tables = [], [], []
-        bs = self.block_size
-        for (tokens, start), sid in zip(chunks, seq_ids):
-            table = bm.table(sid)
-            ids.extend(tokens)
-            pos = range(start, start + len(tokens))
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            q_lens.append(len(tokens))
-            kv_lens.append(start + len(tokens))
-            tables.append(table)
+                       seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """chunks: (token ids to run, KV length before them) per request -> flat ids, positions, metadata.
+
+        Per request on the host (its token list, its block table); per token only tensor arithmetic: positions
+        and cache slots come from one repeat_interleave over the step, then one copy each to the device."""
+        q_lens = [len(tokens) for tokens, _ in chunks]
+        kv_lens = [start + q for (_, start), q in zip(chunks, q_lens)]
+        tables = [bm.table(sid) for sid in seq_ids]
         width = max(len(t) for t in tables)
-        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
-        meta = AttentionMetadata(q_lens, kv_lens, bt, torch.tensor(slots, dtype=torch.long, device=self.device), bs)
-        return ids, positions, meta
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        q_t = torch.tensor(q_lens)
+        req = torch.repeat_interleave(torch.arange(len(chunks)), q_t)  # each token's request
+        first = torch.repeat_interleave(torch.tensor([start for _, start in chunks]) - (q_t.cumsum(0) - q_t), q_t)
+        positions = first + torch.arange(len(req))
+        bs = self.block_size
+        slots = bt[req, positions // bs] * bs + positions % bs
+        ids = torch.tensor([t for tokens, _ in chunks for t in tokens], dtype=torch.long)
+        meta = AttentionMetadata(q_lens, kv_lens, bt.to(self.device), slots.to(self.device), bs)
+        return ids.to(self.device), positions.to(self.device), meta
 
     @torch.inference_mode()
     def forward(self, chunks: list[tuple[list[int], int]], bm: BlockManager, seq_ids: list[int],
@@ -62,9 +61,7 @@ class ModelRunner:
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
         self.backend.plan(meta)
         hidden, taps = self.model(
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
-            self.backend, self.kv_caches, hidden_layers=tuple(i + 1 for i in tap_layers),
+            ids, positions, self.backend, self.kv_caches, hidden_layers=tuple(i + 1 for i in tap_layers),
         )
         index = torch.tensor(logits_index, dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden[index])  # stays on the device; empty when only mid-prompt chunks ran
