@@ -258,19 +258,17 @@ class LLMEngine:
         items = [(i, it) for i, it in enumerate(plan.items) if it.samples]
         if not items:
             return {}
-        reqs = []
-        for _, it in items:
-            s, d = it.seq, drafts.get(it.seq.seq_id) if it.num_draft else None
-            reqs.append(Verify(d.tokens if d else [], s.params, s.generator, d.q if d else None))
-        res = verify_step(logits, reqs)
+        ds = [drafts[it.seq.seq_id] if it.num_draft else None for _, it in items]
+        res = verify_step(logits, [Verify(d.tokens if d else [], it.seq.params, it.seq.generator, d.q if d else None)
+                                   for (_, it), d in zip(items, ds)])
         self.stats["bytes_to_host"] += res.bytes_to_host
         self.last_step_bytes_to_host = res.bytes_to_host
         committed = {}
-        for (i, it), toks, lps in zip(items, res.tokens, res.logprobs):
+        for (i, it), d, toks, lps in zip(items, ds, res.tokens, res.logprobs):
             committed[i] = list(zip(toks, lps or [None] * len(toks)))
-            if not it.num_draft:
+            if d is None:
                 continue
-            s, d = it.seq, drafts[it.seq.seq_id]
+            s = it.seq
             self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)
             self.stats["accepted_tokens"] += len(toks) - 1
             self.stats["verified_tokens"] += len(d.tokens)

@@ -83,11 +83,16 @@ def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
 
 def index_at(probs: torch.Tensor, u: float) -> int:
     """The index whose slice of the CDF holds u * total, for u in [0, 1]; never an index without mass."""
+    return int(index_at_rows(probs[None], torch.tensor([u], dtype=torch.float64, device=probs.device))[0])
+
+
+def index_at_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """index_at for every row of probs [N, V] with its own u [N] (float64 throughout)."""
     cdf = probs.double().cumsum(-1)
-    i = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True))
-    if i >= probs.shape[-1]:  # u * total rounded onto (or u was) the total: the last token with mass
-        i = int(probs.nonzero()[-1])
-    return i
+    i = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+    # u * total rounded onto (or u was) the total: the last index with mass
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)
+    return torch.where(i >= probs.shape[-1], last, i)
 
 
 @dataclass

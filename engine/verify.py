@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling import SamplingParams, draw, filter_logits
+from engine.sampling import SamplingParams, draw, filter_logits, index_at_rows
 
 
 def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:
@@ -73,24 +73,16 @@ def correction(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p - q).clamp_min(0)
 
 
-def index_at_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """engine.sampling.index_at for every row: the index whose CDF slice holds u * total (float64)."""
-    cdf = probs.double().cumsum(-1)
-    i = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)  # last index with mass
-    return torch.where(i >= probs.shape[-1], last, i)
-
-
-def _rounds(ok: torch.Tensor, n: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accepted draft tokens per request, and its final row, from `ok` over the requests' consecutive rows
-    (len(draft) + 1 each): the length of each request's leading run of accepted rows."""
+def _rounds(ok: torch.Tensor, n: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accepted draft tokens per request, its final row and its bonus row, from `ok` over the requests'
+    consecutive rows (len(draft) + 1 each): the length of each request's leading run of accepted rows."""
     dev = ok.device
     n_t = torch.tensor(n, device=dev)
     starts = (n_t + 1).cumsum(0) - (n_t + 1)
     width = max(n) + 1
     grid = (starts[:, None] + torch.arange(width, device=dev)).clamp(max=ok.shape[0] - 1)
     accepted = (ok[grid] & (torch.arange(width, device=dev)[None, :] < n_t[:, None])).long().cumprod(1).sum(1)
-    return accepted, starts + accepted
+    return accepted, starts + accepted, starts + n_t
 
 
 def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk: int | None = None) -> StepResult:
@@ -128,7 +120,7 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk: int | None = No
     if greedy:
         am = take(rows_of(greedy)).argmax(-1)
         x, _ = scored(greedy)
-        acc, final = _rounds(x == am, [n[i] for i in greedy])
+        acc, final, _ = _rounds(x == am, [n[i] for i in greedy])
         idx = torch.tensor(greedy, device=dev)
         accepted[idx], tokens[idx] = acc, am[final]
     sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
@@ -144,13 +136,12 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk: int | None = No
         x, pos = scored(ids)
         xs = x.clamp_min(0)[:, None]
         ok = ratio_test(p.gather(1, xs)[:, 0], q.gather(1, xs)[:, 0], u, pos) & (x >= 0)
-        acc, final = _rounds(ok, [n[i] for i in ids])
+        acc, final, bonus = _rounds(ok, [n[i] for i in ids])
         dist = correction(p[final], q[final])
         dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p[final])  # p == q: rejection only by rounding
-        last = torch.tensor([0, *(n[i] + 1 for i in ids)], device=dev).cumsum(0)[1:] - 1  # bonus rows
         # the round's last uniform (its bonus row's): the one that rejected x_j is not uniform any more
         idx = torch.tensor(ids, device=dev)
-        accepted[idx], tokens[idx] = acc, index_at_rows(dist, u[last])
+        accepted[idx], tokens[idx] = acc, index_at_rows(dist, u[bonus])
     packed = torch.stack([accepted, tokens]).cpu()
     copied = packed.numel() * packed.element_size()
     acc, fin = packed.tolist()
