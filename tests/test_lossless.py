@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import cheap_drafting
+from test_sampling import reference_filter
 
 from engine import sampling, verify
 from engine.drafters import block, eagle3
@@ -69,18 +70,12 @@ CASES = [
 
 
 def reference_probs(logits: torch.Tensor, c: Case) -> dict[int, float]:
-    """The target's next-token distribution after temperature, top-k and top-p, written plainly in float64:
-    keep rank r while r < top_k and the mass of the higher-ranked tokens is below top_p, then renormalise."""
-    probs = torch.softmax(logits.double() / c.temperature, -1)
-    top = probs.topk(min(64, len(probs)))
-    kept, mass = {}, 0.0
-    for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-        if (c.top_k and rank >= c.top_k) or mass >= c.top_p:
-            break
-        kept[i] = p
-        mass += p
+    """The target's next-token distribution after temperature, top-k and top-p, from test_sampling's plain
+    float64 definition (not engine.sampling's), as {token: probability} over the kept tokens."""
+    probs = reference_filter(logits, c.temperature, c.top_k, c.top_p)
+    kept = probs.nonzero()[:, 0].tolist()
     assert len(kept) < 64, "a case keeping 64 tokens per position is too wide to enumerate"
-    return {i: p / mass for i, p in kept.items()}
+    return {i: float(probs[i]) for i in kept}
 
 
 def exact_joint(eng: LLMEngine, prompt: list[int], c: Case) -> dict[tuple, float]:
