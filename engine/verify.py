@@ -130,8 +130,8 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk: int | None = No
         p = filter_logits(take(rows_of(ids)), torch.tensor([s.temperature for s in sp], device=dev),
                           torch.tensor([max(s.top_k, 0) for s in sp], device=dev),
                           torch.tensor([s.top_p for s in sp], device=dev))
-        zero = torch.zeros(1, vocab)
-        q = torch.cat([t for i in ids for t in ((reqs[i].q.float().cpu(), zero) if n[i] else (zero,))]).to(dev)
+        zero = torch.zeros(1, vocab, device=dev)  # q of a bonus row: nothing drafted there
+        q = torch.cat([t for i in ids for t in ((reqs[i].q.to(dev, torch.float32), zero) if n[i] else (zero,))])
         u = torch.cat([torch.rand(n[i] + 1, generator=reqs[i].generator, dtype=torch.float64) for i in ids]).to(dev)
         x, pos = scored(ids)
         xs = x.clamp_min(0)[:, None]

@@ -56,7 +56,7 @@ def cmd_train_drafter(args) -> None:
                         lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens,
                         device=args.device, intermediate_size=args.intermediate_size,
                         markov_factored=args.markov_factored, taps=args.taps, anchors=args.anchors,
-                        gen_limit=args.gen_limit))
+                        gen_limit=args.gen_limit, init_from=args.init_from, threads=args.threads))
 
 
 def _loadtest_flags(p: argparse.ArgumentParser) -> None:
@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-prompts", type=int, default=1536)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; the same code runs on both")
+    p.add_argument("--init-from", default=None,
+                   help="continue from this saved drafter (same shape), with a fresh optimizer and schedule")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
     p.set_defaults(fn=cmd_train_drafter)
 
     p = sub.add_parser("eval-drafter", help="acceptance benchmark of drafters on held-out code / math / chat")

@@ -17,7 +17,7 @@ from torch import nn
 from engine.drafters.config import DrafterConfig
 from engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from engine.model_config import ModelConfig
-from engine.sampling import SamplingParams, draw, filter_logits
+from engine.sampling import SamplingParams, filter_logits, index_at_rows
 
 
 def _version(t: torch.Tensor) -> int:
@@ -83,6 +83,55 @@ class Draft:
         return Draft(self.tokens[:n], None if self.q is None else self.q[:n], self.confidence[:n])
 
 
+class DraftSampler:
+    """A drafting round's token choice for the whole batch at one position, on the drafter's device: argmax for
+    greedy requests, an inverse-CDF draw from the filtered distribution (temperature / top-k / top-p, as the
+    target's is filtered at verification) for sampled ones, whose q rows are kept for rejection sampling.
+
+    Each sampled request's uniforms for the round come from its own generator in one call, `steps` of them
+    whatever the draft's final length, so a seeded request drafts the same tokens whatever shares the batch."""
+
+    def __init__(self, params: list[SamplingParams], gens: list[torch.Generator], steps: int, device):
+        self.rows = [r for r, p in enumerate(params) if not p.greedy]
+        self.q: list[torch.Tensor] = []  # per position: [len(rows), V]
+        if self.rows:
+            sp = [params[r] for r in self.rows]
+            self.idx = torch.tensor(self.rows, device=device)
+            self.filters = (torch.tensor([p.temperature for p in sp], device=device),
+                            torch.tensor([max(p.top_k, 0) for p in sp], device=device),
+                            torch.tensor([p.top_p for p in sp], device=device))
+            self.u = torch.stack([torch.rand(steps, generator=gens[r], dtype=torch.float64)
+                                  for r in self.rows]).to(device)
+
+    def __call__(self, logits: torch.Tensor, i: int) -> torch.Tensor:
+        """Tokens [B] at position i from the drafter's logits [B, V] (float32)."""
+        tokens = logits.argmax(-1)
+        if self.rows:
+            probs = filter_logits(logits[self.idx], *self.filters)
+            tokens[self.idx] = index_at_rows(probs, self.u[:, i])
+            self.q.append(probs)
+        return tokens
+
+    def drafts(self, tokens: torch.Tensor, lengths: torch.Tensor, confidence: torch.Tensor | None) -> list[Draft]:
+        """Per-request drafts from the round's tokens [B, steps], lengths [B] and confidences [B, steps], with one
+        copy to the host; q stays on the device (a view per request)."""
+        b, steps = tokens.shape
+        parts = [tokens.double(), lengths.double()[:, None]]
+        if confidence is not None:
+            parts.append(confidence.double())
+        host = torch.cat(parts, 1).cpu()  # token ids are exact in float64
+        toks = host[:, :steps].long().tolist()
+        ns = host[:, steps].long().tolist()
+        conf = host[:, steps + 1 :].tolist() if confidence is not None else [[1.0] * steps] * b
+        out = [Draft(t[:n], None, c[:n]) for t, n, c in zip(toks, ns, conf)]
+        if self.rows:
+            q = torch.stack(self.q, 1)  # [len(rows), steps, V]
+            for j, r in enumerate(self.rows):
+                if ns[r]:
+                    out[r].q = q[j, : ns[r]]
+        return out
+
+
 class BlockDrafter(nn.Module):
     def __init__(self, cfg: DrafterConfig, target_cfg: ModelConfig):
         super().__init__()
@@ -110,7 +159,6 @@ class BlockDrafter(nn.Module):
         if cfg.confidence_head:
             self.confidence = nn.Linear(d + r, 1)
         self.register_buffer("conf_temperature", torch.ones(cfg.block_size), persistent=True)
-        self.markov_fallbacks = 0  # greedy positions the top-k shortcut could not settle (scored fully)
 
     # -- shared pieces ------------------------------------------------------------------------------------------
     def fuse(self, taps: torch.Tensor) -> torch.Tensor:
@@ -158,32 +206,6 @@ class BlockDrafter(nn.Module):
         parts = [h, F.embedding(prev, self.markov_tables()[0])] if self.cfg.markov_rank else [h]
         return self.confidence(torch.cat(parts, -1)).squeeze(-1)
 
-    def _markov_argmax(self, base, top_vals, top_ids, prev) -> list[int]:
-        """argmax(base + Markov bias) per row, scoring only the top-k base logits when that is provably exact.
-
-        A token outside the top-k has base <= the k-th value and bias <= the largest bias any token gets after
-        `prev` (a per-token table, computed once); when that bound is below the best candidate's score, the
-        candidate is the argmax. Otherwise the row is scored fully. All of it in float32 whatever the weights'
-        dtype, so the shortcut and the full scoring agree (up to float32 summation order, covered by a margin).
-        """
-        w1, w2 = self.markov_tables()
-        key = (w1.data_ptr(), _version(w1), w2.data_ptr(), _version(w2))
-        if getattr(self, "_max_bias", (None,))[0] != key:
-            w2f = w2.float()
-            table = torch.cat([(w1[i : i + 1024].float() @ w2f.T).amax(-1) for i in range(0, len(w1), 1024)])
-            self._max_bias = (key, table, w2f)
-        _, table, w2f = self._max_bias
-        u = F.embedding(prev, w1).float()  # [n, r]
-        scores = top_vals + torch.bmm(F.embedding(top_ids, w2f), u[:, :, None])[..., 0]
-        best, arg = scores.max(-1)
-        bound = top_vals[:, -1] + table[prev]
-        out = top_ids.gather(1, arg[:, None])[:, 0]
-        unsure = (bound + 1e-5 * (bound.abs() + 1) >= best).nonzero()[:, 0]
-        if len(unsure):
-            self.markov_fallbacks += len(unsure)
-            out[unsure] = (base[unsure] + u[unsure] @ w2f.T).argmax(-1)
-        return out.tolist()
-
     # -- inference ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def extend_context(self, state, taps: torch.Tensor, start: int, next_tokens: list[int]):
@@ -205,10 +227,13 @@ class BlockDrafter(nn.Module):
                 threshold: float = 0.0) -> list[Draft]:
         """Draft up to ks[b] tokens after each anchor. ctx[b] = (per-layer context K/V list, context length).
 
+        One block forward for the batch, then a loop over the block's positions on batch tensors (the Markov
+        head makes position i depend on the token drawn at i-1); one copy to the host at the end.
         The confidence cut is decided at position i before x_i is drawn (from h_i and x_{i-1}), so the
         proposal length never depends on the token it would cut: speculation stays lossless.
         """
         b, gamma = len(anchors), self.cfg.block_size
+        steps = min(gamma, max(ks))
         dev = self.mask_embedding.device
         c_lens = [c[1] for c in ctx]
         c_max = max(c_lens)
@@ -223,72 +248,29 @@ class BlockDrafter(nn.Module):
             kv.append((torch.stack(ks_), torch.stack(vs_)))
         emb = self.mask_embedding.expand(b, gamma, -1).clone()
         emb[:, 0] = embed(torch.tensor(anchors, device=dev))
-        positions = torch.tensor(c_lens, device=dev)[:, None] + torch.arange(gamma, device=dev)
-        valid_ctx = torch.arange(c_max, device=dev)[None, :] < torch.tensor(c_lens, device=dev)[:, None]
+        c_len = torch.tensor(c_lens, device=dev)
+        positions = c_len[:, None] + torch.arange(gamma, device=dev)
+        valid_ctx = torch.arange(c_max, device=dev)[None, :] < c_len[:, None]
         mask = torch.cat([valid_ctx[:, None, :].expand(b, gamma, c_max),
                           torch.ones(b, gamma, gamma, dtype=torch.bool, device=dev)], -1).unsqueeze(1)
         h = self.block_hidden(emb, positions, kv, mask)  # [B, gamma, d]
-        base = lm_head(h).float()  # [B, gamma, V]
-        k_cand = self.cfg.markov_candidates if self.cfg.markov_rank else 0
-        top = base.topk(k_cand, -1) if 0 < k_cand < base.shape[-1] else None
+        base = lm_head(h[:, :steps]).float()  # [B, steps, V]
+        sampler = DraftSampler(params, gens, steps, dev)
+        limit = torch.tensor(ks, device=dev)
+        live = torch.ones(b, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(b, dtype=torch.long, device=dev)
+        tokens = torch.zeros(b, steps, dtype=torch.long, device=dev)
+        conf = torch.ones(b, steps, device=dev) if self.cfg.confidence_head else None
         prev = torch.tensor(anchors, device=dev)
-        drafts = [Draft([], None, []) for _ in range(b)]
-        qs: list[list[torch.Tensor]] = [[] for _ in range(b)]
-        live = list(range(b))
-        for i in range(min(gamma, max(ks))):
-            live = [r for r in live if i < ks[r]]
-            if not live:
-                break
-            rows = torch.tensor(live, device=dev)
-            if self.cfg.confidence_head:
-                c = torch.sigmoid(self.confidence_logit(h[rows, i], prev[rows]).float() / self.conf_temperature[i])
-                keep = [j for j in range(len(live)) if float(c[j]) >= threshold]
-                for j in keep:
-                    drafts[live[j]].confidence.append(float(c[j]))
-                if len(keep) < len(live):
-                    live = [live[j] for j in keep]
-                    if not live:
-                        break
-                    rows = rows[torch.tensor(keep, device=dev)]
-            toks = [0] * len(live)
-            greedy = [j for j, r in enumerate(live) if params[r].greedy]
-            if top is not None and greedy:
-                g_rows = rows[greedy]
-                for j, t in zip(greedy, self._markov_argmax(base[g_rows, i], top.values[g_rows, i],
-                                                            top.indices[g_rows, i], prev[g_rows])):
-                    toks[j] = t
-                done = set(greedy)
-                full = [j for j in range(len(live)) if j not in done]
-            else:
-                full = list(range(len(live)))
-            if full:
-                f_rows = rows[full]
-                logits = base[f_rows, i]
-                bias = self.markov_bias(prev[f_rows])
-                if bias is not None:
-                    logits = logits + bias.float()
-                logits = logits.cpu()  # sample on the CPU: CPU generators, and verification uses CPU logits
-                best = logits.argmax(-1).tolist()
-                sampled = [jj for jj, j in enumerate(full) if not params[live[j]].greedy]
-                probs = None
-                if sampled:
-                    sp = [params[live[full[jj]]] for jj in sampled]
-                    probs = filter_logits(logits[sampled], torch.tensor([p.temperature for p in sp]),
-                                          torch.tensor([max(p.top_k, 0) for p in sp]),
-                                          torch.tensor([p.top_p for p in sp]))
-                for jj, j in enumerate(full):
-                    toks[j] = best[jj]
-                for n, jj in enumerate(sampled):
-                    r = live[full[jj]]
-                    toks[full[jj]] = draw(probs[n], gens[r])
-                    qs[r].append(probs[n])
-            for j, r in enumerate(live):
-                drafts[r].tokens.append(toks[j])
-            prev = prev.clone()
-            prev[rows] = torch.tensor(toks, device=dev)
-        for r in range(b):
-            if qs[r]:
-                drafts[r].q = torch.stack(qs[r])
-            if not self.cfg.confidence_head:
-                drafts[r].confidence = [1.0] * len(drafts[r].tokens)
-        return drafts
+        for i in range(steps):
+            live &= limit > i
+            if conf is not None:
+                conf[:, i] = torch.sigmoid(self.confidence_logit(h[:, i], prev).float() / self.conf_temperature[i])
+                live &= conf[:, i] >= threshold
+            logits = base[:, i]
+            bias = self.markov_bias(prev)
+            if bias is not None:
+                logits = logits + bias.float()
+            tokens[:, i] = prev = sampler(logits, i)
+            lengths += live
+        return sampler.drafts(tokens, lengths, conf)

@@ -24,10 +24,6 @@ class DrafterConfig:
     # A (rank x d) and B (d x rank) stored, 2 d r weights instead of 2 V r (a 49k vocabulary makes the latter MBs).
     markov_factored: bool = False
     confidence_head: bool = False
-    # Greedy drafting with a Markov head scores only the top-k tokens of the block's base logits (k x rank per
-    # position instead of vocab x rank) and falls back to the whole vocabulary when a bound says a token outside
-    # them could win, so the draft is exactly the argmax. 0 = always the whole vocabulary. Inference only.
-    markov_candidates: int = 256
     target_fingerprint: str = ""
     target_name: str = ""
     training: dict = field(default_factory=dict)
@@ -37,7 +33,9 @@ class DrafterConfig:
 
     @classmethod
     def load(cls, path: Path) -> DrafterConfig:
-        return cls(**json.loads((path / "config.json").read_text()))
+        fields = json.loads((path / "config.json").read_text())
+        fields.pop("markov_candidates", None)  # retired inference option (a greedy top-k shortcut) of older files
+        return cls(**fields)
 
 
 def default_layer_ids(num_layers: int, n: int = 5) -> list[int]:

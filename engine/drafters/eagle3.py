@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.drafters.block import Draft
+from engine.drafters.block import Draft, DraftSampler
 from engine.drafters.config import DrafterConfig
 from engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from engine.model_config import ModelConfig
-from engine.sampling import SamplingParams, draw, filter_logits
+from engine.sampling import SamplingParams
 
 
 class Eagle3Drafter(nn.Module):
@@ -96,7 +96,8 @@ class Eagle3Drafter(nn.Module):
     def propose(self, embed: nn.Embedding, lm_head: nn.Linear, anchors: list[int], ctx: list[tuple],
                 ks: list[int], params: list[SamplingParams], gens: list[torch.Generator],
                 threshold: float = 0.0) -> list[Draft]:
-        """Autoregressive drafting: the last context slot's output gives token 1, each step feeds its hidden back."""
+        """Autoregressive drafting: the last context slot's output gives token 1, each step feeds its hidden back;
+        batch tensors throughout, one copy to the host at the end."""
         b = len(anchors)
         dev = self.fc.weight.device
         c_lens = [c[2] for c in ctx]
@@ -104,37 +105,22 @@ class Eagle3Drafter(nn.Module):
         steps = max(ks)
         kk = torch.stack([F.pad(c[0], (0, 0, 0, 0, 0, c_max - c[2])) for c in ctx])
         vv = torch.stack([F.pad(c[1], (0, 0, 0, 0, 0, c_max - c[2])) for c in ctx])
-        valid = torch.arange(c_max, device=dev)[None, :] < torch.tensor(c_lens, device=dev)[:, None]
+        c_len = torch.tensor(c_lens, device=dev)
+        valid = torch.arange(c_max, device=dev)[None, :] < c_len[:, None]
         hidden = torch.stack([c[3] for c in ctx])  # [B, d]
-        drafts = [Draft([], None, []) for _ in range(b)]
-        qs: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        sampler = DraftSampler(params, gens, steps, dev)
+        tokens = torch.zeros(b, steps, dtype=torch.long, device=dev)
         new_k, new_v = [], []
         for i in range(steps):
-            logits = lm_head(self.norm(hidden)).float().cpu()  # CPU generators; verification runs on CPU
-            toks = logits.argmax(-1)
-            samp = [r for r in range(b) if not params[r].greedy and i < ks[r]]
-            if samp:
-                sp = [params[r] for r in samp]
-                probs = filter_logits(logits[samp], torch.tensor([p.temperature for p in sp]),
-                                      torch.tensor([max(p.top_k, 0) for p in sp]), torch.tensor([p.top_p for p in sp]))
-                for j, r in enumerate(samp):
-                    toks[r] = draw(probs[j], gens[r])
-                    qs[r].append(probs[j])
-            for r in range(b):
-                if i < ks[r]:
-                    drafts[r].tokens.append(int(toks[r]))
-                    drafts[r].confidence.append(1.0)
+            tokens[:, i] = toks = sampler(lm_head(self.norm(hidden)).float(), i)
             if i + 1 == steps:
                 break
-            pos = torch.tensor(c_lens, device=dev) + i  # slot of (this hidden, embedding of the token just drafted)
-            q, k, v = self.project(hidden, embed(toks.to(dev)), pos)
+            pos = c_len + i  # slot of (this hidden, embedding of the token just drafted)
+            q, k, v = self.project(hidden, embed(toks), pos)
             new_k.append(k)
             new_v.append(v)
             keys = torch.cat([kk, torch.stack(new_k, 1)], 1)
             vals = torch.cat([vv, torch.stack(new_v, 1)], 1)
             mask = torch.cat([valid, torch.ones(b, len(new_k), dtype=torch.bool, device=dev)], 1)[:, None, None, :]
             hidden = self.finish(hidden, self.attend(q[:, None], keys, vals, mask)[:, 0])
-        for r in range(b):
-            if qs[r]:
-                drafts[r].q = torch.stack(qs[r])
-        return drafts
+        return sampler.drafts(tokens, torch.tensor(ks, device=dev).clamp(max=steps), None)

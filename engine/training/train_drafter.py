@@ -15,10 +15,12 @@ import json
 import math
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from engine.drafters import DrafterConfig, build_drafter, default_layer_ids, save_drafter, target_fingerprint
@@ -219,7 +221,8 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
                   lr: float = 1e-3, seed: int = 0, num_prompts: int = 1536, max_new: int = 128,
                   data_cache: str | None = None, save_every: int = 250, stop_after: int | None = None,
                   device: str = "cpu", intermediate_size: int = 0, markov_factored: bool = False,
-                  taps: int = 5, gen_limit: int | None = None, log_every: int = 25) -> dict | None:
+                  taps: int = 5, gen_limit: int | None = None, log_every: int = 25,
+                  init_from: str | None = None, threads: int | None = None) -> dict | None:
     """Train and save to `out`. `stop_after` ends this run after that many steps, leaving a checkpoint that the
     next call resumes from exactly (model, optimizer, schedule and data-sampling state). Every `log_every`
     steps (and a run's first and the last) the log records the loss and the data rows the batch drew.
@@ -255,7 +258,7 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         block_size=block_size, num_layers=1 if method == "eagle3" else num_layers,
         intermediate_size=intermediate_size,
         markov_rank=(min(256, d) if markov_rank is None else markov_rank) if dspark else 0,
-        markov_factored=markov_factored and dspark, markov_candidates=0 if markov_factored else 256,
+        markov_factored=markov_factored and dspark,
         confidence_head=dspark, target_fingerprint=target_fingerprint(target), target_name=Path(model_dir).name,
     )
     pad = target.config.eos_token_id[0] if target.config.eos_token_id else 0
@@ -270,6 +273,15 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         del served
         torch.save(feats, fcache)
     drafter = build_drafter(cfg, target).to(dev)
+    previous = None
+    if init_from:
+        previous = DrafterConfig.load(Path(init_from))
+        mine, theirs = asdict(cfg), asdict(previous)
+        differ = [k for k in mine if k != "training" and mine[k] != theirs[k]]
+        if differ:
+            raise ValueError(f"--init-from {init_from}: its {', '.join(differ)} differ from this run's")
+        state = load_file(str(Path(init_from) / "model.safetensors"))
+        drafter.load_state_dict({k: v.float() for k, v in state.items()})
     outdir = Path(out)
     ckpt = outdir / "train_state.pt"
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -320,6 +332,8 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
                     "sequences": len(data), "data": "ShareGPT / stdlib code / math", "first_step_this_run": start,
                     "seconds_this_run": round(time.time() - t0),
                     "final": log[-1] if log else {}}
+    if previous is not None:
+        cfg.training["continued_from"] = previous.training
     save_drafter(drafter.cpu().eval(), outdir)
     (outdir / "training_log.json").write_text(json.dumps(log, indent=1))
     ckpt.unlink(missing_ok=True)
