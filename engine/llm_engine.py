@@ -136,8 +136,8 @@ class LLMEngine:
         return self.drafter.extend_context(None, taps, 0, [0] * context)
 
     def _profile_draft(self, r: int, ctx) -> None:
-        """One greedy drafting round for r requests over `ctx` (start-up profile of the drafter; the engine
-        times folding features in apart, so the profile does not include it)."""
+        """One greedy drafting round for r requests over `ctx` (start-up profile of the drafter; the steps' own
+        measurements, which replace it online, also count folding in each round's new features)."""
         self.drafter.propose(self.model.model.embed_tokens, self.model.lm_head, [0] * r, [ctx] * r,
                              [self.scheduler.draft_len] * r, [SamplingParams(temperature=0)] * r,
                              [make_generator(0)] * r, self.settings.confidence_threshold)
@@ -154,9 +154,9 @@ class LLMEngine:
         if not plan.items:
             return expired
         drafting = [it for it in plan.items if it.num_draft]
+        t1 = time.perf_counter()  # the drafter's cost includes folding in the features it has not seen yet
         for it in drafting:
             self._fold_features(it.seq.seq_id)
-        t1 = time.perf_counter()
         drafts = self._propose(drafting)
         t2 = time.perf_counter()
         if drafting:

@@ -27,9 +27,10 @@ from scheduler.cost_model import StepCostModel
 
 @dataclass
 class SpecState:
-    tau: float  # EMA of tokens committed per drafting round (bonus included)
+    tau: float  # running mean of tokens committed per drafting round (bonus included), EMA after a few rounds
     length: float  # EMA of draft tokens verified per round
     idle: int = 0  # steps since it last drafted
+    rounds: int = 0  # drafting rounds observed
 
 
 class DraftPolicy:
@@ -45,6 +46,10 @@ class DraftPolicy:
         self.probing: set[int] = set()  # this step's probes: they verify at least one token, so they teach
         self.probe_interval = {True: probe_every, False: probe_every}  # backs off while probes keep failing
         # Per class (greedy or sampled): running tau and per-position acceptance rates, priors for new requests.
+        # The starting values are optimistic guesses worth one round: the class's first rounds replace them by
+        # a running mean (learning rate 1 / (rounds + 1), down to ema / 4), so a weak drafter stops being
+        # credited within a few rounds instead of a few dozen.
+        self.class_rounds = {True: 0, False: 0}
         self.prior_tau = {True: 1.0 + max_len / 2, False: 1.0 + max_len / 4}
         self.accept_rate = {True: [0.7] * max_len, False: [0.5] * max_len}
         # Online recalibration of the confidence head per class and position: its offline calibration was fitted
@@ -142,14 +147,18 @@ class DraftPolicy:
         """One round's result: `verified` draft tokens scored, `accepted` of them kept (plus the bonus)."""
         e = self.ema
         st = self.state.setdefault(seq_id, SpecState(self.prior_tau[greedy], float(self.max_len)))
-        st.tau = (1 - e) * st.tau + e * (1 + accepted)
+        st.rounds += 1
+        r = max(1 / (st.rounds + 1), e)  # the class's estimate it started from counts as one round
+        st.tau = (1 - r) * st.tau + r * (1 + accepted)
         st.length = (1 - e) * st.length + e * max(verified, 1)
-        self.prior_tau[greedy] = (1 - e / 4) * self.prior_tau[greedy] + e / 4 * (1 + accepted)
+        self.class_rounds[greedy] += 1
+        c = max(1 / (self.class_rounds[greedy] + 1), e / 4)
+        self.prior_tau[greedy] = (1 - c) * self.prior_tau[greedy] + c * (1 + accepted)
         rates = self.accept_rate[greedy]
         for j in range(min(verified, accepted + 1)):  # positions reached: accepted, or the first rejected
-            rates[j] = (1 - e / 4) * rates[j] + e / 4 * (1.0 if j < accepted else 0.0)
+            rates[j] = (1 - c) * rates[j] + c * (1.0 if j < accepted else 0.0)
             if confidence is not None:
-                self.mean_conf[greedy][j] = (1 - e / 4) * self.mean_conf[greedy][j] + e / 4 * confidence[j]
+                self.mean_conf[greedy][j] = (1 - c) * self.mean_conf[greedy][j] + c * confidence[j]
 
     def forget(self, seq_id: int) -> None:
         self.state.pop(seq_id, None)

@@ -126,14 +126,22 @@ def test_observe_updates_the_running_estimates():
     pol = DraftPolicy(LinearCost(), max_len=3)
     pol.observe(7, True, verified=3, accepted=1, confidence=[0.9, 0.6, 0.3])
     st = pol.state[7]
-    assert st.tau == pytest.approx(0.8 * 2.5 + 0.2 * 2) and st.length == pytest.approx(0.8 * 3 + 0.2 * 3)
-    assert pol.prior_tau[True] == pytest.approx(0.95 * 2.5 + 0.05 * 2)
+    # the request's first round weighs as much as the class estimate it started from
+    assert st.tau == pytest.approx(0.5 * 2.5 + 0.5 * 2) and st.length == pytest.approx(0.8 * 3 + 0.2 * 3)
+    # the class's first round weighs as much as the starting guess (a running mean), ...
+    assert pol.prior_tau[True] == pytest.approx(0.5 * 2.5 + 0.5 * 2)
     # positions reached: the accepted one and the first rejected; the third was never looked at
-    assert pol.accept_rate[True] == pytest.approx([0.95 * 0.7 + 0.05, 0.95 * 0.7, 0.7])
-    assert pol.mean_conf[True] == pytest.approx([0.95 * 0.7 + 0.05 * 0.9, 0.95 * 0.7 + 0.05 * 0.6, 0.7])
+    assert pol.accept_rate[True] == pytest.approx([0.5 * 0.7 + 0.5, 0.5 * 0.7, 0.7])
+    assert pol.mean_conf[True] == pytest.approx([0.5 * 0.7 + 0.5 * 0.9, 0.5 * 0.7 + 0.5 * 0.6, 0.7])
     assert pol.accept_rate[False] == [0.5] * 3 and pol.prior_tau[False] == 1.75  # the other class is untouched
     pol.observe(7, True, verified=0, accepted=0)  # a draft trimmed to nothing still counts one round
-    assert st.length == pytest.approx(0.8 * 3.0 + 0.2 * 1) and st.tau == pytest.approx(0.8 * 2.4 + 0.2)
+    assert st.length == pytest.approx(0.8 * 3.0 + 0.2 * 1) and st.tau == pytest.approx(2 / 3 * 2.25 + 1 / 3)
+    assert pol.prior_tau[True] == pytest.approx((2.5 + 2 + 1) / 3)  # ... the second a third: a plain mean
+    for _ in range(40):  # ... until the rate reaches its floor, ema / 4
+        pol.observe(8, True, verified=3, accepted=3)
+    before = pol.prior_tau[True]
+    pol.observe(8, True, verified=3, accepted=0)
+    assert pol.prior_tau[True] == pytest.approx(0.95 * before + 0.05 * 1)
     pol.forget(7)
     assert 7 not in pol.state
 
