@@ -1,24 +1,48 @@
-"""Owner of the paged KV cache's blocks: which physical blocks each sequence holds.
+"""Owner of the paged KV cache's blocks: which physical blocks each sequence holds, and which full blocks are
+cached for reuse by later requests (automatic prefix caching).
 
 A sequence's KV length lives on the sequence (`num_computed`); the block manager only guarantees capacity.
 Growing, rolling back and freeing are all changes of a block list, so speculation's rollback is cheap.
+
+Prefix caching: a block whose tokens are all computed gets a key, the hash of its tokens chained with its
+parent block's key (so a key names the whole prefix up to the block's end) and the cache's namespace (the
+model). A new request maps the longest run of cached blocks matching its prompt and prefills only the rest.
+Blocks are reference-counted; a mapped block is shared read-only (writes only ever go to positions at or after
+a sequence's `num_computed`, which is past every block it shares). A block nobody holds any more keeps its
+contents and key until the pool needs room: free blocks are reused first, then cached ones, least recently
+released first.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, namespace: str = ""):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = prefix_caching
+        self.namespace = namespace  # part of every key: caches of different models never match
+        self._free: deque[int] = deque(range(num_blocks))  # nobody holds them, nothing cached in them
+        self._cached: OrderedDict[int, None] = OrderedDict()  # nobody holds them, contents kept; LRU first
         self._tables: dict[int, list[int]] = {}
+        self._ref = [0] * num_blocks
+        self._key: dict[int, int] = {}  # block -> key, for blocks with cached contents
+        self._tokens: dict[int, tuple[int | None, tuple[int, ...]]] = {}  # block -> (parent key, its tokens)
+        self._by_key: dict[int, int] = {}  # key -> block
+        self._seq_keys: dict[int, list[int]] = {}  # seq_id -> keys of its leading blocks of computed tokens
+        self.queries = 0  # prompt tokens looked up, and how many of them were found cached
+        self.hits = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out: free ones and cached ones nobody holds."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
     @property
     def usage(self) -> float:
@@ -34,30 +58,115 @@ class BlockManager:
     def can_allocate(self, seq_id: int, num_tokens: int, reserve: int = 0) -> bool:
         return self.extra_blocks(seq_id, num_tokens) + reserve <= self.num_free
 
+    def _take(self) -> int:
+        if self._free:
+            block = self._free.popleft()
+        else:  # evict the least recently released cached block
+            block, _ = self._cached.popitem(last=False)
+            self._forget(block)
+        self._ref[block] = 1
+        return block
+
+    def _forget(self, block: int) -> None:
+        key = self._key.pop(block, None)
+        if key is not None:
+            del self._tokens[block]
+            if self._by_key.get(key) == block:
+                del self._by_key[key]
+
+    def _release(self, block: int) -> None:
+        self._ref[block] -= 1
+        if self._ref[block] == 0:
+            if block in self._key:
+                self._cached[block] = None
+            else:
+                self._free.append(block)
+
     def allocate(self, seq_id: int, num_tokens: int) -> list[int]:
         """Grow `seq_id`'s table to hold `num_tokens` tokens; returns the table."""
         need = self.extra_blocks(seq_id, num_tokens)
         if need > self.num_free:
             raise MemoryError(f"KV cache: need {need} blocks, {self.num_free} free")
         table = self._tables.setdefault(seq_id, [])
-        table.extend(self._free.popleft() for _ in range(need))
+        table.extend(self._take() for _ in range(need))
         return table
 
     def rollback(self, seq_id: int, num_tokens: int) -> None:
-        """Shrink `seq_id` to `num_tokens` tokens (drop rejected draft tokens): frees blocks past the end."""
+        """Shrink `seq_id` to `num_tokens` tokens (drop rejected draft tokens): releases blocks past the end.
+        Rolling back into a cached block (the engine never does: it rolls back to `num_computed` or beyond)
+        uncaches it, since its contents are about to be rewritten; a shared block cannot be rewritten."""
         table = self._tables.get(seq_id, [])
         keep = self.blocks_for(num_tokens)
         while len(table) > keep:
-            self._free.append(table.pop())
+            self._release(table.pop())
+        keys = self._seq_keys.get(seq_id, [])
+        for block in table[num_tokens // self.block_size : len(keys)]:
+            assert self._ref[block] == 1, "rollback into a KV block shared with another sequence"
+            self._forget(block)
+        del keys[num_tokens // self.block_size :]
 
     def free(self, seq_id: int) -> None:
-        self._free.extend(reversed(self._tables.pop(seq_id, [])))
+        for block in reversed(self._tables.pop(seq_id, [])):
+            self._release(block)
+        self._seq_keys.pop(seq_id, None)
 
     def table(self, seq_id: int) -> list[int]:
         return self._tables.get(seq_id, [])
 
+    # -- prefix caching -----------------------------------------------------------------------------------------
+    def _chain(self, parent: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((self.namespace, parent, tokens))
+
+    def match_prefix(self, seq_id: int, token_ids: list[int]) -> int:
+        """Map the longest cached run of full blocks that starts `token_ids` into `seq_id`'s (empty) table and
+        return how many tokens it covers; the last token is always left to compute, so the step that computes
+        the rest has logits to sample from."""
+        assert not self._tables.get(seq_id), "match_prefix is for a sequence that holds no blocks"
+        if not self.prefix_caching:
+            return 0
+        bs = self.block_size
+        table, keys = [], []
+        for start in range(0, len(token_ids) - bs, bs):  # full blocks, and at least one token after them
+            tokens, parent = tuple(token_ids[start : start + bs]), keys[-1] if keys else None
+            key = self._chain(parent, tokens)
+            block = self._by_key.get(key)
+            if block is None or self._tokens[block] != (parent, tokens):  # a miss, or a hash collision
+                break
+            table.append(block)
+            keys.append(key)
+        for block in table:
+            if self._ref[block] == 0:
+                del self._cached[block]
+            self._ref[block] += 1
+        self._tables[seq_id] = table
+        self._seq_keys[seq_id] = keys
+        self.queries += len(token_ids)
+        self.hits += len(table) * bs
+        return len(table) * bs
+
+    def commit(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """Give keys to `seq_id`'s blocks that are now full of computed tokens, so later requests can map them."""
+        if not self.prefix_caching:
+            return
+        table, bs = self._tables.get(seq_id, []), self.block_size
+        keys = self._seq_keys.setdefault(seq_id, [])
+        for i in range(len(keys), min(num_computed // bs, len(table))):
+            block, tokens, parent = table[i], tuple(token_ids[i * bs : (i + 1) * bs]), keys[-1] if keys else None
+            key = self._chain(parent, tokens)
+            keys.append(key)
+            if key not in self._by_key:  # (the same tokens computed twice: the first block stays the cached one)
+                self._key[block], self._tokens[block], self._by_key[key] = key, (parent, tokens), block
+
     def check(self) -> None:
-        """Invariant: every block is either free or owned by exactly one sequence."""
-        owned = [b for t in self._tables.values() for b in t]
-        all_blocks = owned + list(self._free)
+        """Invariants: every block is free, cached-and-unheld, or held, exactly one of them; its reference count
+        is the number of tables holding it; a block held by two tables has cached contents (it is read-only)."""
+        held: dict[int, int] = {}
+        for t in self._tables.values():
+            for b in t:
+                held[b] = held.get(b, 0) + 1
+        all_blocks = list(held) + list(self._free) + list(self._cached)
         assert len(all_blocks) == self.num_blocks == len(set(all_blocks)), "KV block leak or double use"
+        assert all(self._ref[b] == held.get(b, 0) for b in range(self.num_blocks)), "KV block refcount wrong"
+        assert all(b in self._key for b, n in held.items() if n > 1), "KV block shared but writable"
+        assert all(b in self._key for b in self._cached) and not any(b in self._key for b in self._free)
+        assert all(self._key[b] == k for k, b in self._by_key.items()), "KV block key index stale"

@@ -1,6 +1,8 @@
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.block_manager import BlockManager
 
@@ -73,3 +75,116 @@ def test_rollback_frees_the_tail_and_unknown_sequences_are_empty():
     bm._free.append(table[0])  # a block both owned and free
     with pytest.raises(AssertionError, match="^KV block leak or double use$"):
         bm.check()
+
+
+# -- prefix caching ---------------------------------------------------------------------------------------------
+def computed(bm: BlockManager, sid: int, tokens: list[int], start: int = 0) -> int:
+    """Allocate and 'compute' tokens[start:], then key the full blocks (what the engine does after a step)."""
+    bm.allocate(sid, len(tokens))
+    bm.commit(sid, tokens, len(tokens))
+    return len(tokens)
+
+
+def test_prefix_blocks_are_shared_then_cached_then_evicted_least_recent_first():
+    bm = BlockManager(num_blocks=8, block_size=4, prefix_caching=True)
+    a = list(range(14))
+    computed(bm, 1, a)  # 4 blocks, 3 of them full
+    first3 = bm.table(1)[:3]
+    assert bm.match_prefix(2, a[:12] + [99, 98]) == 12 and bm.table(2) == first3  # shared, not copied
+    assert [bm._ref[b] for b in first3] == [2, 2, 2]
+    bm.check()
+    bm.free(1)
+    assert bm.num_cached == 0 and bm.num_free == 8 - 3  # still held by 2; 1's partial block went back to free
+    bm.free(2)
+    assert bm.num_cached == 3 and bm.num_free == 8
+    # a strict prefix that ends on a block boundary: its last block is left to compute (the step needs a token)
+    assert bm.match_prefix(3, a[:12]) == 8 and bm.table(3) == first3[:2]
+    # diverging mid-block: only the blocks before the divergence
+    assert bm.match_prefix(4, a[:6] + [77] * 8) == 4 and bm.table(4) == first3[:1]
+    assert bm.match_prefix(5, [5] + a[1:14]) == 0 and bm.table(5) == []
+    bm.check()
+    bm.free(3)
+    bm.free(4)
+    assert bm.num_cached == 3 and bm.num_free == 8
+    # released order: block 2 (by 2), then 1 and 0 (by 3 and 4): free blocks go first, then block 2 is evicted
+    bm.allocate(6, 4 * 6)
+    assert first3[2] in bm.table(6) and first3[0] not in bm.table(6) and bm.num_cached == 2
+    assert bm.match_prefix(7, a) == 8  # the evicted third block no longer matches
+    assert bm.queries == 14 + 12 + 14 + 14 + 14 and bm.hits == 12 + 8 + 4 + 0 + 8
+    bm.check()
+
+
+def test_a_hash_collision_is_a_miss_and_namespaces_do_not_share():
+    bm = BlockManager(num_blocks=8, block_size=2, prefix_caching=True, namespace="model-a")
+    computed(bm, 1, [1, 2, 3, 4, 5])
+    bm._chain = lambda parent, tokens: 0  # every key equal: matching must compare the tokens themselves
+    assert bm.match_prefix(2, [9, 9, 3, 4, 5]) == 0
+    other = BlockManager(num_blocks=8, block_size=2, prefix_caching=True, namespace="model-b")
+    assert other._chain(None, (1, 2)) != BlockManager(1, 2, True, "model-a")._chain(None, (1, 2))
+    off = BlockManager(num_blocks=8, block_size=2)
+    computed(off, 1, [1, 2, 3, 4, 5])
+    assert off.match_prefix(2, [1, 2, 3, 4, 5]) == 0 and off.num_cached == 0  # prefix caching off
+
+
+def test_rollback_never_rewrites_a_shared_block_and_uncaches_its_own():
+    bm = BlockManager(num_blocks=8, block_size=2, prefix_caching=True)
+    computed(bm, 1, [1, 2, 3, 4, 5])
+    assert bm.match_prefix(2, [1, 2, 3, 4, 6]) == 4
+    with pytest.raises(AssertionError, match="shared"):
+        bm.rollback(2, 1)
+    bm.free(2)
+    bm.rollback(1, 3)  # into its own second block, held only by 1: that block is no longer a cache entry
+    assert bm.match_prefix(3, [1, 2, 3, 4, 7]) == 2
+    bm.check()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 4), st.integers(0, 40), st.integers(0, 2)),
+                min_size=1, max_size=60))
+def test_prefix_caching_keeps_every_mapped_block_right_and_leaks_nothing(ops):
+    """Random admissions (prompts from a few shared prefixes), decoding with speculative over-allocation and
+    rollback, preemption and frees on a tiny pool. A model of the KV contents (each slot's K/V is a function of
+    the tokens up to it: the slot records that prefix when computed) checks that every block a request maps holds
+    exactly its prompt's K/V, and
+    the invariants hold after every operation (refcounts, no block both free and held, shared => read-only)."""
+    bs = 4
+    bm = BlockManager(num_blocks=12, block_size=bs, prefix_caching=True)
+    contents: dict[int, list] = {}  # block -> the prefix each slot's K/V was computed from, as last written
+    # the last one repeats the first's second block after another first block: keys must chain
+    prefixes = [[1] * 9, [1] * 5 + [2] * 6, [3, 4] * 5, [], [7] * 4 + [1] * 4 + [2] * 3]
+    seqs: dict[int, tuple[list[int], int]] = {}  # sid -> (tokens, num_computed)
+
+    def compute(sid, tokens, start, end):
+        for p in range(start, end):
+            contents.setdefault(bm.table(sid)[p // bs], [None] * bs)[p % bs] = tuple(tokens[: p + 1])
+
+    for sid, kind, n, extra in ops:
+        if sid not in seqs:  # admit: prefix + tail, match, compute the rest if it fits
+            tokens = prefixes[kind] + [100 + sid] * (n % 9 + 1)
+            hit = bm.match_prefix(sid, tokens)
+            for p in range(hit):
+                assert contents[bm.table(sid)[p // bs]][p % bs] == tuple(tokens[: p + 1])  # this prompt's K/V
+            if not bm.can_allocate(sid, len(tokens)):
+                bm.free(sid)
+                continue
+            bm.allocate(sid, len(tokens))
+            compute(sid, tokens, hit, len(tokens))
+            bm.commit(sid, tokens, len(tokens))
+            seqs[sid] = (tokens, len(tokens))
+        elif kind == 0 or not bm.can_allocate(sid, seqs[sid][1] + 1 + extra):  # preempt / finish
+            bm.free(sid)
+            del seqs[sid]
+        else:  # one decode step verifying `extra` drafts, of which n % (extra + 1) are accepted
+            tokens, done = seqs[sid]
+            bm.allocate(sid, done + 1 + extra)
+            new = tokens + [200 + n + j for j in range(extra + 1)]
+            compute(sid, new, done, done + 1 + extra)
+            valid = done + 1 + n % (extra + 1)
+            bm.rollback(sid, valid)
+            bm.commit(sid, new, valid)
+            seqs[sid] = (new[:valid], valid)
+        bm.check()
+    for sid in list(seqs):
+        bm.free(sid)
+    bm.check()
+    assert bm.num_free == bm.num_blocks
