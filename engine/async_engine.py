@@ -171,6 +171,11 @@ class AsyncEngine:
         metrics.STEP_BYTES_TO_HOST.observe(eng.last_step_bytes_to_host)
         metrics.GENERATION_TOKENS.inc(sum(len(o.token_ids) for o in outputs))
         metrics.PREEMPTIONS.inc(preempted)
+        bm = eng.block_manager
+        for key, value, counter in (("prefix_queries", bm.queries, metrics.PREFIX_QUERIES),
+                                    ("prefix_hits", bm.hits, metrics.PREFIX_HITS)):
+            counter.inc(value - self._seen.get(key, 0))
+            self._seen[key] = value
         method = eng.settings.speculative_method
         for key, counter in (("draft_rounds", metrics.SPEC_ROUNDS), ("verified_tokens", metrics.SPEC_DRAFT_TOKENS),
                              ("accepted_tokens", metrics.SPEC_ACCEPTED_TOKENS)):
@@ -208,3 +213,4 @@ class AsyncEngine:
         metrics.WAITING.set(len(eng.scheduler.waiting))
         metrics.KV_USAGE.set(eng.block_manager.usage)
         metrics.KV_FREE.set(eng.block_manager.num_free)
+        metrics.PREFIX_BLOCKS.set(eng.block_manager.num_cached)

@@ -32,7 +32,7 @@ class BlockManager:
         self._tokens: dict[int, tuple[int | None, tuple[int, ...]]] = {}  # block -> (parent key, its tokens)
         self._by_key: dict[int, int] = {}  # key -> block
         self._seq_keys: dict[int, list[int]] = {}  # seq_id -> keys of its leading blocks of computed tokens
-        self.queries = 0  # prompt tokens looked up, and how many of them were found cached
+        self.queries = 0  # tokens of admitted requests looked up, and how many of them were found cached
         self.hits = 0
 
     @property
@@ -140,17 +140,33 @@ class BlockManager:
             self._ref[block] += 1
         self._tables[seq_id] = table
         self._seq_keys[seq_id] = keys
-        self.queries += len(token_ids)
-        self.hits += len(table) * bs
         return len(table) * bs
 
-    def commit(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
-        """Give keys to `seq_id`'s blocks that are now full of computed tokens, so later requests can map them."""
+    def count_lookup(self, num_tokens: int, hit: int) -> None:
+        """An admitted request looked up `num_tokens` and found `hit` of them cached (a lookup the scheduler
+        had to undo, for want of room, is not counted)."""
+        if self.prefix_caching:
+            self.queries += num_tokens
+            self.hits += hit
+
+    def first_key(self, token_ids: list[int]) -> int | None:
+        """The key the first block of `token_ids` will have (None when it has no full block before its last
+        token): requests admitted together with the same first block share nothing until one has computed it."""
+        if not self.prefix_caching or len(token_ids) <= self.block_size:
+            return None
+        return self._chain(None, tuple(token_ids[: self.block_size]))
+
+    def commit(self, seq_id: int, token_ids: list[int], num_computed: int,
+               pending: list[int] | tuple[int, ...] = ()) -> None:
+        """Give keys to `seq_id`'s blocks that are now full of computed tokens, so later requests can map them.
+        The tokens are `token_ids` followed by `pending` (accepted this step, not appended yet)."""
         if not self.prefix_caching:
             return
         table, bs = self._tables.get(seq_id, []), self.block_size
         keys = self._seq_keys.setdefault(seq_id, [])
         for i in range(len(keys), min(num_computed // bs, len(table))):
+            if (i + 1) * bs > len(token_ids):
+                token_ids, pending = [*token_ids, *pending], ()
             block, tokens, parent = table[i], tuple(token_ids[i * bs : (i + 1) * bs]), keys[-1] if keys else None
             key = self._chain(parent, tokens)
             keys.append(key)

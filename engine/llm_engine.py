@@ -36,31 +36,32 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(settings.model)
         self.tokenizer = Tokenizer(settings.model)
         self.model = load_model(settings.model, dtype=dtype, device=settings.device)
-        per_token = kv_bytes_per_token(self.model, dtype)
-        bs = settings.block_size
-        num_blocks = settings.num_kv_blocks or max(1, settings.kv_cache_memory_mb * 2**20 // (per_token * bs))
-        model_len = self.model_config.max_position_embeddings
-        self.max_model_len = min(settings.max_model_len or model_len, num_blocks * bs)
-        self.block_manager = BlockManager(num_blocks, bs)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
-        # seq_id -> [drafter context state or None, target features not yet folded in: (taps, start, next ids),
-        #            number of pending tokens]. Requests with num_speculative_tokens=0 keep nothing.
-        # Features are folded in only when the request drafts, so steps where it decodes plainly cost nothing.
-        self.draft_ctx: dict[int, list] = {}
-        self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
-                      "scheduler_seconds": 0.0, "steps": 0, "bytes_to_host": 0}
-        # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
-        # eval-drafter reads it whole
-        self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
-        draft_len = 0
         if settings.drafter_path is not None:
             self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
             if self.drafter.cfg.method != settings.speculative_method:
                 raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, "
                                  f"not {settings.speculative_method}")
             self.tap_layers = tuple(self.drafter.cfg.target_layer_ids)
-            draft_len = min(settings.draft_len, self.drafter.cfg.block_size)
+        tap_width = len(self.tap_layers) * self.model_config.hidden_size
+        per_token = kv_bytes_per_token(self.model, dtype) + tap_width * dtype.itemsize
+        bs = settings.block_size
+        num_blocks = settings.num_kv_blocks or max(1, settings.kv_cache_memory_mb * 2**20 // (per_token * bs))
+        model_len = self.model_config.max_position_embeddings
+        self.max_model_len = min(settings.max_model_len or model_len, num_blocks * bs)
+        self.block_manager = BlockManager(num_blocks, bs, settings.enable_prefix_caching,
+                                          namespace=f"{settings.model}|{dtype}")
+        # seq_id -> [drafter context state or None, positions folded into it]. The target features it is built
+        # from live in the runner's tap cache; they are folded in only when the request drafts, so steps where
+        # it decodes plainly cost nothing.
+        self.draft_ctx: dict[int, list] = {}
+        self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
+                      "scheduler_seconds": 0.0, "steps": 0, "bytes_to_host": 0}
+        # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
+        # eval-drafter reads it whole
+        self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
+        draft_len = min(settings.draft_len, self.drafter.cfg.block_size) if self.drafter is not None else 0
         if settings.draft_policy not in ("adaptive", "fixed"):
             raise ValueError(f"draft_policy must be adaptive or fixed, not {settings.draft_policy!r}")
         self.cost = StepCostModel(settings.max_num_batched_tokens, settings.max_num_seqs)
@@ -74,7 +75,7 @@ class LLMEngine:
         c = self.model_config
         backend = make_backend(settings.attention_backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                settings.device, dtype)
-        self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype)
+        self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width)
         if policy is not None and policy.adaptive:
             ctx = self._scratch_context()  # built once, outside what is timed
             self.cost.profile(self._profile_step, min(512, settings.max_num_batched_tokens, self.max_model_len),
@@ -156,7 +157,7 @@ class LLMEngine:
         drafting = [it for it in plan.items if it.num_draft]
         t1 = time.perf_counter()  # the drafter's cost includes folding in the features it has not seen yet
         for it in drafting:
-            self._fold_features(it.seq.seq_id)
+            self._fold_features(it.seq)
         drafts = self._propose(drafting)
         t2 = time.perf_counter()
         if drafting:
@@ -185,20 +186,20 @@ class LLMEngine:
             elif it.samples:
                 logits_index.append(offset + len(toks) - 1)
             offset += len(toks)
-        logits, taps = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
+        logits, _ = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
         self.last_step_tokens = offset
         self.cost.verify.observe(offset, time.perf_counter() - t3)  # refined online; drafting excluded
         committed = self._verify(plan, drafts, logits)  # item index -> [(token, logprob entry)]
         outputs = expired
-        tap_row = 0
         for i, it in enumerate(plan.items):
             s, n = it.seq, len(chunks[i][0])
             if it.num_draft:
                 valid = len(committed[i])  # anchor + accepted drafts now have valid KV; the last token not yet
             else:
                 valid = n
-            start = s.num_computed
             s.num_computed += valid
+            # full blocks of computed tokens become cache entries (before a finished request's blocks are freed)
+            self.block_manager.commit(s.seq_id, s.token_ids, s.num_computed, [t for t, _ in committed.get(i, ())])
             for tok, lp in committed.get(i, []):
                 self._append(s, tok, lp)
                 if s.finished:
@@ -207,14 +208,6 @@ class LLMEngine:
                 self.draft_ctx.pop(s.seq_id, None)
             else:
                 self.block_manager.rollback(s.seq_id, s.num_computed)
-                if taps is not None and s.params.num_speculative_tokens != 0:  # features of the now-valid tokens
-                    entry = self.draft_ctx.setdefault(s.seq_id, [None, [], 0])
-                    nxt = s.token_ids[start + 1 : start + valid + 1]
-                    entry[1].append((taps[tap_row : tap_row + valid].clone(), start, nxt))  # not the whole step's
-                    entry[2] += valid
-                    if entry[2] >= 256:  # bound what a request that rarely drafts keeps pending
-                        self._fold_features(s.seq_id)
-            tap_row += n
             if i in committed:
                 outputs.append(s.take_output(self._holdback(s)))
                 if s.finished:
@@ -243,14 +236,15 @@ class LLMEngine:
         self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
         return {s.seq_id: d for s, d in zip(seqs, drafts)}
 
-    def _fold_features(self, seq_id: int) -> None:
-        """Fold a request's pending target features into its drafter context (done lazily: only drafting needs it)."""
-        entry = self.draft_ctx[seq_id]
-        if entry[1]:
-            taps = torch.cat([t for t, _, _ in entry[1]]) if len(entry[1]) > 1 else entry[1][0][0]
-            entry[0] = self.drafter.extend_context(entry[0], taps, entry[1][0][1],
-                                                   [t for _, _, nxt in entry[1] for t in nxt])
-            entry[1], entry[2] = [], 0
+    def _fold_features(self, seq: Sequence) -> None:
+        """Fold the target features of a request's computed tokens not yet in its drafter context into it, from
+        the tap cache (done lazily: only drafting needs it)."""
+        entry = self.draft_ctx.setdefault(seq.seq_id, [None, 0])
+        start, end = entry[1], seq.num_computed
+        if end > start:
+            taps = self.runner.cached_taps(self.block_manager.table(seq.seq_id), start, end)
+            entry[0] = self.drafter.extend_context(entry[0], taps, start, seq.token_ids[start + 1 : end + 1])
+            entry[1] = end
 
     def _verify(self, plan, drafts: dict, logits: torch.Tensor) -> dict[int, list]:
         """Every sampling item's tokens for this step, in one batched pass where the logits are (lossless:

