@@ -100,6 +100,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t < 0 or t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed),
                        IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens))
         self.seqs[request_id] = seq
@@ -253,7 +255,8 @@ class LLMEngine:
         if not items:
             return {}
         ds = [drafts[it.seq.seq_id] if it.num_draft else None for _, it in items]
-        res = verify_step(logits, [Verify(d.tokens if d else [], it.seq.params, it.seq.generator, d.q if d else None)
+        res = verify_step(logits, [Verify(d.tokens if d else [], it.seq.params, it.seq.generator, d.q if d else None,
+                                          *((it.seq.prompt_ids, it.seq.output_ids) if it.seq.params.penalized else ()))
                                    for (_, it), d in zip(items, ds)])
         self.stats["bytes_to_host"] += res.bytes_to_host
         self.last_step_bytes_to_host = res.bytes_to_host

@@ -22,10 +22,23 @@ class SamplingParams:
     num_speculative_tokens: int | None = None  # per-request draft length cap (None = server default, 0 = off)
     slo_tokens_per_s: float | None = None  # per-user speed target (None = server default, 0 = none)
     deadline_s: float | None = None  # end the request (finish_reason "deadline") this long after arrival
+    # Logit adjustments (OpenAI's penalties and logit_bias; vLLM's repetition_penalty and min_p). They define the
+    # target distribution: sampling and verification both use it, so speculation stays lossless with them.
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the output already holds
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    repetition_penalty: float = 1.0  # logits of tokens in the prompt or output: / it when > 0, * it when < 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_p: float = 0.0  # after temperature, drop tokens below min_p x the most likely one's probability
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        """Its logits depend on more than the model: penalties or a bias."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     def validate(self) -> None:
         """Raise ValueError naming the parameter; the server turns it into a 400."""
@@ -37,6 +50,12 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (self.slo_tokens_per_s is None or self.slo_tokens_per_s >= 0, "slo_tokens_per_s", "must be >= 0"),
             (self.deadline_s is None or self.deadline_s > 0, "deadline_s", "must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10]"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]"),
+            (len(self.logit_bias) <= 300, "logit_bias", "may hold at most 300 tokens"),
         ]
         for ok, name, msg in checks:
             if not ok:
@@ -49,13 +68,46 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor):
-    """Temperature, top-k and top-p applied row-wise; returns probabilities [N, V].
+def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
+             draft: list[int] = ()) -> torch.Tensor:
+    """One request's logits rows [len(draft) + 1, V] after logit_bias, repetition, frequency and presence
+    penalties (in that order), on their device. Row j scores the token after output + draft[:j], so it counts
+    those: the distribution verification checks draft token j against is exactly the one sampling would use."""
+    dev, (m, vocab) = logits.device, logits.shape
+    logits = logits.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=dev)
+        logits[:, ids] += torch.tensor(list(params.logit_bias.values()), device=dev, dtype=logits.dtype)
+    if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
+        return logits
+    counts = torch.zeros(m, vocab, device=dev, dtype=logits.dtype)
+    if output:
+        counts += torch.bincount(torch.tensor(output, device=dev), minlength=vocab).to(logits.dtype)
+    if len(draft):
+        step = torch.zeros(m, vocab, device=dev, dtype=logits.dtype)
+        step[torch.arange(1, m, device=dev), torch.tensor(list(draft), device=dev)] = 1.0
+        counts += step.cumsum(0)
+    if params.repetition_penalty != 1.0:
+        seen = counts > 0
+        if prompt:
+            seen[:, torch.tensor(prompt, device=dev)] = True
+        rp = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
 
-    top-p keeps the smallest prefix of the probability-sorted vocabulary whose (untruncated) mass reaches top_p.
+
+def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+                  min_ps: torch.Tensor | None = None):
+    """Temperature, min-p, top-k and top-p applied row-wise (in that order); returns probabilities [N, V].
+
+    min-p drops tokens whose probability is below min_p x the row's largest. top-p keeps the smallest prefix of
+    the probability-sorted vocabulary whose (untruncated) mass reaches top_p.
     When every row has a top-k, only the k largest are sorted (a full sort of a 49k-150k vocabulary per row
     was most of a sampled step); their probabilities come from the full logsumexp, so the result is the same."""
     logits = logits / temps[:, None]
+    if min_ps is not None and bool((min_ps > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_ps[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
     vocab = logits.shape[-1]
     if bool((top_ks > 0).any()) or bool((top_ps < 1).any()):
         k = torch.where(top_ks > 0, top_ks, vocab).clamp(max=vocab)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling import SamplingParams, draw, filter_logits, index_at_rows
+from engine.sampling import SamplingParams, draw, filter_logits, index_at_rows, penalize
 
 
 def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:
@@ -48,12 +48,15 @@ def accept_sampled(draft: list[int], q: torch.Tensor, p: torch.Tensor, gen: torc
 class Verify:
     """One request's rows in a step's logits: len(draft) + 1 consecutive rows, row j scoring draft token j (the
     last row gives the bonus token). A request that did not draft has one row: its next token is sampled.
-    q: the drafter's [len(draft), V] distributions for a sampled request that drafted, else None."""
+    q: the drafter's [len(draft), V] distributions for a sampled request that drafted, else None.
+    prompt / output: its tokens so far, for penalties (only read when params.penalized)."""
 
     draft: list[int]
     params: SamplingParams
     generator: torch.Generator
     q: torch.Tensor | None = None
+    prompt: list[int] = ()
+    output: list[int] = ()
 
 
 @dataclass
@@ -101,6 +104,13 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk: int | None = No
         starts.append(starts[-1] + k + 1)
     assert starts[-1] + n[-1] + 1 == m, "logits rows do not match the requests' drafts"
     chunk = chunk or (len(reqs) if dev.type == "cuda" else 2)
+    raw = logits  # requested logprobs are the model's own (before penalties and sampling filters), as vLLM's
+    penalized = [i for i, r in enumerate(reqs) if r.params.penalized]
+    if penalized:
+        logits = logits.clone()
+        for i in penalized:
+            r, rows = reqs[i], slice(starts[i], starts[i] + n[i] + 1)
+            logits[rows] = penalize(raw[rows], r.params, r.prompt, r.output, r.draft)
     accepted = torch.zeros(len(reqs), dtype=torch.long, device=dev)
     tokens = torch.zeros(len(reqs), dtype=torch.long, device=dev)
 
@@ -129,7 +139,8 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk: int | None = No
         sp = [reqs[i].params for i in ids for _ in range(n[i] + 1)]
         p = filter_logits(take(rows_of(ids)), torch.tensor([s.temperature for s in sp], device=dev),
                           torch.tensor([max(s.top_k, 0) for s in sp], device=dev),
-                          torch.tensor([s.top_p for s in sp], device=dev))
+                          torch.tensor([s.top_p for s in sp], device=dev),
+                          torch.tensor([s.min_p for s in sp], device=dev))
         zero = torch.zeros(1, vocab, device=dev)  # q of a bonus row: nothing drafted there
         q = torch.cat([t for i in ids for t in ((reqs[i].q.to(dev, torch.float32), zero) if n[i] else (zero,))])
         u = torch.cat([torch.rand(n[i] + 1, generator=reqs[i].generator, dtype=torch.float64) for i in ids]).to(dev)
@@ -151,7 +162,7 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk: int | None = No
     if want:
         w_rows = torch.tensor([starts[i] + j for i in want for j in range(acc[i] + 1)], device=dev)
         chosen = torch.tensor([t for i in want for t in out[i]], device=dev)
-        logp = torch.log_softmax(logits[w_rows], -1)
+        logp = torch.log_softmax(raw[w_rows], -1)
         kmax = max(reqs[i].params.logprobs for i in want)
         top = logp.topk(kmax, -1) if kmax else None
         host = [logp.gather(1, chosen[:, None])[:, 0].cpu()] + ([top.values.cpu(), top.indices.cpu()] if top else [])

@@ -2,8 +2,8 @@
 
 (a) shared system prompt: requests whose ~1,000-token system prompt is the same and whose user turns differ
     (held-out ShareGPT questions), sent by a few concurrent users;
-(b) multi-turn replay: held-out ShareGPT conversations, one per user, each turn resending the whole history (the
-    dataset's own assistant replies) plus the next user turn, as chat clients do.
+(b) multi-turn replay: held-out ShareGPT conversations, one per user, each turn resending the whole history: the
+    recorded one (ShareGPT's assistant turns), and again with the server's own answers as a chat client sends them.
 
 Per mode: TTFT p50 / p90, total generated tokens/s, and the prefix cache's hit rate (from /metrics).
 Run: python -m loadtest.prefix_bench [--requests 32 --users 4 --conversations 8 --max-tokens 32]
@@ -52,7 +52,7 @@ def workloads(requests: int, conversations: int, system_tokens: int, max_history
     shared = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}]}
               for q in questions]
     convs = []
-    for d in dialogues[:200]:  # whole turns while the history fits
+    for d in dialogues[:200]:  # whole turns while the recorded history fits
         keep = []
         for i in range(0, len(d), 2):
             if count(tok.apply_chat_template(d[: i + 2])) > max_history_tokens:
@@ -65,12 +65,21 @@ def workloads(requests: int, conversations: int, system_tokens: int, max_history
     return shared, convs, count(system)
 
 
-async def replay(url: str, model: str, convs: list[list[dict]], max_tokens: int) -> tuple[list[Result], float]:
-    """Each user replays one conversation: turn t sends the history up to user turn t, waits for the answer."""
-    cfg = LoadConfig(url, model, [], max_tokens=max_tokens)
+async def replay(url: str, model: str, convs: list[list[dict]], max_tokens: int,
+                 served: bool) -> tuple[list[Result], float]:
+    """Each user replays one conversation, turn by turn, each turn sending the whole history and waiting for the
+    answer. The history's assistant turns are the recorded ones (ShareGPT's), or with `served` the server's own
+    answers, as a chat client sends them."""
+    cfg = LoadConfig(url, model, [], max_tokens=max_tokens, keep_text=served)
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=len(convs) + 4)) as client:
         async def user(conv):
-            return [await one_request(client, cfg, {"messages": conv[: t + 1]}) for t in range(0, len(conv), 2)]
+            results = []
+            history: list[dict] = []
+            for t in range(0, len(conv), 2):
+                history.append(conv[t])
+                results.append(await one_request(client, cfg, {"messages": list(history)}))
+                history.append({"role": "assistant", "content": results[-1].text} if served else conv[t + 1])
+            return results
 
         t0 = time.perf_counter()
         per_user = await asyncio.gather(*(user(c) for c in convs))
@@ -98,12 +107,13 @@ def run(args) -> dict:
             before = scrape(server.url)
             results, wall = asyncio.run(closed_loop(cfg, args.users, -(-len(shared) // args.users)))
             a = summary(results, wall, before, scrape(server.url))
-            before = scrape(server.url)
-            results, wall = asyncio.run(replay(server.url, model, convs, args.max_tokens))
-            b = summary(results, wall, before, scrape(server.url))
+            out[mode] = {"shared_system_prompt": a}
+            for key, served in (("multi_turn", False), ("multi_turn_served", True)):
+                before = scrape(server.url)
+                results, wall = asyncio.run(replay(server.url, model, convs, args.max_tokens, served))
+                out[mode][key] = summary(results, wall, before, scrape(server.url))
         finally:
             server.stop()
-        out[mode] = {"shared_system_prompt": a, "multi_turn": b}
         print(mode, json.dumps(out[mode]))
     return out
 
@@ -112,7 +122,9 @@ def markdown(r: dict, args) -> str:
     rows = []
     for key, name in (("shared_system_prompt", f"(a) {args.requests} requests, {r['system_tokens']}-token shared "
                        f"system prompt, {args.users} users"),
-                      ("multi_turn", f"(b) multi-turn replay: {r['conversations']} users, {r['turns']} turns")):
+                      ("multi_turn", f"(b) multi-turn ShareGPT replay, recorded history: {r['conversations']} users, "
+                       f"{r['turns']} turns"),
+                      ("multi_turn_served", "(b') the same turns, history = the server's own answers")):
         on, off = r["on"][key], r["off"][key]
         rows.append(f"| {name} | {on['ttft_s']['p50']:.2f} / {off['ttft_s']['p50']:.2f} "
                     f"({on['ttft_s']['p50'] / off['ttft_s']['p50']:.2f}x) | {on['ttft_s']['p90']:.2f} / "

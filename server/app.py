@@ -54,11 +54,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, max_stops: int) -> SamplingParams:
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
-    if req.presence_penalty or req.frequency_penalty:
-        name = "presence_penalty" if req.presence_penalty else "frequency_penalty"
-        raise APIError(400, f"{name} is not supported by this server (use 0)", name)
+    bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}  # keys checked by check_common
+    if any(not -100 <= v <= 100 for v in bias.values()):
+        raise APIError(400, "logit_bias values must be in [-100, 100]", "logit_bias")
     stops = req.stop_list()
     if len(stops) > max_stops:
         raise APIError(400, f"at most {max_stops} stop sequences are allowed", "stop")
@@ -79,6 +77,11 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         num_speculative_tokens=req.num_speculative_tokens,
         slo_tokens_per_s=req.slo_tokens_per_s,
         deadline_s=req.deadline_s,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=bias,
+        min_p=req.min_p or 0.0,
     )
 
 
@@ -97,6 +100,8 @@ class OpenAIServer:
             raise APIError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
         if req.n > self.settings.max_n:
             raise APIError(400, f"n must be at most {self.settings.max_n}", "n")
+        if any(not k.strip().isdigit() or int(k) >= self.vocab_size for k in req.logit_bias or {}):
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {self.vocab_size})", "logit_bias")
         if any(t < 0 or t >= self.vocab_size for t in req.stop_token_ids or []):
             raise APIError(400, f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
 

@@ -58,7 +58,10 @@ class SamplingFields(OpenAIModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None  # refused unless empty: not implemented
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="vLLM-style: > 1 discourages tokens "
+                                             "already in the prompt or output")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM-style: drop tokens below min_p x the top one")
     ignore_eos: bool = False
     num_speculative_tokens: int | None = Field(None, ge=0, description="cap on draft tokens per step; 0 = off")
     slo_tokens_per_s: float | None = Field(None, ge=0, description="this user's speed target in tokens/s; requests "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from conftest import cheap_drafting
-from test_sampling import reference_filter
+from test_sampling import reference_filter, reference_penalized
 
 from engine import sampling, verify
 from engine.drafters import block
@@ -44,9 +44,23 @@ class Case:
     top_k: int = 0
     top_p: float = 1.0
     threshold: float = 0.0
+    extra: tuple = ()  # more SamplingParams fields, as (name, value) pairs; logit_bias as ((token, bias), ...)
 
     def __str__(self) -> str:
-        return f"{self.method}-{self.policy}-T{self.temperature}-k{self.top_k}-p{self.top_p}-c{self.threshold}"
+        more = "".join(f"-{k}" for k, _ in self.extra)
+        return f"{self.method}-{self.policy}-T{self.temperature}-k{self.top_k}-p{self.top_p}-c{self.threshold}{more}"
+
+    def params(self, **kw) -> SamplingParams:
+        extra = {k: dict(v) if k == "logit_bias" else v for k, v in self.extra}
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, **extra, **kw)
+
+
+# Penalties make each position's distribution depend on the tokens before it, drafts included. Negative frequency
+# and presence penalties (OpenAI allows down to -2) favour repeats: with positive ones no top-3 sequence here
+# repeats a token, and at -1.5 / -0.5 a verification that forgot the drafts' counts went undetected. The bias bans
+# " try" (658, third most likely first token after PROMPT) and pushes " if" (323, fifth) into the top 3.
+PENALTIES = (("frequency_penalty", -2.0), ("presence_penalty", -2.0), ("repetition_penalty", 1.3), ("min_p", 0.02),
+             ("logit_bias", ((658, -100.0), (323, 2.0))))
 
 
 # A covering design rather than the full product (24+ engine runs): every temperature, drafter and policy appears,
@@ -68,13 +82,18 @@ CASES = [
     # T=0.7: at 0.3 the tiny EAGLE-3 accepts 13% at position 1, and the adaptive policy (rightly) verifies too
     # little past it for the check to see positions >= 2 accepted
     Case("eagle3", "adaptive", 0.7, top_k=4, top_p=0.95),
+    Case("dspark", "fixed", 1.0, top_k=3, extra=PENALTIES),
 ]
 
 
-def reference_probs(logits: torch.Tensor, c: Case) -> dict[int, float]:
-    """The target's next-token distribution after temperature, top-k and top-p, from test_sampling's plain
-    float64 definition (not engine.sampling's), as {token: probability} over the kept tokens."""
-    probs = reference_filter(logits, c.temperature, c.top_k, c.top_p)
+def reference_probs(logits: torch.Tensor, c: Case, prompt: list[int], generated: list[int]) -> dict[int, float]:
+    """The target's next-token distribution after penalties, temperature, min-p, top-k and top-p, from
+    test_sampling's plain float64 definitions (not engine.sampling's), as {token: probability} over the kept
+    tokens."""
+    sp = c.params()
+    if sp.penalized:
+        logits = reference_penalized(logits, sp, prompt, generated)
+    probs = reference_filter(logits, c.temperature, c.top_k, c.top_p, sp.min_p)
     kept = probs.nonzero()[:, 0].tolist()
     assert len(kept) < 64, "a case keeping 64 tokens per position is too wide to enumerate"
     return {i: float(probs[i]) for i in kept}
@@ -87,7 +106,7 @@ def exact_joint(eng: LLMEngine, prompt: list[int], c: Case) -> dict[tuple, float
     def next_dist(ids):
         with torch.inference_mode():
             h, _ = eng.model(torch.tensor([ids], device=device))
-            return reference_probs(eng.model.logits(h)[0, -1].float().cpu(), c)
+            return reference_probs(eng.model.logits(h)[0, -1].float().cpu(), c, prompt, ids[len(prompt):])
 
     joint = {(): 1.0}
     for _ in range(L):
@@ -120,8 +139,7 @@ def run_case(c: Case, n: int = N) -> tuple[dict, dict, LLMEngine]:
     if c.policy == "adaptive":
         cheap_drafting(eng)
     ids = eng.tokenizer.encode(PROMPT)
-    params = [SamplingParams(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=s, max_tokens=L + 1,
-                             ignore_eos=True) for s in range(n)]
+    params = [c.params(seed=s, max_tokens=L + 1, ignore_eos=True) for s in range(n)]
     counts: dict = {}
     for s in eng.generate([ids] * n, params):
         key = tuple(s.output_ids[:L])
@@ -154,11 +172,21 @@ MUTANTS = {  # engine.verify's pieces, broken the ways a rewrite of verification
 }
 
 
-@pytest.mark.parametrize("mutant", [*MUTANTS, "ignore_temperature"])
+PENALTY_MUTANTS = {  # penalties a rewrite could get wrong at verification
+    "no_penalties": lambda logits, params, prompt, output, draft=(): logits.clone(),
+    "penalties_ignore_the_draft": lambda logits, params, prompt, output, draft=(): sampling.penalize(
+        logits, params, prompt, output, ()),
+}
+
+
+@pytest.mark.parametrize("mutant", [*MUTANTS, "ignore_temperature", *PENALTY_MUTANTS])
 def test_broken_engines_are_detected(mutant, monkeypatch):
     """Each is a bug a rewrite of verification could introduce; the same check must fail for every one."""
     case = Case("dspark", "fixed", 1.0, top_k=3)
-    if mutant == "ignore_temperature":
+    if mutant in PENALTY_MUTANTS:
+        case = Case("dspark", "fixed", 1.0, top_k=3, extra=PENALTIES)
+        monkeypatch.setattr(verify, "penalize", PENALTY_MUTANTS[mutant])
+    elif mutant == "ignore_temperature":
         case = Case("dspark", "fixed", 0.7, top_k=3)
         for mod in (sampling, verify, block):  # block: the drafters' DraftSampler
             monkeypatch.setattr(mod, "filter_logits", ignore_temperature(mod.filter_logits))
@@ -169,7 +197,7 @@ def test_broken_engines_are_detected(mutant, monkeypatch):
 
 
 def ignore_temperature(filter_logits):
-    return lambda logits, temps, ks, ps: filter_logits(logits, torch.ones_like(temps), ks, ps)
+    return lambda logits, temps, ks, ps, min_ps=None: filter_logits(logits, torch.ones_like(temps), ks, ps, min_ps)
 
 
 def test_reference_filter_matches_definition():

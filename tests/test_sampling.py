@@ -1,7 +1,9 @@
+from collections import Counter
+
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, draw, filter_logits, index_at, make_generator, sample
+from engine.sampling import SamplingParams, draw, filter_logits, index_at, make_generator, penalize, sample
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -39,9 +41,12 @@ def test_sampling_follows_the_distribution():
     assert (freq - probs).abs().max() < 0.03
 
 
-def reference_filter(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
-    """Temperature, then keep rank r while r < k (k > 0) and the tokens ranked above hold < p of the mass."""
+def reference_filter(logits: torch.Tensor, t: float, k: int, p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Temperature; min-p (drop tokens below min_p x the largest probability, renormalise); then keep rank r while
+    r < k (k > 0) and the tokens ranked above hold < p of the mass."""
     probs = torch.softmax(logits.double() / t, -1)
+    probs = torch.where(probs < min_p * probs.max(), 0.0, probs)
+    probs = probs / probs.sum()
     order = probs.argsort(descending=True)
     out = torch.zeros_like(probs)
     mass = 0.0
@@ -95,9 +100,11 @@ def test_draw_never_returns_a_token_without_mass():
 @pytest.mark.parametrize("field,bad,edge", [("temperature", -0.1, 0.0), ("top_p", 0.0, 1.0), ("top_p", 1.01, 1e-3),
                                             ("top_k", -2, -1), ("max_tokens", 0, 1), ("logprobs", -1, 0),
                                             ("logprobs", 21, 20), ("slo_tokens_per_s", -1.0, 0.0),
-                                            ("deadline_s", 0.0, 1e-3)])
+                                            ("deadline_s", 0.0, 1e-3), ("presence_penalty", 2.01, -2.0),
+                                            ("frequency_penalty", -2.01, 2.0), ("repetition_penalty", 0.0, 10.0),
+                                            ("min_p", 1.01, 1.0), ("logit_bias", {5: 100.5}, {5: -100.0})])
 def test_validate_names_the_bad_parameter_and_accepts_the_edge(field, bad, edge):
-    with pytest.raises(ValueError, match=f"^{field} must"):
+    with pytest.raises(ValueError, match=f"^{field} (values )?must"):
         SamplingParams(**{field: bad}).validate()
     SamplingParams(**{field: edge}).validate()
 
@@ -155,3 +162,44 @@ def test_logprobs_report_the_chosen_token_and_the_top_alternatives():
     assert res.logprobs[1] == (pytest.approx(float(logp[1].max())), [])
     only_zero = sample(logits[:1], [SamplingParams(temperature=0, logprobs=0)], [make_generator(0)])
     assert only_zero.logprobs[0][1] == []
+
+
+def reference_penalized(logits: torch.Tensor, sp: SamplingParams, prompt: list[int], generated: list[int]):
+    """One row, token by token: logit_bias, then repetition (prompt and generated tokens), then frequency and
+    presence (generated tokens)."""
+    out = logits.double().clone()
+    for t, b in sp.logit_bias.items():
+        out[t] += b
+    for t in set(prompt) | set(generated):
+        out[t] = out[t] / sp.repetition_penalty if out[t] > 0 else out[t] * sp.repetition_penalty
+    for t, c in Counter(generated).items():
+        out[t] -= sp.frequency_penalty * c + sp.presence_penalty
+    return out
+
+
+@pytest.mark.parametrize("sp", [
+    SamplingParams(frequency_penalty=0.7), SamplingParams(presence_penalty=-1.2),
+    SamplingParams(repetition_penalty=1.4), SamplingParams(repetition_penalty=0.8, logit_bias={3: 5.0, 7: -100.0}),
+    SamplingParams(frequency_penalty=1.0, presence_penalty=0.5, repetition_penalty=1.2, logit_bias={0: 2.0})])
+def test_penalties_match_the_definition_row_by_row_with_the_draft_counted(sp):
+    """Row j of a drafting request scores the token after output + draft[:j]: its penalties count those."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 30, generator=g) * 3
+    prompt, output, draft = [1, 2, 2, 9], [4, 4, 5, 9, 3], [5, 6, 4]
+    got = penalize(logits, sp, prompt, output, draft)
+    for j in range(4):
+        torch.testing.assert_close(got[j].double(), reference_penalized(logits[j], sp, prompt, output + draft[:j]))
+    assert sp.penalized and not SamplingParams(min_p=0.2).penalized
+    torch.testing.assert_close(penalize(logits[:1], sp, [], []),
+                               reference_penalized(logits[0], sp, [], [])[None].float())  # nothing generated yet
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top_one():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.12, 0.05, 0.03], [0.2, 0.2, 0.2, 0.2, 0.2]]))
+    got = filter_logits(logits, torch.ones(2), torch.zeros(2, dtype=torch.long), torch.ones(2),
+                        torch.tensor([0.2, 0.9]))  # row 0 keeps p >= 0.1; row 1 keeps all (equal)
+    torch.testing.assert_close(got, torch.tensor([[0.5, 0.3, 0.12, 0, 0], [0.2] * 5]) / torch.tensor([[0.92], [1.0]]))
+    for t, k, p, m in [(0.7, 0, 1.0, 0.1), (1.3, 3, 0.9, 0.05), (1.0, 0, 0.6, 0.3)]:
+        row = torch.randn(40, generator=torch.Generator().manual_seed(2)) * 2
+        got = filter_logits(row[None], torch.tensor([t]), torch.tensor([k]), torch.tensor([p]), torch.tensor([m]))
+        torch.testing.assert_close(got[0].double(), reference_filter(row, t, k, p, m))

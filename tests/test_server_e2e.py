@@ -77,6 +77,23 @@ def test_n_choices_sampled_with_seed(server, client):
     assert len({c.message.content for c in a.choices}) > 1
 
 
+def test_penalties_and_logit_bias_reach_the_engine(server, client):
+    """logit_bias bans the greedy first token, so another comes first; penalties, repetition_penalty and min_p
+    (extra_body) are accepted and keep greedy decoding deterministic."""
+    from conftest import TEST_MODEL
+
+    from engine.tokenizer import Tokenizer
+
+    kw = dict(model=server.name, prompt="def main():\n    ", max_tokens=6, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    first = Tokenizer(TEST_MODEL).encode(plain)[0]
+    banned = client.completions.create(**kw, logit_bias={str(first): -100}).choices[0].text
+    assert Tokenizer(TEST_MODEL).encode(banned)[0] != first
+    extra = dict(frequency_penalty=1.5, presence_penalty=0.5, extra_body={"repetition_penalty": 1.3, "min_p": 0.1})
+    a, b = (client.completions.create(**kw, **extra).choices[0].text for _ in range(2))
+    assert a == b and a
+
+
 def test_stop_strings(server, client):
     kw = dict(model=server.name, prompt="def read_lines(path):\n", max_tokens=24, temperature=0)
     full = client.completions.create(**kw).choices[0].text
@@ -140,7 +157,12 @@ BAD = [
     ("/v1/completions", {"model": "{m}", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
     ("/v1/completions", {"model": "{m}", "prompt": "x" * 50000}, 400, "prompt"),
     ("/v1/completions", {"model": "{m}", "prompt": "x", "seed": 2**70}, 400, "seed"),
-    ("/v1/completions", {"model": "{m}", "prompt": "x", "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "min_p": 1.5}, 400, "min_p"),
 ]
 
 

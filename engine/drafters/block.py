@@ -99,7 +99,8 @@ class DraftSampler:
             self.idx = torch.tensor(self.rows, device=device)
             self.filters = (torch.tensor([p.temperature for p in sp], device=device),
                             torch.tensor([max(p.top_k, 0) for p in sp], device=device),
-                            torch.tensor([p.top_p for p in sp], device=device))
+                            torch.tensor([p.top_p for p in sp], device=device),
+                            torch.tensor([p.min_p for p in sp], device=device))
             self.u = torch.stack([torch.rand(steps, generator=gens[r], dtype=torch.float64)
                                   for r in self.rows]).to(device)
 
