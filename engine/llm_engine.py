@@ -10,6 +10,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.drafters import load_drafter
+from engine.grammar import GrammarCompiler
 from engine.model import load_model
 from engine.model_config import ModelConfig
 from engine.runner import ModelRunner, kv_bytes_per_token
@@ -35,6 +36,7 @@ class LLMEngine:
         dtype = settings.torch_dtype
         self.model_config = ModelConfig.from_dir(settings.model)
         self.tokenizer = Tokenizer(settings.model)
+        self.grammars = GrammarCompiler(self.tokenizer)
         self.model = load_model(settings.model, dtype=dtype, device=settings.device)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
@@ -104,6 +106,8 @@ class LLMEngine:
             raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed),
                        IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens))
+        if params.grammar is not None:
+            seq.constraint = self.grammars.constraint(params.grammar)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -234,7 +238,7 @@ class LLMEngine:
         drafts = self.drafter.propose(
             self.model.model.embed_tokens, self.model.lm_head, [s.token_ids[-1] for s in seqs],
             [self.draft_ctx[s.seq_id][0] for s in seqs], [it.num_draft for it in items], [s.params for s in seqs],
-            [s.generator for s in seqs], self.settings.confidence_threshold)
+            [s.generator for s in seqs], self.settings.confidence_threshold, [s.constraint for s in seqs])
         self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
         return {s.seq_id: d for s, d in zip(seqs, drafts)}
 
@@ -255,14 +259,20 @@ class LLMEngine:
         if not items:
             return {}
         ds = [drafts[it.seq.seq_id] if it.num_draft else None for _, it in items]
-        res = verify_step(logits, [Verify(d.tokens if d else [], it.seq.params, it.seq.generator, d.q if d else None,
-                                          *((it.seq.prompt_ids, it.seq.output_ids) if it.seq.params.penalized else ()))
-                                   for (_, it), d in zip(items, ds)])
+        reqs = []
+        for (_, it), d in zip(items, ds):
+            s, draft = it.seq, d.tokens if d else []
+            reqs.append(Verify(draft, s.params, s.generator, d.q if d else None,
+                               *((s.prompt_ids, s.output_ids) if s.params.penalized else ((), ())),
+                               s.constraint.masks(draft) if s.constraint is not None else None))
+        res = verify_step(logits, reqs)
         self.stats["bytes_to_host"] += res.bytes_to_host
         self.last_step_bytes_to_host = res.bytes_to_host
         committed = {}
         for (i, it), d, toks, lps in zip(items, ds, res.tokens, res.logprobs):
             committed[i] = list(zip(toks, lps or [None] * len(toks)))
+            if it.seq.constraint is not None:
+                it.seq.constraint.commit(toks)
             if d is None:
                 continue
             s = it.seq

@@ -29,6 +29,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # logits of tokens in the prompt or output: / it when > 0, * it when < 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_p: float = 0.0  # after temperature, drop tokens below min_p x the most likely one's probability
+    grammar: str | None = None  # structured output: an llguidance grammar (engine.grammar.GrammarCompiler)
 
     @property
     def greedy(self) -> bool:

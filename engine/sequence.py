@@ -52,6 +52,7 @@ class Sequence:
     emitted_text: int = 0  # chars of `text` already streamed
     emitted_tokens: int = 0
     first_token_time: float | None = None  # monotonic time of the first generated token (for SLOs)
+    constraint: object | None = None  # engine.grammar.Constraint of a structured-output request
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)

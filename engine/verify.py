@@ -49,7 +49,8 @@ class Verify:
     """One request's rows in a step's logits: len(draft) + 1 consecutive rows, row j scoring draft token j (the
     last row gives the bonus token). A request that did not draft has one row: its next token is sampled.
     q: the drafter's [len(draft), V] distributions for a sampled request that drafted, else None.
-    prompt / output: its tokens so far, for penalties (only read when params.penalized)."""
+    prompt / output: its tokens so far, for penalties (only read when params.penalized).
+    mask: the tokens its grammar allows on each of its rows [len(draft) + 1, V], or None."""
 
     draft: list[int]
     params: SamplingParams
@@ -57,6 +58,7 @@ class Verify:
     q: torch.Tensor | None = None
     prompt: list[int] = ()
     output: list[int] = ()
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,12 +107,15 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk: int | None = No
     assert starts[-1] + n[-1] + 1 == m, "logits rows do not match the requests' drafts"
     chunk = chunk or (len(reqs) if dev.type == "cuda" else 2)
     raw = logits  # requested logprobs are the model's own (before penalties and sampling filters), as vLLM's
-    penalized = [i for i, r in enumerate(reqs) if r.params.penalized]
-    if penalized:
+    adjusted = [i for i, r in enumerate(reqs) if r.params.penalized or r.mask is not None]
+    if adjusted:  # penalties, then the grammar's mask: the distribution sampling and verification both use
         logits = logits.clone()
-        for i in penalized:
+        for i in adjusted:
             r, rows = reqs[i], slice(starts[i], starts[i] + n[i] + 1)
-            logits[rows] = penalize(raw[rows], r.params, r.prompt, r.output, r.draft)
+            if r.params.penalized:
+                logits[rows] = penalize(raw[rows], r.params, r.prompt, r.output, r.draft)
+            if r.mask is not None:
+                logits[rows] = logits[rows].masked_fill(~r.mask.to(dev), float("-inf"))
     accepted = torch.zeros(len(reqs), dtype=torch.long, device=dev)
     tokens = torch.zeros(len(reqs), dtype=torch.long, device=dev)
 

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import metrics
 from engine.async_engine import AsyncEngine
+from engine.grammar import GrammarError
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
 from server.auth import load_keys
@@ -95,6 +96,21 @@ class OpenAIServer:
         self.vocab_size = engine.engine.model_config.vocab_size
 
     # -- validation -----------------------------------------------------------------------------------------
+    def grammar_for(self, req: SamplingFields) -> str | None:
+        """The compiled grammar of a structured-output request (400 for one that cannot be used)."""
+        rf = req.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_schema" and rf.json_schema is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema", "response_format")
+        spec = {"type": rf.type}
+        if rf.json_schema is not None:
+            spec["json_schema"] = {"schema": rf.json_schema.schema_}
+        try:
+            return self.engine.engine.grammars.grammar(spec)
+        except GrammarError as e:
+            raise APIError(400, str(e), "response_format") from None
+
     def check_common(self, req: SamplingFields) -> None:
         if req.model != self.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist.", "model", "model_not_found")
@@ -286,6 +302,7 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         params = _sampling_params(req, max_tokens, top, settings.max_stop_sequences)
+        params.grammar = srv.grammar_for(req)
         srv.admit(req.n)
         rid = f"chatcmpl-{request.state.request_id}"
         created = int(time.time())
@@ -308,10 +325,11 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
         prompts = normalize_prompts(srv, req.prompt)
         if req.stream and len(prompts) > 1:
             raise APIError(400, "streaming supports a single prompt", "prompt")
-        plist = []
+        plist, grammar = [], srv.grammar_for(req)
         for ids in prompts:
             max_tokens = srv.max_tokens_for(len(ids), req.max_tokens, "prompt")
             plist.append((ids, _sampling_params(req, max_tokens, req.logprobs, settings.max_stop_sequences)))
+            plist[-1][1].grammar = grammar
         srv.admit(req.n * len(plist))
         rid = f"cmpl-{request.state.request_id}"
         created = int(time.time())

@@ -43,6 +43,18 @@ class ChatMessage(OpenAIModel):
         return self.content or ""
 
 
+class JSONSchemaFormat(OpenAIModel):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict | bool = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class SamplingFields(OpenAIModel):
     """Fields both completion endpoints share, plus vLLM-style extras (top_k, ignore_eos, stop_token_ids)."""
 
@@ -62,6 +74,7 @@ class SamplingFields(OpenAIModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="vLLM-style: > 1 discourages tokens "
                                              "already in the prompt or output")
     min_p: float | None = Field(None, ge=0, le=1, description="vLLM-style: drop tokens below min_p x the top one")
+    response_format: ResponseFormat | None = None
     ignore_eos: bool = False
     num_speculative_tokens: int | None = Field(None, ge=0, description="cap on draft tokens per step; 0 = off")
     slo_tokens_per_s: float | None = Field(None, ge=0, description="this user's speed target in tokens/s; requests "

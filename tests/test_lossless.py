@@ -17,6 +17,7 @@ multi-token acceptance path is what is being measured, not one-token drafts.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -26,6 +27,7 @@ from test_sampling import reference_filter, reference_penalized
 
 from engine import sampling, verify
 from engine.drafters import block
+from engine.grammar import Constraint
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.settings import Settings
@@ -45,10 +47,16 @@ class Case:
     top_p: float = 1.0
     threshold: float = 0.0
     extra: tuple = ()  # more SamplingParams fields, as (name, value) pairs; logit_bias as ((token, bias), ...)
+    schema: str = ""  # a JSON schema the output must follow (structured output), as JSON text
 
     def __str__(self) -> str:
-        more = "".join(f"-{k}" for k, _ in self.extra)
+        more = "".join(f"-{k}" for k, _ in self.extra) + ("-schema" if self.schema else "")
         return f"{self.method}-{self.policy}-T{self.temperature}-k{self.top_k}-p{self.top_p}-c{self.threshold}{more}"
+
+    def grammar(self, eng: LLMEngine) -> str | None:
+        if not self.schema:
+            return None
+        return eng.grammars.grammar({"type": "json_schema", "json_schema": {"schema": json.loads(self.schema)}})
 
     def params(self, **kw) -> SamplingParams:
         extra = {k: dict(v) if k == "logit_bias" else v for k, v in self.extra}
@@ -83,16 +91,21 @@ CASES = [
     # little past it for the check to see positions >= 2 accepted
     Case("eagle3", "adaptive", 0.7, top_k=4, top_p=0.95),
     Case("dspark", "fixed", 1.0, top_k=3, extra=PENALTIES),
+    # structured output: the grammar's mask on the target at every verified row (and on the drafter)
+    Case("dspark", "fixed", 1.0, top_k=3, schema=json.dumps({"type": "string", "pattern": "^(ab|cd|ef)(gh|ij)kl$"})),
 ]
 
 
-def reference_probs(logits: torch.Tensor, c: Case, prompt: list[int], generated: list[int]) -> dict[int, float]:
-    """The target's next-token distribution after penalties, temperature, min-p, top-k and top-p, from
-    test_sampling's plain float64 definitions (not engine.sampling's), as {token: probability} over the kept
-    tokens."""
+def reference_probs(logits: torch.Tensor, c: Case, prompt: list[int] = (), generated: list[int] = (),
+                    allowed: torch.Tensor | None = None) -> dict[int, float]:
+    """The target's next-token distribution after penalties, the grammar's `allowed` tokens, temperature, min-p,
+    top-k and top-p, from test_sampling's plain float64 definitions (not engine.sampling's), as
+    {token: probability} over the kept tokens."""
     sp = c.params()
     if sp.penalized:
         logits = reference_penalized(logits, sp, prompt, generated)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     probs = reference_filter(logits, c.temperature, c.top_k, c.top_p, sp.min_p)
     kept = probs.nonzero()[:, 0].tolist()
     assert len(kept) < 64, "a case keeping 64 tokens per position is too wide to enumerate"
@@ -103,10 +116,17 @@ def exact_joint(eng: LLMEngine, prompt: list[int], c: Case) -> dict[tuple, float
     """P(t_1..t_L) under the target, enumerated: one forward per kept prefix."""
     device = next(eng.model.parameters()).device
 
+    grammar = c.grammar(eng)
+
     def next_dist(ids):
+        allowed = None
+        if grammar is not None:  # the grammar's state after this prefix's generated tokens, from a fresh matcher
+            g = eng.grammars.constraint(grammar)
+            g.commit(ids[len(prompt):])
+            allowed = g.mask()
         with torch.inference_mode():
             h, _ = eng.model(torch.tensor([ids], device=device))
-            return reference_probs(eng.model.logits(h)[0, -1].float().cpu(), c, prompt, ids[len(prompt):])
+            return reference_probs(eng.model.logits(h)[0, -1].float().cpu(), c, prompt, ids[len(prompt):], allowed)
 
     joint = {(): 1.0}
     for _ in range(L):
@@ -139,7 +159,7 @@ def run_case(c: Case, n: int = N) -> tuple[dict, dict, LLMEngine]:
     if c.policy == "adaptive":
         cheap_drafting(eng)
     ids = eng.tokenizer.encode(PROMPT)
-    params = [c.params(seed=s, max_tokens=L + 1, ignore_eos=True) for s in range(n)]
+    params = [c.params(seed=s, max_tokens=L + 1, ignore_eos=True, grammar=c.grammar(eng)) for s in range(n)]
     counts: dict = {}
     for s in eng.generate([ids] * n, params):
         key = tuple(s.output_ids[:L])
@@ -179,11 +199,15 @@ PENALTY_MUTANTS = {  # penalties a rewrite could get wrong at verification
 }
 
 
-@pytest.mark.parametrize("mutant", [*MUTANTS, "ignore_temperature", *PENALTY_MUTANTS])
+@pytest.mark.parametrize("mutant", [*MUTANTS, "ignore_temperature", *PENALTY_MUTANTS, "grammar_only_on_row_0"])
 def test_broken_engines_are_detected(mutant, monkeypatch):
     """Each is a bug a rewrite of verification could introduce; the same check must fail for every one."""
     case = Case("dspark", "fixed", 1.0, top_k=3)
-    if mutant in PENALTY_MUTANTS:
+    if mutant == "grammar_only_on_row_0":  # the draft rows scored without the grammar's state after the draft
+        case = CASES[-1]
+        real = Constraint.masks
+        monkeypatch.setattr(Constraint, "masks", lambda self, draft: real(self, [])[[0] * (len(draft) + 1)])
+    elif mutant in PENALTY_MUTANTS:
         case = Case("dspark", "fixed", 1.0, top_k=3, extra=PENALTIES)
         monkeypatch.setattr(verify, "penalize", PENALTY_MUTANTS[mutant])
     elif mutant == "ignore_temperature":
@@ -192,6 +216,10 @@ def test_broken_engines_are_detected(mutant, monkeypatch):
             monkeypatch.setattr(mod, "filter_logits", ignore_temperature(mod.filter_logits))
     else:
         monkeypatch.setattr(verify, *MUTANTS[mutant])
+    if mutant == "grammar_only_on_row_0":  # the engine's own check catches the off-grammar token it committed
+        with pytest.raises(RuntimeError, match="grammar rejected committed token"):
+            run_case(case)
+        return
     counts, joint, _ = run_case(case)
     assert tv(counts, joint, N) > tv_bound(joint, N)
 

@@ -89,11 +89,19 @@ class DraftSampler:
     target's is filtered at verification) for sampled ones, whose q rows are kept for rejection sampling.
 
     Each sampled request's uniforms for the round come from its own generator in one call, `steps` of them
-    whatever the draft's final length, so a seeded request drafts the same tokens whatever shares the batch."""
+    whatever the draft's final length, so a seeded request drafts the same tokens whatever shares the batch.
 
-    def __init__(self, params: list[SamplingParams], gens: list[torch.Generator], steps: int, device):
+    A structured-output request drafts within its grammar: its logits are masked by the grammar's state after
+    the tokens drafted so far (its matcher advances over them, then rolls back), which costs one host read of
+    those requests' tokens per position; without it almost every draft token would be rejected."""
+
+    def __init__(self, params: list[SamplingParams], gens: list[torch.Generator], steps: int, device,
+                 constraints: list | None = None):
         self.rows = [r for r, p in enumerate(params) if not p.greedy]
         self.q: list[torch.Tensor] = []  # per position: [len(rows), V]
+        self.constrained = [(r, c) for r, c in enumerate(constraints or ()) if c is not None]
+        self.consumed = dict.fromkeys((r for r, _ in self.constrained), 0)
+        self.off_grammar: set[int] = set()  # drafted a token its grammar forbids: no masks past it
         if self.rows:
             sp = [params[r] for r in self.rows]
             self.idx = torch.tensor(self.rows, device=device)
@@ -106,16 +114,31 @@ class DraftSampler:
 
     def __call__(self, logits: torch.Tensor, i: int) -> torch.Tensor:
         """Tokens [B] at position i from the drafter's logits [B, V] (float32)."""
+        live = [(r, c) for r, c in self.constrained if r not in self.off_grammar]
+        if live:
+            rows = torch.tensor([r for r, _ in live], device=logits.device)
+            allowed = torch.stack([c.mask() for _, c in live])
+            masks = (allowed | ~allowed.any(-1, keepdim=True)).to(logits.device)  # none (a finished grammar): all
+            logits = logits.clone()
+            logits[rows] = logits[rows].masked_fill(~masks, float("-inf"))
         tokens = logits.argmax(-1)
         if self.rows:
             probs = filter_logits(logits[self.idx], *self.filters)
             tokens[self.idx] = index_at_rows(probs, self.u[:, i])
             self.q.append(probs)
+        if live:
+            for (r, c), t, m in zip(live, tokens[rows].tolist(), allowed):
+                if c.try_consume(t, m):
+                    self.consumed[r] += 1
+                else:
+                    self.off_grammar.add(r)
         return tokens
 
     def drafts(self, tokens: torch.Tensor, lengths: torch.Tensor, confidence: torch.Tensor | None) -> list[Draft]:
         """Per-request drafts from the round's tokens [B, steps], lengths [B] and confidences [B, steps], with one
         copy to the host; q stays on the device (a view per request)."""
+        for r, c in self.constrained:  # drafting was speculative: the grammars go back to the committed state
+            c.rollback(self.consumed[r])
         b, steps = tokens.shape
         parts = [tokens.double(), lengths.double()[:, None]]
         if confidence is not None:
@@ -225,8 +248,9 @@ class BlockDrafter(nn.Module):
     @torch.inference_mode()
     def propose(self, embed: nn.Embedding, lm_head: nn.Linear, anchors: list[int], ctx: list[tuple],
                 ks: list[int], params: list[SamplingParams], gens: list[torch.Generator],
-                threshold: float = 0.0) -> list[Draft]:
-        """Draft up to ks[b] tokens after each anchor. ctx[b] = (per-layer context K/V list, context length).
+                threshold: float = 0.0, constraints: list | None = None) -> list[Draft]:
+        """Draft up to ks[b] tokens after each anchor. ctx[b] = (per-layer context K/V list, context length);
+        constraints[b]: the request's grammar (engine.grammar.Constraint) or None.
 
         One block forward for the batch, then a loop over the block's positions on batch tensors (the Markov
         head makes position i depend on the token drawn at i-1); one copy to the host at the end.
@@ -256,7 +280,7 @@ class BlockDrafter(nn.Module):
                           torch.ones(b, gamma, gamma, dtype=torch.bool, device=dev)], -1).unsqueeze(1)
         h = self.block_hidden(emb, positions, kv, mask)  # [B, gamma, d]
         base = lm_head(h[:, :steps]).float()  # [B, steps, V]
-        sampler = DraftSampler(params, gens, steps, dev)
+        sampler = DraftSampler(params, gens, steps, dev, constraints)
         limit = torch.tensor(ks, device=dev)
         live = torch.ones(b, dtype=torch.bool, device=dev)
         lengths = torch.zeros(b, dtype=torch.long, device=dev)

@@ -95,7 +95,7 @@ class Eagle3Drafter(nn.Module):
     @torch.inference_mode()
     def propose(self, embed: nn.Embedding, lm_head: nn.Linear, anchors: list[int], ctx: list[tuple],
                 ks: list[int], params: list[SamplingParams], gens: list[torch.Generator],
-                threshold: float = 0.0) -> list[Draft]:
+                threshold: float = 0.0, constraints: list | None = None) -> list[Draft]:
         """Autoregressive drafting: the last context slot's output gives token 1, each step feeds its hidden back;
         batch tensors throughout, one copy to the host at the end."""
         b = len(anchors)
@@ -108,7 +108,7 @@ class Eagle3Drafter(nn.Module):
         c_len = torch.tensor(c_lens, device=dev)
         valid = torch.arange(c_max, device=dev)[None, :] < c_len[:, None]
         hidden = torch.stack([c[3] for c in ctx])  # [B, d]
-        sampler = DraftSampler(params, gens, steps, dev)
+        sampler = DraftSampler(params, gens, steps, dev, constraints)
         tokens = torch.zeros(b, steps, dtype=torch.long, device=dev)
         new_k, new_v = [], []
         for i in range(steps):
