@@ -163,6 +163,13 @@ BAD = [
     ("/v1/completions", {"model": "{m}", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
     ("/v1/completions", {"model": "{m}", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"model": "{m}", "prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    # JSON types are not coerced (OpenAI answers these with 400s too)
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "temperature": "0.5"}, 400, "temperature"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "stream": "true"}, 400, "stream"),
+    ("/v1/completions", {"model": "{m}", "prompt": "x", "echo": 1}, 400, "echo"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "{m}", "messages": [{"role": "user"}]}, 400, "messages"),
 ]
 
 
