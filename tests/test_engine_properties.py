@@ -38,6 +38,17 @@ request = st.fixed_dictionaries({
 })
 
 
+def drain(eng: LLMEngine, reqs: list[dict], seqs: list, step: int = 0) -> None:
+    """Step until every request is done, aborting each at its `cancel_after` step (counted from `step`)."""
+    while eng.has_unfinished():
+        for r, s in zip(reqs, seqs):
+            if r["cancel_after"] == step and not s.finished:
+                eng.abort_request(s.request_id)
+        eng.step()
+        step += 1
+        assert step < 2000, "engine made no progress"
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=st.lists(request, min_size=1, max_size=10))
 def test_random_request_mixes_keep_the_invariants(engines, reqs):
@@ -47,14 +58,7 @@ def test_random_request_mixes_keep_the_invariants(engines, reqs):
         p = SamplingParams(temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"], stop=r["stop"],
                            max_tokens=r["max_tokens"], num_speculative_tokens=r["k"], seed=i, ignore_eos=True)
         seqs.append(eng.add_request(f"prop-{id(reqs)}-{i}", r["prompt"], p))
-    step = 0
-    while eng.has_unfinished():
-        for r, s in zip(reqs, seqs):
-            if r["cancel_after"] == step and not s.finished:
-                eng.abort_request(s.request_id)
-        eng.step()
-        step += 1
-        assert step < 2000, "engine made no progress"
+    drain(eng, reqs, seqs)
     for r, s in zip(reqs, seqs):
         assert s.status is SeqStatus.FINISHED and s.finish_reason in ("stop", "length", "abort")
         assert s.num_output <= r["max_tokens"]

@@ -7,6 +7,7 @@ import pytest
 from conftest import TEST_MODEL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_engine_properties import drain
 
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
@@ -140,13 +141,7 @@ def test_shared_prefix_mixes_with_speculation_preemption_and_aborts_stay_exact(t
         for _ in range(3):  # the wave runs a little before the next arrives
             eng.step()
             step += 1
-    while eng.has_unfinished():
-        for r, s in zip(reqs, seqs):
-            if r["cancel_after"] == step and not s.finished:
-                eng.abort_request(s.request_id)
-        eng.step()
-        step += 1
-        assert step < 2000, "engine made no progress"
+    drain(eng, reqs, seqs, step)
     bm = eng.block_manager
     assert bm.num_free == bm.num_blocks and not eng.draft_ctx and not eng.seqs
     bm.check()
