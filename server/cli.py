@@ -113,9 +113,12 @@ def cmd_loadtest_soak(args) -> None:
 
 
 def cmd_eval_drafter(args) -> None:
+    from engine.drafters import DrafterConfig
     from engine.training.eval_drafter import evaluate
 
-    evaluate(Settings(model=args.model).model, args.methods.split(","), per_group=args.per_group,
+    # a drafter directory names its own method (--methods would otherwise pair it with the others' names)
+    methods = [DrafterConfig.load(Path(args.drafter)).method] if args.drafter else args.methods.split(",")
+    evaluate(Settings(model=args.model).model, methods, per_group=args.per_group,
              max_tokens=args.max_tokens, write=args.write, thresholds=tuple(map(float, args.thresholds.split(","))),
              save_calibration=not args.no_calibration, drafter=args.drafter)
 
