@@ -6,11 +6,15 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from engine.grammar import Constraint
 
 
 class SeqStatus(Enum):
@@ -52,7 +56,7 @@ class Sequence:
     emitted_text: int = 0  # chars of `text` already streamed
     emitted_tokens: int = 0
     first_token_time: float | None = None  # monotonic time of the first generated token (for SLOs)
-    constraint: object | None = None  # engine.grammar.Constraint of a structured-output request
+    constraint: Constraint | None = None  # the grammar state of a structured-output request
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
