@@ -28,9 +28,9 @@ class BlockManager:
         self._cached: OrderedDict[int, None] = OrderedDict()  # nobody holds them, contents kept; LRU first
         self._tables: dict[int, list[int]] = {}
         self._ref = [0] * num_blocks
-        self._key: dict[int, int] = {}  # block -> key, for blocks with cached contents
-        self._tokens: dict[int, tuple[int | None, tuple[int, ...]]] = {}  # block -> (parent key, its tokens)
-        self._by_key: dict[int, int] = {}  # key -> block
+        # block -> (key, parent key, its tokens), for blocks whose contents are cached; and key -> block
+        self._entry: dict[int, tuple[int, int | None, tuple[int, ...]]] = {}
+        self._by_key: dict[int, int] = {}
         self._seq_keys: dict[int, list[int]] = {}  # seq_id -> keys of its leading blocks of computed tokens
         self.queries = 0  # tokens of admitted requests looked up, and how many of them were found cached
         self.hits = 0
@@ -68,16 +68,14 @@ class BlockManager:
         return block
 
     def _forget(self, block: int) -> None:
-        key = self._key.pop(block, None)
-        if key is not None:
-            del self._tokens[block]
-            if self._by_key.get(key) == block:
-                del self._by_key[key]
+        entry = self._entry.pop(block, None)
+        if entry is not None and self._by_key.get(entry[0]) == block:
+            del self._by_key[entry[0]]
 
     def _release(self, block: int) -> None:
         self._ref[block] -= 1
         if self._ref[block] == 0:
-            if block in self._key:
+            if block in self._entry:
                 self._cached[block] = None
             else:
                 self._free.append(block)
@@ -130,7 +128,7 @@ class BlockManager:
             tokens, parent = tuple(token_ids[start : start + bs]), keys[-1] if keys else None
             key = self._chain(parent, tokens)
             block = self._by_key.get(key)
-            if block is None or self._tokens[block] != (parent, tokens):  # a miss, or a hash collision
+            if block is None or self._entry[block] != (key, parent, tokens):  # a miss, or a hash collision
                 break
             table.append(block)
             keys.append(key)
@@ -171,7 +169,7 @@ class BlockManager:
             key = self._chain(parent, tokens)
             keys.append(key)
             if key not in self._by_key:  # (the same tokens computed twice: the first block stays the cached one)
-                self._key[block], self._tokens[block], self._by_key[key] = key, (parent, tokens), block
+                self._entry[block], self._by_key[key] = (key, parent, tokens), block
 
     def check(self) -> None:
         """Invariants: every block is free, cached-and-unheld, or held, exactly one of them; its reference count
@@ -183,6 +181,6 @@ class BlockManager:
         all_blocks = list(held) + list(self._free) + list(self._cached)
         assert len(all_blocks) == self.num_blocks == len(set(all_blocks)), "KV block leak or double use"
         assert all(self._ref[b] == held.get(b, 0) for b in range(self.num_blocks)), "KV block refcount wrong"
-        assert all(b in self._key for b, n in held.items() if n > 1), "KV block shared but writable"
-        assert all(b in self._key for b in self._cached) and not any(b in self._key for b in self._free)
-        assert all(self._key[b] == k for k, b in self._by_key.items()), "KV block key index stale"
+        assert all(b in self._entry for b, n in held.items() if n > 1), "KV block shared but writable"
+        assert all(b in self._entry for b in self._cached) and not any(b in self._entry for b in self._free)
+        assert all(self._entry[b][0] == k for k, b in self._by_key.items()), "KV block key index stale"
