@@ -55,9 +55,6 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, max_stops: int) -> SamplingParams:
-    bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}  # keys checked by check_common
-    if any(not -100 <= v <= 100 for v in bias.values()):
-        raise APIError(400, "logit_bias values must be in [-100, 100]", "logit_bias")
     stops = req.stop_list()
     if len(stops) > max_stops:
         raise APIError(400, f"at most {max_stops} stop sequences are allowed", "stop")
@@ -81,7 +78,7 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        logit_bias=bias,
+        logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},  # keys checked by check_common
         min_p=req.min_p or 0.0,
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import JSONResponse
@@ -78,7 +78,8 @@ class SamplingFields(OpenAIModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100]")
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="vLLM-style: > 1 discourages tokens "
                                              "already in the prompt or output")
     min_p: float | None = Field(None, ge=0, le=1, description="vLLM-style: drop tokens below min_p x the top one")
