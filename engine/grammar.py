@@ -59,9 +59,26 @@ class GrammarCompiler:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         except Exception as e:  # llguidance raises ValueError or RuntimeError with the reason
             raise GrammarError(f"invalid JSON schema: {e}") from None
+        return self._validated(grammar, "the JSON schema")
+
+    def lark(self, text: str, what: str = "the grammar") -> str:
+        """llguidance grammar from Lark text (which may embed JSON schemas as `%json {...}`): tool calls."""
+        import llguidance
+
+        if len(text) > MAX_SCHEMA_BYTES:
+            raise GrammarError(f"{what} is larger than {MAX_SCHEMA_BYTES} bytes")
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(text)
+        except Exception as e:
+            raise GrammarError(f"{what} is invalid: {e}") from None
+        return self._validated(grammar, what)
+
+    def _validated(self, grammar: str, what: str) -> str:
+        import llguidance
+
         msg = llguidance.LLMatcher.validate_grammar(grammar, self.lltok)
         if msg and not msg.startswith("WARNING"):
-            raise GrammarError(f"the JSON schema cannot be compiled: {msg}")
+            raise GrammarError(f"{what} cannot be compiled: {msg}")
         return grammar
 
     def constraint(self, grammar: str) -> Constraint:

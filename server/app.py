@@ -25,7 +25,15 @@ from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
 from server.auth import load_keys
 from server.middleware import Admission, ApiKeyAuth, BodyLimit, RequestContext
-from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body, error_response
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    SamplingFields,
+    error_body,
+    error_response,
+)
+from server.tools import ToolCallParser, ToolError, chat_messages, parse_tool_calls, tool_choice, tool_grammar
 
 log = logging.getLogger("dspark.server")
 
@@ -93,9 +101,18 @@ class OpenAIServer:
         self.vocab_size = engine.engine.model_config.vocab_size
 
     # -- validation -----------------------------------------------------------------------------------------
-    def grammar_for(self, req: SamplingFields) -> str | None:
-        """The compiled grammar of a structured-output request (400 for one that cannot be used)."""
+    def grammar_for(self, req: SamplingFields, tools_lark: str | None = None) -> str | None:
+        """The compiled grammar of a structured-output request, or of one whose tool choice forces calls (400
+        for one that cannot be used)."""
         rf = req.response_format
+        if tools_lark is not None:
+            if rf is not None and rf.type != "text":
+                raise APIError(400, "response_format cannot be combined with a tool_choice that forces a call",
+                               "response_format")
+            try:
+                return self.engine.engine.grammars.lark(tools_lark, "the tools' parameter schemas")
+            except GrammarError as e:
+                raise APIError(400, str(e), "tools") from None
         if rf is None or rf.type == "text":
             return None
         if rf.type == "json_schema" and rf.json_schema is None:
@@ -288,9 +305,13 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         srv.check_common(req)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt_ids = srv.tokenizer.encode_chat(messages)
+            choice = tool_choice(req)
+        except ToolError as e:
+            raise APIError(400, str(e), e.param) from None
+        messages, extra = chat_messages(req, native="tools" in (srv.tokenizer.chat_template or ""))
+        try:
+            prompt_ids = srv.tokenizer.encode_chat(messages, **extra)
         except Exception as e:  # noqa: BLE001 - template errors are the caller's input
             raise APIError(400, f"messages could not be formatted with the chat template: {e}", "messages") from e
         asked = req.max_completion_tokens or req.max_tokens
@@ -299,17 +320,27 @@ def create_app(engine: AsyncEngine, settings) -> FastAPI:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         params = _sampling_params(req, max_tokens, top, settings.max_stop_sequences)
-        params.grammar = srv.grammar_for(req)
+        params.grammar = srv.grammar_for(req, tool_grammar(req, choice))
         srv.admit(req.n)
         rid = f"chatcmpl-{request.state.request_id}"
         created = int(time.time())
         gen = srv.run_choices(rid, prompt_ids, params, req.n)
+        tools = ToolUse(req, choice)
         if req.stream:
-            return sse(request, chat_stream(srv, req, rid, created, gen, len(prompt_ids)), "/v1/chat/completions")
+            return sse(request, chat_stream(srv, req, rid, created, gen, len(prompt_ids), tools),
+                       "/v1/chat/completions")
         results = await collect(request, gen, req.n)
-        choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                    "logprobs": {"content": srv.chat_logprobs(r["logprobs"])} if req.logprobs else None,
-                    "finish_reason": r["finish_reason"]} for i, r in enumerate(results)]
+        choices = []
+        for i, r in enumerate(results):
+            message = {"role": "assistant", "content": r["text"]}
+            if tools.parse:
+                message["content"], calls = parse_tool_calls(r["text"])
+                if calls:
+                    message["tool_calls"] = calls
+                r["finish_reason"] = tools.finish_reason(r["finish_reason"], bool(calls))
+            choices.append({"index": i, "message": message,
+                            "logprobs": {"content": srv.chat_logprobs(r["logprobs"])} if req.logprobs else None,
+                            "finish_reason": r["finish_reason"]})
         metrics.REQUESTS.labels("/v1/chat/completions", "200").inc()
         return {"id": rid, "object": "chat.completion", "created": created, "model": srv.model_name,
                 "choices": choices, "usage": usage(len(prompt_ids), results)}
@@ -482,10 +513,24 @@ class ChunkMaker:
                          "total_tokens": self.prompt_tokens + total})
 
 
-async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt_tokens) -> AsyncIterator[dict]:
+class ToolUse:
+    """How a chat request's tools shape its answer: whether calls are parsed out, and the finish reason."""
+
+    def __init__(self, req: ChatCompletionRequest, choice):
+        self.parse = bool(req.tools) and choice != "none"
+        self.named = isinstance(choice, NamedToolChoice)
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        # OpenAI: 'tool_calls' when the model chose to call; a forced named call ends with 'stop'
+        return "tool_calls" if called and reason == "stop" and not self.named else reason
+
+
+async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt_tokens, tools: ToolUse
+                      ) -> AsyncIterator[dict]:
     chunk = ChunkMaker(srv, req, rid, created, "chat.completion.chunk", prompt_tokens)
 
     completion = [0] * req.n
+    parsers = [ToolCallParser() if tools.parse else None for _ in range(req.n)]
     timing = Timing()
     for i in range(req.n):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -494,11 +539,26 @@ async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt
         async for i, out in gen:
             completion[i] = out.completion_tokens
             timing.tokens(len(out.token_ids))
-            if out.text or out.logprobs:
-                lp = {"content": srv.chat_logprobs(out.logprobs)} if req.logprobs else None
-                yield chunk([{"index": i, "delta": {"content": out.text}, "logprobs": lp, "finish_reason": None}])
+            lp = {"content": srv.chat_logprobs(out.logprobs)} if req.logprobs and out.logprobs else None
+            parser = parsers[i]
+            if parser is None:
+                if out.text or lp:
+                    yield chunk([{"index": i, "delta": {"content": out.text}, "logprobs": lp, "finish_reason": None}])
+            else:
+                text, calls = parser.feed(out.text)
+                if out.finished:
+                    rest, _ = parser.finish()
+                    text += rest
+                if text or lp:
+                    yield chunk([{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}])
+                if calls:
+                    yield chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
+                                  "finish_reason": None}])
             if out.finished:
-                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
+                reason = out.finish_reason
+                if parser is not None:
+                    reason = tools.finish_reason(reason, bool(parser.calls))
+                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
     finally:
         await gen.aclose()
     timing.done()

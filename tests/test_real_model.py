@@ -118,3 +118,28 @@ def test_default_server_logprobs_n_and_stop(default_server):
     for c in r.choices:
         assert "\n" not in c.message.content
         assert c.logprobs.content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in c.logprobs.content)
+
+
+def test_default_server_tool_loop(default_server):
+    """The openai client's tool loop on the default model (its template knows no tools: they are described in
+    the system message): a forced call with valid arguments, the tool's answer back, an answer that uses it."""
+    import json
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=default_server.url + "/v1", api_key="unused")
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 32}},
+                       "required": ["city"], "additionalProperties": False}}}]
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="SmolLM2-135M-Instruct", tools=tools, temperature=0, max_tokens=48)
+    r = client.chat.completions.create(messages=msgs, tool_choice="required", parallel_tool_calls=False, **kw)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}  # the prompt's tools reached the model
+    msgs += [r.choices[0].message.model_dump(exclude_none=True),
+             {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "cloudy"}'}]
+    stream = client.chat.completions.create(messages=msgs, tool_choice="none", stream=True, **kw)
+    answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "18" in answer, answer
