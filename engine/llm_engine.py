@@ -10,6 +10,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.drafters import load_drafter
+from engine.drafters.vocab import DraftVocab
 from engine.grammar import GrammarCompiler
 from engine.model import load_model
 from engine.model_config import ModelConfig
@@ -46,6 +47,10 @@ class LLMEngine:
                 raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, "
                                  f"not {settings.speculative_method}")
             self.tap_layers = tuple(self.drafter.cfg.target_layer_ids)
+            self.drafter.vocab = DraftVocab.load(settings.drafter_path, settings.draft_vocab_size,
+                                                 self.model_config.vocab_size,
+                                                 [*self.tokenizer.eos_ids, *self.model_config.eos_token_id],
+                                                 settings.device)
         tap_width = len(self.tap_layers) * self.model_config.hidden_size
         per_token = kv_bytes_per_token(self.model, dtype) + tap_width * dtype.itemsize
         bs = settings.block_size

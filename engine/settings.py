@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     speculative: str = Field("none", description="none | dspark | dflash | eagle3 | auto (dspark if shipped)")
     drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
     draft_len: int = Field(7, description="most draft tokens per request per step")
+    draft_vocab_size: int = Field(8192, description="the drafter proposes only the target's this many most "
+                                  "frequent output tokens (FR-Spec; ranked on the drafter's training data, "
+                                  "draft_vocab.safetensors beside it); 0 = the whole vocabulary")
     confidence_threshold: float = Field(0.0, description="cut a draft where the confidence head falls below this")
     draft_policy: str = Field("adaptive", description="adaptive (draft lengths from load, confidence and SLOs) "
                               "| fixed (always draft_len, cut only by confidence_threshold)")

@@ -27,6 +27,7 @@ from test_sampling import reference_filter, reference_penalized
 
 from engine import sampling, verify
 from engine.drafters import block
+from engine.drafters.vocab import DraftVocab
 from engine.grammar import Constraint
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
@@ -48,9 +49,11 @@ class Case:
     threshold: float = 0.0
     extra: tuple = ()  # more SamplingParams fields, as (name, value) pairs; logit_bias as ((token, bias), ...)
     schema: str = ""  # a JSON schema the output must follow (structured output), as JSON text
+    reduced_vocab: bool = False  # draft from a vocabulary without a likely token (FR-Spec)
 
     def __str__(self) -> str:
         more = "".join(f"-{k}" for k, _ in self.extra) + ("-schema" if self.schema else "")
+        more += "-reduced_vocab" if self.reduced_vocab else ""
         return f"{self.method}-{self.policy}-T{self.temperature}-k{self.top_k}-p{self.top_p}-c{self.threshold}{more}"
 
     def grammar(self, eng: LLMEngine) -> str | None:
@@ -93,6 +96,8 @@ CASES = [
     Case("dspark", "fixed", 1.0, top_k=3, extra=PENALTIES),
     # structured output: the grammar's mask on the target at every verified row (and on the drafter)
     Case("dspark", "fixed", 1.0, top_k=3, schema=json.dumps({"type": "string", "pattern": "^(ab|cd|ef)(gh|ij)kl$"})),
+    # a token the drafter can never propose (q = 0) must still come out as often as the target says
+    Case("dspark", "fixed", 0.7, top_k=3, reduced_vocab=True),
 ]
 
 
@@ -159,6 +164,13 @@ def run_case(c: Case, n: int = N) -> tuple[dict, dict, LLMEngine]:
     if c.policy == "adaptive":
         cheap_drafting(eng)
     ids = eng.tokenizer.encode(PROMPT)
+    if c.reduced_vocab:  # without the likeliest token at the first drafted position (after the greedy first token)
+        with torch.inference_mode():
+            first = int(eng.model.logits(eng.model(torch.tensor([ids]))[0])[0, -1].argmax())
+            top = int(eng.model.logits(eng.model(torch.tensor([ids + [first]]))[0])[0, -1].argmax())
+        keep = torch.ones(eng.model_config.vocab_size, dtype=torch.bool)
+        keep[top] = False
+        eng.drafter.vocab = DraftVocab(keep.nonzero()[:, 0], len(keep))
     params = [c.params(seed=s, max_tokens=L + 1, ignore_eos=True, grammar=c.grammar(eng)) for s in range(n)]
     counts: dict = {}
     for s in eng.generate([ids] * n, params):

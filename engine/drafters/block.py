@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.drafters.config import DrafterConfig
+from engine.drafters.vocab import DraftVocab
 from engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from engine.model_config import ModelConfig
 from engine.sampling import SamplingParams, filter_logits, index_at_rows
@@ -160,6 +161,7 @@ class BlockDrafter(nn.Module):
     def __init__(self, cfg: DrafterConfig, target_cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.vocab: DraftVocab | None = None  # drafting from a reduced vocabulary (engine.drafters.vocab)
         d = target_cfg.hidden_size
         self.fc = nn.Linear(len(cfg.target_layer_ids) * d, d, bias=False)
         self.hidden_norm = RMSNorm(d, target_cfg.rms_norm_eps)
@@ -220,11 +222,12 @@ class BlockDrafter(nn.Module):
             self._tables = (key, tables)
         return self._tables[1]
 
-    def markov_bias(self, prev: torch.Tensor) -> torch.Tensor | None:
+    def markov_bias(self, prev: torch.Tensor, vocab: DraftVocab | None = None) -> torch.Tensor | None:
+        """The Markov head's logits bias after token `prev` (over `vocab`'s tokens when drafting from one)."""
         if not self.cfg.markov_rank:
             return None
         w_in, w_out = self.markov_tables()
-        return F.linear(F.embedding(prev, w_in), w_out)
+        return F.linear(F.embedding(prev, w_in), w_out if vocab is None else vocab.rows(w_out))
 
     def confidence_logit(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         parts = [h, F.embedding(prev, self.markov_tables()[0])] if self.cfg.markov_rank else [h]
@@ -279,7 +282,9 @@ class BlockDrafter(nn.Module):
         mask = torch.cat([valid_ctx[:, None, :].expand(b, gamma, c_max),
                           torch.ones(b, gamma, gamma, dtype=torch.bool, device=dev)], -1).unsqueeze(1)
         h = self.block_hidden(emb, positions, kv, mask)  # [B, gamma, d]
-        base = lm_head(h[:, :steps]).float()  # [B, steps, V]
+        vocab = self.vocab
+        # [B, steps, V], or [B, steps, K] over a reduced vocabulary
+        base = (lm_head(h[:, :steps]) if vocab is None else vocab.logits(h[:, :steps], lm_head)).float()
         sampler = DraftSampler(params, gens, steps, dev, constraints)
         limit = torch.tensor(ks, device=dev)
         live = torch.ones(b, dtype=torch.bool, device=dev)
@@ -293,9 +298,11 @@ class BlockDrafter(nn.Module):
                 conf[:, i] = torch.sigmoid(self.confidence_logit(h[:, i], prev).float() / self.conf_temperature[i])
                 live &= conf[:, i] >= threshold
             logits = base[:, i]
-            bias = self.markov_bias(prev)
+            bias = self.markov_bias(prev, vocab)
             if bias is not None:
                 logits = logits + bias.float()
+            if vocab is not None:
+                logits = vocab.expand(logits)
             tokens[:, i] = prev = sampler(logits, i)
             lengths += live
         return sampler.drafts(tokens, lengths, conf)

@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.drafters.block import Draft, DraftSampler
 from engine.drafters.config import DrafterConfig
+from engine.drafters.vocab import DraftVocab
 from engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from engine.model_config import ModelConfig
 from engine.sampling import SamplingParams
@@ -25,6 +26,7 @@ class Eagle3Drafter(nn.Module):
     def __init__(self, cfg: DrafterConfig, target_cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.vocab: DraftVocab | None = None  # drafting from a reduced vocabulary (engine.drafters.vocab)
         d, eps = target_cfg.hidden_size, target_cfg.rms_norm_eps
         self.n_heads, self.n_kv, self.head_dim = (target_cfg.num_attention_heads, target_cfg.num_key_value_heads,
                                                   target_cfg.head_dim)
@@ -112,7 +114,9 @@ class Eagle3Drafter(nn.Module):
         tokens = torch.zeros(b, steps, dtype=torch.long, device=dev)
         new_k, new_v = [], []
         for i in range(steps):
-            tokens[:, i] = toks = sampler(lm_head(self.norm(hidden)).float(), i)
+            h, vocab = self.norm(hidden), self.vocab
+            logits = lm_head(h).float() if vocab is None else vocab.expand(vocab.logits(h, lm_head).float())
+            tokens[:, i] = toks = sampler(logits, i)
             if i + 1 == steps:
                 break
             pos = c_len + i  # slot of (this hidden, embedding of the token just drafted)

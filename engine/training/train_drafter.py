@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from engine.drafters import DrafterConfig, build_drafter, default_layer_ids, save_drafter, target_fingerprint
+from engine.drafters.vocab import save_ranking, token_ranking
 from engine.llm_engine import LLMEngine
 from engine.model import load_model
 from engine.sampling import SamplingParams
@@ -335,6 +336,7 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
     if previous is not None:
         cfg.training["continued_from"] = previous.training
     save_drafter(drafter.cpu().eval(), outdir)
+    save_ranking(outdir, token_ranking(data))  # the reduced draft vocabulary's ranking, from the same answers
     (outdir / "training_log.json").write_text(json.dumps(log, indent=1))
     ckpt.unlink(missing_ok=True)
     return cfg.training

@@ -1,0 +1,74 @@
+"""A reduced draft vocabulary (FR-Spec, Zhao et al. 2025): the drafter scores only the target's most frequent
+output tokens, so its LM head costs K rows instead of V.
+
+On the default model the drafter's LM head over 7 positions x 49,152 tokens is most of a drafting round; the
+8,192 tokens the target writes most often cover about 92% of what it writes on held-out prompts. A token outside
+the subset is never drafted (the draft distribution gives it probability 0, so rejection sampling stays exact,
+and greedy verification is unchanged): only acceptance can drop, and only where the drafter would have had to
+guess such a token.
+
+The ranking is counted on the drafter's training data, the target's own answers (never the held-out sets), and
+kept beside the drafter as `draft_vocab.safetensors`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+FILE = "draft_vocab.safetensors"
+
+
+def token_ranking(data: list[dict]) -> torch.Tensor:
+    """Token ids of the target's answers (ids after prompt_len), most frequent first (ties: lower id first)."""
+    counts = Counter(t for d in data for t in d["ids"][d["prompt_len"]:])
+    return torch.tensor(sorted(counts, key=lambda t: (-counts[t], t)), dtype=torch.int32)
+
+
+def save_ranking(path: str | Path, ranking: torch.Tensor) -> Path:
+    out = Path(path) / FILE
+    save_file({"ranking": ranking.to(torch.int32).contiguous()}, str(out))
+    return out
+
+
+class DraftVocab:
+    """The K token ids the drafter may propose, and the slices of the target's tables it needs."""
+
+    def __init__(self, ids: torch.Tensor, vocab_size: int):
+        self.ids = ids.long().sort().values
+        self.vocab_size = vocab_size
+        self._rows: dict = {}
+
+    @classmethod
+    def load(cls, drafter_dir: str | Path, size: int, vocab_size: int, always: list[int], device="cpu"
+             ) -> DraftVocab | None:
+        """The `size` most frequent tokens of the ranking beside the drafter, plus `always` (end of sequence);
+        None when there is no ranking or `size` covers the whole vocabulary."""
+        path = Path(drafter_dir) / FILE
+        if size <= 0 or size >= vocab_size or not path.exists():
+            return None
+        top = load_file(str(path))["ranking"][:size].long()
+        ids = torch.cat([top, torch.tensor(always, dtype=torch.long)]).unique()
+        return cls(ids.to(device), vocab_size)
+
+    def rows(self, table: torch.Tensor) -> torch.Tensor:
+        """table[ids] (an LM head's weight, the Markov head's output table), made once per table version."""
+        key = (table.data_ptr(), table.dtype, table.shape)
+        if key not in self._rows:
+            if len(self._rows) >= 4:  # tables were replaced (reloaded weights): drop the stale slices
+                self._rows.clear()
+            self._rows[key] = table.detach()[self.ids.to(table.device)].contiguous()
+        return self._rows[key]
+
+    def logits(self, h: torch.Tensor, lm_head: torch.nn.Linear) -> torch.Tensor:
+        """The LM head over the subset only: [..., K]."""
+        return F.linear(h, self.rows(lm_head.weight))
+
+    def expand(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, K] subset logits -> [B, V] with -inf outside the subset (what the sampler and verifier read)."""
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.ids.to(logits.device), logits)
