@@ -78,3 +78,29 @@ def test_greedy_output_unchanged(eng):
     finally:
         eng.drafter.vocab = None
     assert got == want
+
+
+def test_grammar_with_a_subset(eng):
+    """Structured output drafting from a subset: the grammar's mask is read at the subset's tokens; output equals
+    decoding without speculation, and drafts inside the grammar are accepted."""
+    plain = LLMEngine(Settings(speculative="none"))
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "b": {"enum": ["yes", "no"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    prompts = [eng.tokenizer.encode(p) for p in ["Return JSON: ", "data = "]]
+
+    def params(e):
+        g = e.grammars.grammar({"type": "json_schema", "json_schema": {"schema": schema}})
+        return [SamplingParams(temperature=0, max_tokens=40, grammar=g) for _ in prompts]
+
+    want = [s.output_ids for s in plain.generate(prompts, params(plain))]
+    v = eng.model_config.vocab_size
+    text = {t for p in ['{"a": 12, "b": "yes"}', '{"a":7,"b":"no"}'] for t in eng.tokenizer.encode(p)}
+    eng.drafter.vocab = DraftVocab(torch.tensor(sorted(text | set(range(0, v, 2)))), v)
+    accepted = eng.stats["accepted_tokens"]
+    try:
+        got = [s.output_ids for s in eng.generate(prompts, params(eng))]
+    finally:
+        eng.drafter.vocab = None
+    assert got == want
+    assert eng.stats["accepted_tokens"] > accepted

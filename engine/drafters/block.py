@@ -97,7 +97,8 @@ class DraftSampler:
     those requests' tokens per position; without it almost every draft token would be rejected."""
 
     def __init__(self, params: list[SamplingParams], gens: list[torch.Generator], steps: int, device,
-                 constraints: list | None = None):
+                 constraints: list | None = None, vocab: DraftVocab | None = None):
+        self.vocab = vocab  # logits come over its K tokens: draws map back to token ids, q spreads back to V
         self.rows = [r for r, p in enumerate(params) if not p.greedy]
         self.q: list[torch.Tensor] = []  # per position: [len(rows), V]
         self.constrained = [(r, c) for r, c in enumerate(constraints or ()) if c is not None]
@@ -114,19 +115,25 @@ class DraftSampler:
                                   for r in self.rows]).to(device)
 
     def __call__(self, logits: torch.Tensor, i: int) -> torch.Tensor:
-        """Tokens [B] at position i from the drafter's logits [B, V] (float32)."""
+        """Tokens [B] at position i from the drafter's logits [B, V], or [B, K] over the reduced vocabulary
+        (float32)."""
+        vocab = self.vocab
         live = [(r, c) for r, c in self.constrained if r not in self.off_grammar]
         if live:
             rows = torch.tensor([r for r, _ in live], device=logits.device)
             allowed = torch.stack([c.mask() for _, c in live])
-            masks = (allowed | ~allowed.any(-1, keepdim=True)).to(logits.device)  # none (a finished grammar): all
+            sub = allowed if vocab is None else allowed[:, vocab.ids.cpu()]
+            # none allowed (a finished grammar, or nothing of the subset): all, and the token is rejected
+            masks = (sub | ~sub.any(-1, keepdim=True)).to(logits.device)
             logits = logits.clone()
             logits[rows] = logits[rows].masked_fill(~masks, float("-inf"))
         tokens = logits.argmax(-1)
         if self.rows:
             probs = filter_logits(logits[self.idx], *self.filters)
             tokens[self.idx] = index_at_rows(probs, self.u[:, i])
-            self.q.append(probs)
+            self.q.append(probs if vocab is None else vocab.spread(probs))
+        if vocab is not None:
+            tokens = vocab.ids[tokens]
         if live:
             for (r, c), t, m in zip(live, tokens[rows].tolist(), allowed):
                 if c.try_consume(t, m):
@@ -285,7 +292,7 @@ class BlockDrafter(nn.Module):
         vocab = self.vocab
         # [B, steps, V], or [B, steps, K] over a reduced vocabulary
         base = (lm_head(h[:, :steps]) if vocab is None else vocab.logits(h[:, :steps], lm_head)).float()
-        sampler = DraftSampler(params, gens, steps, dev, constraints)
+        sampler = DraftSampler(params, gens, steps, dev, constraints, vocab)
         limit = torch.tensor(ks, device=dev)
         live = torch.ones(b, dtype=torch.bool, device=dev)
         lengths = torch.zeros(b, dtype=torch.long, device=dev)
@@ -301,8 +308,6 @@ class BlockDrafter(nn.Module):
             bias = self.markov_bias(prev, vocab)
             if bias is not None:
                 logits = logits + bias.float()
-            if vocab is not None:
-                logits = vocab.expand(logits)
             tokens[:, i] = prev = sampler(logits, i)
             lengths += live
         return sampler.drafts(tokens, lengths, conf)

@@ -110,13 +110,13 @@ class Eagle3Drafter(nn.Module):
         c_len = torch.tensor(c_lens, device=dev)
         valid = torch.arange(c_max, device=dev)[None, :] < c_len[:, None]
         hidden = torch.stack([c[3] for c in ctx])  # [B, d]
-        sampler = DraftSampler(params, gens, steps, dev, constraints)
+        vocab = self.vocab
+        sampler = DraftSampler(params, gens, steps, dev, constraints, vocab)
         tokens = torch.zeros(b, steps, dtype=torch.long, device=dev)
         new_k, new_v = [], []
         for i in range(steps):
-            h, vocab = self.norm(hidden), self.vocab
-            logits = lm_head(h).float() if vocab is None else vocab.expand(vocab.logits(h, lm_head).float())
-            tokens[:, i] = toks = sampler(logits, i)
+            h = self.norm(hidden)
+            tokens[:, i] = toks = sampler((lm_head(h) if vocab is None else vocab.logits(h, lm_head)).float(), i)
             if i + 1 == steps:
                 break
             pos = c_len + i  # slot of (this hidden, embedding of the token just drafted)

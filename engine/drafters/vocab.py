@@ -68,7 +68,7 @@ class DraftVocab:
         """The LM head over the subset only: [..., K]."""
         return F.linear(h, self.rows(lm_head.weight))
 
-    def expand(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, K] subset logits -> [B, V] with -inf outside the subset (what the sampler and verifier read)."""
-        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.ids.to(logits.device), logits)
+    def spread(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, K] draft probabilities -> [B, V], zero outside the subset (the q verification reads)."""
+        full = probs.new_zeros((*probs.shape[:-1], self.vocab_size))
+        return full.index_copy_(-1, self.ids.to(probs.device), probs)
