@@ -138,7 +138,8 @@ def _partial_tag(text: str, tag: str) -> int:
     return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
 
 
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:')
+# "parameters" is the other key models use for the arguments (Llama 3.1's convention)
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:')
 
 
 class _ObjectEnd:
@@ -267,7 +268,7 @@ class ToolCallParser:
             return "", []
         try:
             call = json.loads(body)
-            name, args = call["name"], call["arguments"]
+            name, args = call["name"], call["arguments"] if "arguments" in call else call["parameters"]
             if not isinstance(name, str):
                 raise TypeError
         except (ValueError, KeyError, TypeError):

@@ -41,6 +41,7 @@ TEXTS = [
     '<tool_call>\n{"name": "h", "arguments": "{\\"a\\": 1}"}\n</tool_call>',  # arguments as a string
     "a < b <tool_ca",  # a tag's prefix at the end is text after all
     '<tool_call>\n{"name": "k", "arguments": {"a": 1</tool_call>tail',  # a call cut short by its closing tag
+    '<tool_call>\n{"name": "now", "parameters": {}}\n</tool_call>',  # Llama 3.1's key for the arguments
 ]
 
 
@@ -84,6 +85,8 @@ def test_parsed_calls():
     assert parse_tool_calls(TEXTS[4])[1][0]["function"]["arguments"] == '{"a": 1}'
     assert parse_tool_calls(TEXTS[5]) == (TEXTS[5], [])
     assert parse_tool_calls(TEXTS[6])[0] == "tail"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in parse_tool_calls(TEXTS[7])[1]] == [
+        ("now", "{}")]
 
 
 def request(**kw) -> ChatCompletionRequest:
