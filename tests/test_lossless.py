@@ -216,7 +216,7 @@ def test_broken_engines_are_detected(mutant, monkeypatch):
     """Each is a bug a rewrite of verification could introduce; the same check must fail for every one."""
     case = Case("dspark", "fixed", 1.0, top_k=3)
     if mutant == "grammar_only_on_row_0":  # the draft rows scored without the grammar's state after the draft
-        case = CASES[-1]
+        case = next(c for c in CASES if c.schema)
         real = Constraint.masks
         monkeypatch.setattr(Constraint, "masks", lambda self, draft: real(self, [])[[0] * (len(draft) + 1)])
     elif mutant in PENALTY_MUTANTS:
