@@ -154,30 +154,38 @@ def bench_hf_speculative(model_dir: str, prompts: dict, tokens: int, lookup: int
 def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128, write: str = "docs/benchmarks.md",
                       per_group: int = 8, hf: bool = False) -> list[dict]:
     """Per-user tokens/s at batch 1 for each speculation method, per held-out group (code, chat, math) and
-    temperature (0 and 1)."""
+    temperature (0 and 1). Every method's engine is loaded first and the methods take turns on each prompt
+    (the first to run rotates), so a slow drift of this machine's speed falls on all of them alike."""
     from engine.training.eval_drafter import heldout_prompts
 
-    rows, prompts = [], None
+    engines = {}
     for method in methods:  # "dspark" (the settings' draft policy), or "dspark:fixed" / "dspark:adaptive"
         name, _, policy = method.partition(":")
         policy = policy or settings.draft_policy
-        eng = LLMEngine(settings.model_copy(update={"speculative": name, "draft_policy": policy}))
-        prompts = heldout_prompts(eng.tokenizer, per_group, seed=0)
+        engines[method] = eng = LLMEngine(settings.model_copy(update={"speculative": name, "draft_policy": policy}))
+    prompts = heldout_prompts(next(iter(engines.values())).tokenizer, per_group, seed=0)
+    for eng in engines.values():
         eng.generate([prompts["code"][0]], SamplingParams(temperature=0, max_tokens=8))  # warm-up
-        for temp in (0.0, 1.0):
-            for g, group in prompts.items():
-                n_tok, secs, rounds0, acc0 = 0, 0.0, eng.stats["draft_rounds"], eng.stats["accepted_tokens"]
-                for i, p in enumerate(group):
+    rows = []
+    for temp in (0.0, 1.0):
+        for g, group in prompts.items():
+            tally = {m: [0, 0.0, 0, 0] for m in methods}  # tokens, seconds, rounds, accepted
+            for i, p in enumerate(group):
+                for m in methods[i % len(methods):] + methods[: i % len(methods)]:
+                    eng, t = engines[m], tally[m]
+                    rounds0, acc0 = eng.stats["draft_rounds"], eng.stats["accepted_tokens"]
                     t0 = time.perf_counter()
                     s = eng.generate([p], SamplingParams(temperature=temp, max_tokens=tokens, seed=i))[0]
-                    secs += time.perf_counter() - t0
-                    n_tok += s.num_output
-                rounds = eng.stats["draft_rounds"] - rounds0
-                tau = (eng.stats["accepted_tokens"] - acc0 + rounds) / rounds if rounds else float("nan")
-                rows.append({"method": method, "temperature": temp, "group": g, "tps": n_tok / secs, "tau": tau,
+                    t[1] += time.perf_counter() - t0
+                    t[0] += s.num_output
+                    t[2] += eng.stats["draft_rounds"] - rounds0
+                    t[3] += eng.stats["accepted_tokens"] - acc0
+            for m, (n_tok, secs, rounds, acc) in tally.items():
+                tau = (acc + rounds) / rounds if rounds else float("nan")
+                rows.append({"method": m, "temperature": temp, "group": g, "tps": n_tok / secs, "tau": tau,
                              "tokens": n_tok})
-                print(f"{method:>16} T={temp} {g}: {n_tok / secs:7.1f} tok/s per user (batch 1), tau {tau:.2f}")
-        del eng
+                print(f"{m:>16} T={temp} {g}: {n_tok / secs:7.1f} tok/s per user (batch 1), tau {tau:.2f}")
+    del engines
     if hf and prompts is not None:
         rows += bench_hf_speculative(settings.model, prompts, tokens)
     base = {(r["temperature"], r["group"]): r["tps"] for r in rows if r["method"] == "none"}
@@ -192,7 +200,8 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
                  f"ShareGPT, math: generated), up to {tokens} new tokens each, one at a time; cells are tok/s per "
                  "user (speed-up vs none; tau = committed tokens per verification round incl. the bonus). "
                  "`:fixed` drafts the full block (7) every step; `:adaptive` lets the scheduler choose who drafts "
-                 "and how much is verified.", "",
+                 "and how much is verified. The engines take turns on each prompt (so a drift of the machine's "
+                 "speed falls on all alike); the HF rows run after them.", "",
                  "| method | T | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
         for (m, t) in dict.fromkeys((r["method"], r["temperature"]) for r in rows):
             cells = []

@@ -54,3 +54,21 @@ def test_goodput_counts_only_requests_meeting_the_slo():
     assert goodput(point, 30.0) == (32 + 16) / 4.0
     assert goodput(point, 60.0) == 0.0
     assert goodput({"wall_s": 1.0}, 1.0) is None  # a sweep saved before per-request figures
+
+
+def test_speculative_bench_interleaves_methods_and_writes_its_table(tmp_path):
+    """`dspark bench --speculative-methods`: every method on every prompt, tau only where drafting ran, speed-up
+    against none, one table row per method and temperature."""
+    from engine.settings import Settings
+    from loadtest.bench import bench_speculative
+
+    out = tmp_path / "b.md"
+    rows = bench_speculative(Settings(), ["none", "dspark:fixed"], tokens=8, write=str(out), per_group=2)
+    assert len(rows) == 2 * 2 * 3  # methods x temperatures x groups
+    for r in rows:
+        assert 0 < r["tokens"] <= 2 * 8
+        assert (r["tau"] >= 1.0) if r["method"] == "dspark:fixed" else r["tau"] != r["tau"]
+        if r["method"] == "none":
+            assert r["speedup"] == 1.0
+    text = out.read_text()
+    assert text.count("| dspark:fixed |") == 2 and "take turns" in text
