@@ -40,13 +40,21 @@ class CostTable:
         return i if math.log(x / lo) > math.log(hi / x) else i - 1
 
     def observe(self, x: float, seconds: float) -> None:
-        """Fold in one measurement; a spike (a GC pause, a first-call warm-up) counts as at most 4x the estimate."""
+        """Fold in one measurement; a spike (a GC pause, a first-call warm-up) counts as at most 4x the estimate.
+
+        The other buckets move by a quarter as much, in proportion: the machine's speed drifts for every batch
+        size alike, and a bucket that steps rarely visit (e.g. drafting lengths while plain decoding wins) must
+        not keep a stale cost that keeps them from being tried."""
         i = self._nearest(x)
         old = self.seconds[i]
         if old is None:
             self.seconds[i] = seconds
-        else:
-            self.seconds[i] = (1 - self.alpha) * old + self.alpha * min(seconds, 4 * old)
+            return
+        self.seconds[i] = (1 - self.alpha) * old + self.alpha * min(seconds, 4 * old)
+        drift = 1 + (self.seconds[i] / old - 1) / 4
+        for j, v in enumerate(self.seconds):
+            if j != i and v is not None:
+                self.seconds[j] = v * drift
 
     def __call__(self, x: float) -> float:
         """Interpolated seconds at x; non-decreasing in x (measurement noise must not make more work look cheaper)."""

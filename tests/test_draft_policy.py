@@ -21,6 +21,13 @@ def test_cost_table_interpolates_refreshes_and_stays_monotone():
     assert t(1) == 1.0 and t(3) == 2.0 and t(6) == 3.0 and t(32) == 16.0
     t.observe(8, 100.0)  # a spike counts as at most 4x the estimate
     assert t.seconds[3] == 0.9 * 4.0 + 0.1 * 16.0
+    # the machine speeding up moves the buckets no step visits too (a quarter as much), keeping their ratios
+    t.seconds = [1.0, 2.0, None, 4.0, 8.0]
+    for _ in range(200):
+        t.observe(1, 0.5)
+    assert t.seconds[0] == pytest.approx(0.5, rel=1e-3) and t.seconds[2] is None
+    assert t.seconds[1] == pytest.approx(2.0 * 0.5 ** 0.25, rel=0.03)
+    assert t.seconds[4] / t.seconds[3] == pytest.approx(2.0, rel=1e-9)
 
 
 def lengths_at(concurrency: int, survival: list[float]) -> list[int]:
