@@ -51,6 +51,8 @@ class CostTable:
             self.seconds[i] = seconds
             return
         self.seconds[i] = (1 - self.alpha) * old + self.alpha * min(seconds, 4 * old)
+        if old <= 0:
+            return
         drift = 1 + (self.seconds[i] / old - 1) / 4
         for j, v in enumerate(self.seconds):
             if j != i and v is not None:
