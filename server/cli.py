@@ -56,7 +56,8 @@ def cmd_train_drafter(args) -> None:
                         lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens,
                         device=args.device, intermediate_size=args.intermediate_size,
                         markov_factored=args.markov_factored, taps=args.taps, anchors=args.anchors,
-                        gen_limit=args.gen_limit, init_from=args.init_from, threads=args.threads))
+                        gen_limit=args.gen_limit, init_from=args.init_from, threads=args.threads,
+                        draft_vocab_size=args.draft_vocab_size))
 
 
 def _loadtest_flags(p: argparse.ArgumentParser) -> None:
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-from", default=None,
                    help="continue from this saved drafter (same shape), with a fresh optimizer and schedule")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
+    p.add_argument("--draft-vocab-size", type=int, default=8192,
+                   help="train over the target's this many most frequent answer tokens, what serving's "
+                   "--draft-vocab-size drafts from (several times faster steps); 0 = the whole vocabulary")
     p.set_defaults(fn=cmd_train_drafter)
 
     p = sub.add_parser("eval-drafter", help="acceptance benchmark of drafters on held-out code / math / chat")

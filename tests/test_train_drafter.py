@@ -18,8 +18,8 @@ def data_cache(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("method", ["dspark", "eagle3"])
-def test_deterministic_and_resumable(method, data_cache, tmp_path):
+@pytest.mark.parametrize("method,draft_vocab", [("dspark", 0), ("eagle3", 0), ("dspark", 300), ("eagle3", 300)])
+def test_deterministic_and_resumable(method, draft_vocab, data_cache, tmp_path):
     """Same seed, same weights; training moves them; a stopped run resumes at its step with its data position,
     optimizer and schedule, so it ends where the uninterrupted run did (a fresh run would too, so the resumed
     run's own first step and batches are asserted, not only its result)."""
@@ -27,7 +27,8 @@ def test_deterministic_and_resumable(method, data_cache, tmp_path):
 
     import torch
 
-    kw = dict(method=method, steps=4, batch=2, anchors=4, data_cache=data_cache, seed=3, log_every=1)
+    kw = dict(method=method, steps=4, batch=2, anchors=4, data_cache=data_cache, seed=3, log_every=1,
+              draft_vocab_size=draft_vocab)
     assert train_drafter(str(TEST_MODEL), str(tmp_path / "a"), **kw)["first_step_this_run"] == 0
     train_drafter(str(TEST_MODEL), str(tmp_path / "b"), **kw)
     assert train_drafter(str(TEST_MODEL), str(tmp_path / "c"), stop_after=2, **kw) is None
@@ -49,3 +50,65 @@ def test_deterministic_and_resumable(method, data_cache, tmp_path):
     assert len(moved) >= 0.9 * len(trained), f"weights did not move: {sorted(set(trained) - set(moved))}"
     d = load_drafter(tmp_path / "a", load_model(TEST_MODEL))
     assert d.cfg.method == method and d.cfg.training["steps"] == 4
+    assert d.cfg.training["draft_vocab_size"] == draft_vocab
+
+
+@pytest.mark.parametrize("method", ["dspark", "eagle3"])
+def test_reduced_vocabulary_loss(method, data_cache, monkeypatch):
+    """The draft-vocabulary loss over all V tokens is the full-vocabulary loss (the precomputed logsumexp and
+    argmax stand in exactly for the V-wide softmax), and over a subset it is the loss of a drafter whose other
+    logits are -inf: the same CE on labels inside it, the L1 plus the target's mass outside it."""
+    import torch
+
+    import engine.training.train_drafter as td
+    from engine.drafters import DrafterConfig, build_drafter
+    from engine.drafters.vocab import DraftVocab, token_ranking
+    from engine.training.train_drafter import drafter_loss, eagle3_loss, make_batch, sample_anchors
+
+    torch.manual_seed(0)
+    target = load_model(TEST_MODEL)
+    data = torch.load(data_cache)[:3]
+    layers = [0, 1]
+    feats = td.target_features(target, data, layers, 0)
+    stats = td.target_stats(target, feats, amp=False)
+    ids, gm, taps, final, lse, amax = make_batch(data, 0, [(*f, *s) for f, s in zip(feats, stats)])
+    taps, final = taps.float(), final.float()
+    v = target.config.vocab_size
+    cfg = DrafterConfig(method=method, target_layer_ids=layers, block_size=3, num_layers=1,
+                        markov_rank=8 if method == "dspark" else 0, confidence_head=method == "dspark")
+    drafter = build_drafter(cfg, target)
+    with torch.no_grad():  # a trained-looking Markov head (it starts at zero)
+        for name, p in drafter.named_parameters():
+            if "markov_out" in name:
+                p.normal_(std=0.05)
+    anc, valid = sample_anchors(gm, 4, torch.Generator().manual_seed(0))
+
+    def loss(vocab):
+        if method == "eagle3":
+            return eagle3_loss(drafter, target, ids, gm, taps, final, max_slots=10**6, vocab=vocab, lse=lse,
+                               amax=amax)
+        return drafter_loss(drafter, target, ids, gm, anc, valid, method, taps, final, vocab, lse, amax)
+
+    ref, ref_m = loss(None)
+    got, got_m = loss(DraftVocab(torch.arange(v), v))
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (got, ref)
+    for k in ref_m:
+        assert abs(got_m[k] - ref_m[k]) < 1e-4, k
+    sub = DraftVocab.top(token_ranking(data), 40, v, [])
+    got, got_m = loss(sub)
+    if method == "eagle3":  # its soft CE over the subset leaves out the mass outside it: no full-vocab twin
+        assert torch.isfinite(got) and 0 <= got_m["acc"] <= 1
+        return
+    # the reference: the full-vocabulary loss of a drafter whose logits outside the subset are -inf
+    inside = torch.zeros(v, dtype=torch.bool)
+    inside[sub.ids] = True
+    full_logits = td.draft_logits
+
+    def subset_only(h, t, vocab):
+        return full_logits(h, t, vocab).masked_fill(~inside, -torch.inf)
+
+    monkeypatch.setattr(td, "draft_logits", subset_only)
+    _, ref_m = loss(None)
+    for k in ("l1", "acc", "bce"):
+        assert abs(got_m[k] - ref_m[k]) < 1e-4, (k, got_m[k], ref_m[k])
+    assert got_m["ce"] < ref_m["ce"] == float("inf"), "labels outside the subset drop out of the CE"

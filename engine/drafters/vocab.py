@@ -49,20 +49,36 @@ class DraftVocab:
         """The `size` most frequent tokens of the ranking beside the drafter, plus `always` (end of sequence);
         None when there is no ranking or `size` covers the whole vocabulary."""
         path = Path(drafter_dir) / FILE
-        if size <= 0 or size >= vocab_size or not path.exists():
+        if not path.exists():
             return None
-        top = load_file(str(path))["ranking"][:size].long()
-        ids = torch.cat([top, torch.tensor(always, dtype=torch.long)]).unique()
+        return cls.top(load_file(str(path))["ranking"], size, vocab_size, always, device)
+
+    @classmethod
+    def top(cls, ranking: torch.Tensor, size: int, vocab_size: int, always: list[int], device="cpu"
+            ) -> DraftVocab | None:
+        """The `size` first tokens of a ranking plus `always`; None when `size` covers the whole vocabulary."""
+        if size <= 0 or size >= vocab_size:
+            return None
+        ids = torch.cat([ranking[:size].long(), torch.tensor(always, dtype=torch.long)]).unique()
         return cls(ids.to(device), vocab_size)
 
     def rows(self, table: torch.Tensor) -> torch.Tensor:
-        """table[ids] (an LM head's weight, the Markov head's output table), made once per table version."""
+        """table[ids] (an LM head's weight, the Markov head's output table), made once per table version; a
+        table being trained is indexed afresh (the gradient flows into it)."""
+        if table.requires_grad and torch.is_grad_enabled():
+            return table[self.ids.to(table.device)]
         key = (table.data_ptr(), table.dtype, table.shape)
         if key not in self._rows:
             if len(self._rows) >= 4:  # tables were replaced (reloaded weights): drop the stale slices
                 self._rows.clear()
             self._rows[key] = table.detach()[self.ids.to(table.device)].contiguous()
         return self._rows[key]
+
+    def index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token's place in the subset, -100 (cross_entropy's ignore_index) for tokens outside it."""
+        ids = self.ids.to(tokens.device)
+        at = torch.searchsorted(ids, tokens).clamp(max=len(ids) - 1)
+        return torch.where(ids[at] == tokens, at, torch.full_like(at, -100))
 
     def logits(self, h: torch.Tensor, lm_head: torch.nn.Linear) -> torch.Tensor:
         """The LM head over the subset only: [..., K]."""
