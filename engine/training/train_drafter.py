@@ -163,13 +163,15 @@ def sample_anchors(gen_mask: torch.Tensor, num: int, gen: torch.Generator) -> tu
 
 
 def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str, taps, final,
-                 vocab: DraftVocab | None = None, lse=None, amax=None):
+                 vocab: DraftVocab | None = None, lse=None, amax=None, hits: list | None = None):
     """One forward over all anchored blocks; returns (loss, metrics). taps/final: the target's, precomputed.
 
     With `vocab` the drafter's logits cover only the draft vocabulary, as it drafts at inference, and the losses
     are exactly those of a drafter whose other logits are -inf (lse, amax: the target's full logsumexp and
     argmax per position, from target_stats): a label outside the subset drops out of the CE, and the L1 counts
-    the target's mass outside it. Every V-wide tensor of a step becomes K-wide."""
+    the target's mass outside it. Every V-wide tensor of a step becomes K-wide.
+
+    `hits`, when given, receives [B, A, gamma]: whether each supervised slot's argmax is the target's."""
     cfg = drafter.cfg
     gamma, (b, s), a_n = cfg.block_size, ids.shape, anchors.shape[1]
     dev = ids.device
@@ -211,8 +213,10 @@ def drafter_loss(drafter, target, ids, gen_mask, anchors, valid, method: str, ta
     l1_each = (p_d - p_t).abs().sum(-1) + outside  # [B, Q], in [0, 2]
     l1 = (l1_each * w).sum() / wsum
     drafted = logits.argmax(-1) if vocab is None else vocab.ids[logits.argmax(-1)]
-    metrics = {"ce": ce.item(), "l1": l1.item(),
-               "acc": ((drafted == best) & eval_mask).sum().item() / max(1, eval_mask.sum().item())}
+    hit = (drafted == best) & eval_mask
+    if hits is not None:
+        hits.append(hit.view(b, a_n, gamma))
+    metrics = {"ce": ce.item(), "l1": l1.item(), "acc": hit.sum().item() / max(1, eval_mask.sum().item())}
     if method == "dflash":
         return ce, metrics
     loss = 0.1 * ce + 0.9 * l1
