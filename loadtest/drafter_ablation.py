@@ -99,16 +99,19 @@ def main(argv=None) -> None:
     prompts = heldout_prompts(eng.tokenizer, args.per_group, seed=0)
     target = load_model(model).eval()
     amp = eng.settings.torch_dtype == torch.bfloat16
+    drafters = {v: load_drafter(Path(args.out) / v, target).eval() for v in variants}
+    taps = {tuple(d.cfg.target_layer_ids) for d in drafters.values()}
+    assert len(taps) == 1, f"the variants tap different target layers {taps}: one feature pass cannot score them"
+    tapped = list(taps.pop())
     answers = {}
     for g in GROUPS:
         seqs = eng.generate(prompts[g], SamplingParams(temperature=0, max_tokens=args.max_tokens))
         items = [{"ids": s.prompt_ids + s.output_ids, "prompt_len": len(s.prompt_ids)} for s in seqs]
-        feats = target_features(eng.model, items, [1, 14, 27], pad)
+        feats = target_features(eng.model, items, tapped, pad)
         answers[g] = (items, [(*f, *st) for f, st in zip(feats, target_stats(target, feats, amp))])
     rows = []
     for v in variants:
-        d = Path(args.out) / v
-        drafter = load_drafter(d, target).eval()
+        d, drafter = Path(args.out) / v, drafters[v]
         ranking = load_file(str(d / FILE))["ranking"]
         vocab = DraftVocab.top(ranking, args.draft_vocab_size, target.config.vocab_size, target.config.eos_token_id)
         tau = teacher_forced_tau(drafter, target, answers, vocab, pad)
@@ -122,7 +125,8 @@ def main(argv=None) -> None:
              f"Command: `python -m loadtest.drafter_ablation --variants {args.variants} --steps {args.steps}` "
              f"({torch.get_num_threads()} torch threads). Each variant: trained from scratch, {args.steps} steps x 16 "
              f"sequences x 12 blocks, lr {args.lr}, over the {args.draft_vocab_size}-token draft vocabulary, on the "
-             "shipped drafter's data (MLP width 768, target layers 1 / 14 / 27, Markov head factored through the "
+             f"shipped drafter's data (MLP width 768, target layers {' / '.join(map(str, tapped))}, Markov head "
+             "factored through the "
              f"target's embedding and LM head). Scored on the target's greedy answers to {args.per_group} held-out "
              f"prompts per group ({args.max_tokens} tokens) by teacher forcing: a 7-token block after every "
              "generated position; tau = 1 + its tokens matching the target before the first miss (what greedy "

@@ -113,6 +113,7 @@ def test_factored_markov_head_goes_through_the_targets_embedding_and_lm_head(bas
     """bias(prev) = W_lm B A E[prev]: only A and B are stored (no vocabulary-sized tensor), the save/load round
     trip keeps it, and a greedy draft is argmax(base + bias) over the whole vocabulary."""
     from engine.drafters import DrafterConfig, build_drafter, load_drafter, save_drafter, target_fingerprint
+    from engine.drafters.vocab import DraftVocab
 
     model = base.model
     cfg = DrafterConfig(method="dspark", target_layer_ids=[0, 1], num_layers=1, intermediate_size=64,
@@ -128,6 +129,19 @@ def test_factored_markov_head_goes_through_the_targets_embedding_and_lm_head(bas
         emb, lm = model.model.embed_tokens.weight, model.lm_head.weight
         want = (emb[prev] @ drafter.markov_a.weight.T @ drafter.markov_b.weight.T) @ lm.T
         torch.testing.assert_close(drafter.markov_bias(prev), want, atol=1e-4, rtol=1e-4)
+    # training builds only the rows it needs (the codes of prev, the out table over the drafted tokens): the same
+    # bias and confidence as the inference tables, and the gradient reaches A and B
+    sub = DraftVocab(torch.randperm(vocab, generator=torch.Generator().manual_seed(3))[:40], vocab)
+    torch.testing.assert_close(drafter.markov_bias(prev), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(drafter.markov_bias(prev, sub), want[:, sub.ids], atol=1e-4, rtol=1e-4)
+    h = torch.randn(50, d, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        conf = drafter.confidence_logit(h, prev)
+    trained = drafter.confidence_logit(h, prev)
+    torch.testing.assert_close(trained, conf, atol=1e-4, rtol=1e-4)
+    (drafter.markov_bias(prev, sub).square().sum() + trained.sum()).backward()
+    assert drafter.markov_a.weight.grad.abs().sum() > 0 and drafter.markov_b.weight.grad.abs().sum() > 0
+    with torch.inference_mode():
         save_drafter(drafter, tmp_path / "d")
         again = load_drafter(tmp_path / "d", model)
         torch.testing.assert_close(again.markov_bias(prev), drafter.markov_bias(prev).bfloat16().float(),

@@ -122,7 +122,7 @@ class DraftSampler:
         if live:
             rows = torch.tensor([r for r, _ in live], device=logits.device)
             allowed = torch.stack([c.mask() for _, c in live])
-            sub = allowed if vocab is None else allowed[:, vocab.ids.cpu()]
+            sub = allowed if vocab is None else allowed[:, vocab.host_ids]
             # none allowed (a finished grammar, or nothing of the subset): all, and the token is rejected
             masks = (sub | ~sub.any(-1, keepdim=True)).to(logits.device)
             logits = logits.clone()
@@ -214,8 +214,8 @@ class BlockDrafter(nn.Module):
         self._target = (target.model.embed_tokens.weight, target.lm_head.weight)
 
     def markov_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(in [V, r], out [V, r]): bias(prev) = out @ in[prev]. Factored tables are rebuilt while training and
-        built once for inference (cached on the weights' versions)."""
+        """(in [V, r], out [V, r]): bias(prev) = out @ in[prev]. Factored tables are built once for inference
+        (cached on the weights' versions); training computes only the rows it needs (markov_code, markov_bias)."""
         if not self.cfg.markov_factored:
             return self.markov_in.weight, self.markov_out.weight
         assert self._target is not None, "factored Markov head: call attach_target(target) first"
@@ -229,15 +229,29 @@ class BlockDrafter(nn.Module):
             self._tables = (key, tables)
         return self._tables[1]
 
+    def markov_code(self, prev: torch.Tensor) -> torch.Tensor:
+        """The Markov head's rank-r code of token `prev`: [..., r]."""
+        if self.cfg.markov_factored and torch.is_grad_enabled():  # training: only the rows the batch needs
+            a = self.markov_a.weight
+            return F.embedding(prev, self._target[0].detach()).to(a.dtype) @ a.T
+        return F.embedding(prev, self.markov_tables()[0])
+
     def markov_bias(self, prev: torch.Tensor, vocab: DraftVocab | None = None) -> torch.Tensor | None:
         """The Markov head's logits bias after token `prev` (over `vocab`'s tokens when drafting from one)."""
         if not self.cfg.markov_rank:
             return None
-        w_in, w_out = self.markov_tables()
-        return F.linear(F.embedding(prev, w_in), w_out if vocab is None else vocab.rows(w_out))
+        if self.cfg.markov_factored and torch.is_grad_enabled():
+            # training: the out table over the drafted tokens only (the frozen LM head's slice is cached), never
+            # the V x r tables (at rank 256 those two matmuls cost more than the rest of a step)
+            lm, b = self._target[1].detach(), self.markov_b.weight
+            w_out = (lm if vocab is None else vocab.rows(lm)).to(b.dtype) @ b
+        else:
+            w_out = self.markov_tables()[1]
+            w_out = w_out if vocab is None else vocab.rows(w_out)
+        return F.linear(self.markov_code(prev), w_out)
 
     def confidence_logit(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        parts = [h, F.embedding(prev, self.markov_tables()[0])] if self.cfg.markov_rank else [h]
+        parts = [h, self.markov_code(prev)] if self.cfg.markov_rank else [h]
         return self.confidence(torch.cat(parts, -1)).squeeze(-1)
 
     # -- inference ------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class DraftVocab:
 
     def __init__(self, ids: torch.Tensor, vocab_size: int):
         self.ids = ids.long().sort().values
+        self.host_ids = self.ids.cpu()  # indexes the grammar masks, which are built on the host
         self.vocab_size = vocab_size
         self._rows: dict = {}
 

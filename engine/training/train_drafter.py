@@ -142,8 +142,8 @@ def target_probs(target, h: torch.Tensor, vocab: DraftVocab | None, lse: torch.T
 
 def draft_logits(h: torch.Tensor, target, vocab: DraftVocab | None) -> torch.Tensor:
     """The drafter's logits through the target's frozen LM head: over V, or over the draft vocabulary only."""
-    w = target.lm_head.weight.detach()
-    return F.linear(h, w if vocab is None else vocab.rows(w)).float()
+    head = target.lm_head  # frozen: the subset's rows are sliced once (DraftVocab.rows)
+    return (head(h) if vocab is None else vocab.logits(h, head)).float()
 
 
 def sample_anchors(gen_mask: torch.Tensor, num: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
