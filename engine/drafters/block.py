@@ -240,15 +240,26 @@ class BlockDrafter(nn.Module):
         """The Markov head's logits bias after token `prev` (over `vocab`'s tokens when drafting from one)."""
         if not self.cfg.markov_rank:
             return None
-        if self.cfg.markov_factored and torch.is_grad_enabled():
-            # training: the out table over the drafted tokens only (the frozen LM head's slice is cached), never
-            # the V x r tables (at rank 256 those two matmuls cost more than the rest of a step)
-            lm, b = self._target[1].detach(), self.markov_b.weight
-            w_out = (lm if vocab is None else vocab.rows(lm)).to(b.dtype) @ b
-        else:
-            w_out = self.markov_tables()[1]
-            w_out = w_out if vocab is None else vocab.rows(w_out)
-        return F.linear(self.markov_code(prev), w_out)
+        if torch.is_grad_enabled():  # training
+            if self.cfg.markov_factored:
+                # the out table over the drafted tokens only (the frozen LM head's slice is cached), never the
+                # V x r tables (at rank 256 those two matmuls cost more than the rest of a step)
+                lm, b = self._target[1].detach(), self.markov_b.weight
+                w_out = (lm if vocab is None else vocab.rows(lm)).to(b.dtype) @ b
+            else:
+                w_out = self.markov_out.weight if vocab is None else vocab.rows(self.markov_out.weight)
+            return F.linear(self.markov_code(prev), w_out)
+        return self.markov_code(prev).float() @ self._markov_out_t(vocab)
+
+    def _markov_out_t(self, vocab: DraftVocab | None) -> torch.Tensor:
+        """Inference: the Markov out table over the drafted tokens as a float32 [r, K] matrix, made once per table
+        version and vocabulary (a batch-1 product over it is about twice as fast as over the bf16 [K, r] table
+        on a CPU, and the bias is added to float32 logits anyway)."""
+        w = self.markov_tables()[1]
+        key = (w.data_ptr(), _version(w), vocab)
+        if getattr(self, "_out_t", (None,))[0] != key:
+            self._out_t = (key, (w if vocab is None else vocab.rows(w)).float().T.contiguous())
+        return self._out_t[1]
 
     def confidence_logit(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         parts = [h, self.markov_code(prev)] if self.cfg.markov_rank else [h]
@@ -307,21 +318,21 @@ class BlockDrafter(nn.Module):
         # [B, steps, V], or [B, steps, K] over a reduced vocabulary
         base = (lm_head(h[:, :steps]) if vocab is None else vocab.logits(h[:, :steps], lm_head)).float()
         sampler = DraftSampler(params, gens, steps, dev, constraints, vocab)
-        limit = torch.tensor(ks, device=dev)
-        live = torch.ones(b, dtype=torch.bool, device=dev)
-        lengths = torch.zeros(b, dtype=torch.long, device=dev)
-        tokens = torch.zeros(b, steps, dtype=torch.long, device=dev)
-        conf = torch.ones(b, steps, device=dev) if self.cfg.confidence_head else None
-        prev = torch.tensor(anchors, device=dev)
+        tokens = torch.zeros(b, steps + 1, dtype=torch.long, device=dev)  # column 0: the anchors
+        tokens[:, 0] = prev = torch.tensor(anchors, device=dev)
         for i in range(steps):
-            live &= limit > i
-            if conf is not None:
-                conf[:, i] = torch.sigmoid(self.confidence_logit(h[:, i], prev).float() / self.conf_temperature[i])
-                live &= conf[:, i] >= threshold
             logits = base[:, i]
             bias = self.markov_bias(prev, vocab)
             if bias is not None:
                 logits = logits + bias.float()
-            tokens[:, i] = prev = sampler(logits, i)
-            lengths += live
-        return sampler.drafts(tokens, lengths, conf)
+            tokens[:, i + 1] = prev = sampler(logits, i)
+        # Position i is kept while i < ks and its confidence (from h_i and x_{i-1}, never x_i) passes the cut: the
+        # same decision the loop could make before drawing x_i, made for all positions in one batched call.
+        live = torch.arange(steps, device=dev)[None, :] < torch.tensor(ks, device=dev)[:, None]
+        conf = None
+        if self.cfg.confidence_head:
+            logit = self.confidence_logit(h[:, :steps], tokens[:, :steps]).float()
+            conf = torch.sigmoid(logit / self.conf_temperature[:steps])
+            live &= conf >= threshold
+        lengths = live.long().cumprod(-1).sum(-1)
+        return sampler.drafts(tokens[:, 1:], lengths, conf)
