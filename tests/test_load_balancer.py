@@ -75,6 +75,11 @@ def test_rolling_restart_behind_nginx_loses_no_request(model_dir, tmp_path):
         def stop_a():
             # mid-run by progress, not by the clock: after a quarter of the requests went through nginx
             wait_for(lambda: len(lb.access_log()) >= USERS * PER_USER // 4, 300)
+            # ... at a moment the replica has a stream in flight (the tiny model answers in tens of ms, so on a
+            # busy machine an arbitrary instant can find it idle, and then nothing would be drained)
+            deadline = time.perf_counter() + 60
+            while a.metric("dspark_num_requests_running") < 1 and time.perf_counter() < deadline:
+                pass  # no sleep: a stream lasts tens of ms
             exited["sigterm"] = time.perf_counter()
             a.proc.send_signal(signal.SIGTERM)
             exited["code"] = a.proc.wait(60)
