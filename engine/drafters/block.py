@@ -221,12 +221,10 @@ class BlockDrafter(nn.Module):
         assert self._target is not None, "factored Markov head: call attach_target(target) first"
         a, b = self.markov_a.weight, self.markov_b.weight
         key = (a.data_ptr(), _version(a), b.data_ptr(), _version(b), a.dtype)
-        if torch.is_grad_enabled() or getattr(self, "_tables", (None,))[0] != key:
+        if getattr(self, "_tables", (None,))[0] != key:
             emb, lm = (w.detach().to(a.dtype) for w in self._target)
-            tables = (emb @ a.T, lm @ b)
-            if torch.is_grad_enabled():
-                return tables
-            self._tables = (key, tables)
+            with torch.no_grad():  # inference only: training reads the rows it needs (markov_code, markov_bias)
+                self._tables = (key, (emb @ a.T, lm @ b))
         return self._tables[1]
 
     def markov_code(self, prev: torch.Tensor) -> torch.Tensor:
