@@ -57,6 +57,7 @@ def cmd_train_drafter(args) -> None:
                         device=args.device, intermediate_size=args.intermediate_size,
                         markov_factored=args.markov_factored, taps=args.taps, anchors=args.anchors,
                         gen_limit=args.gen_limit, init_from=args.init_from, threads=args.threads,
+                        stop_after=args.stop_after,
                         draft_vocab_size=args.draft_vocab_size))
 
 
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-from", default=None,
                    help="continue from this saved drafter (same shape), with a fresh optimizer and schedule")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="checkpoint and stop after this many steps (the next run resumes); 1 prepares the data only")
     p.add_argument("--draft-vocab-size", type=int, default=8192,
                    help="train over the target's this many most frequent answer tokens, what serving's "
                    "--draft-vocab-size drafts from (several times faster steps); 0 = the whole vocabulary")

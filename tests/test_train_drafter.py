@@ -112,3 +112,33 @@ def test_reduced_vocabulary_loss(method, data_cache, monkeypatch):
     for k in ("l1", "acc", "bce"):
         assert abs(got_m[k] - ref_m[k]) < 1e-4, (k, got_m[k], ref_m[k])
     assert got_m["ce"] < ref_m["ce"] == float("inf"), "labels outside the subset drop out of the CE"
+
+
+@pytest.mark.parametrize("n_kv", [3, 9])
+def test_eagle3_chain_attention_equals_the_masked_attention(n_kv):
+    """The training unroll's attention (causal over step 0, each slot's own slot of later steps) equals plain
+    attention under the explicit mask over all steps' keys, values and gradients, with and without GQA."""
+    import torch
+
+    from engine.drafters.config import DrafterConfig
+    from engine.drafters.eagle3 import Eagle3Drafter
+    from engine.model_config import ModelConfig
+
+    tcfg = ModelConfig("LlamaForCausalLM", 100, 72, 96, 4, 9, n_kv, 8)
+    drafter = Eagle3Drafter(DrafterConfig(method="eagle3", target_layer_ids=[0, 1], block_size=4), tcfg)
+    g = torch.Generator().manual_seed(0)
+    b, s, steps = 2, 11, 4
+    q = torch.randn(b, s, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    kv = [torch.randn(b, s, n_kv, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2 * steps)]
+    ks, vs = kv[:steps], kv[steps:]
+    t = torch.arange(s)
+    mask = torch.cat([t[None, :] <= t[:, None]] + [torch.eye(s, dtype=torch.bool)] * (steps - 1), 1)[None, None]
+    want = drafter.attend(q, torch.cat(ks, 1), torch.cat(vs, 1), mask)
+    got = drafter.attend_chain(q, ks[0], vs[0], ks[1:], vs[1:])
+    torch.testing.assert_close(got, want)
+    w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    grads_want = torch.autograd.grad((want * w).sum(), [q, *kv])
+    grads_got = torch.autograd.grad((got * w).sum(), [q, *kv])
+    for a, e in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, e)
+    assert drafter.attend_chain(q, ks[0], vs[0], [], []).shape == (b, s, 72)

@@ -66,6 +66,30 @@ class Eagle3Drafter(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv)
         return o.transpose(1, 2).flatten(2)
 
+    def attend_chain(self, q, k0, v0, ks: list, vs: list):
+        """Training-time test attention: slot t attends causally to step 0's slots <= t and to its own slot t of
+        each later step (ks / vs: steps 1..i). Equal to `attend` with that mask over all (i+1)*S keys, at the cost
+        of one S x S product per kv head plus i per-slot products (the masked product was most of a training
+        step). The query heads sharing a kv head are stacked as rows, so keys and values are never repeated.
+
+        q [B, S, H, D], k0 / v0 and each of ks / vs [B, S, Hkv, D] -> [B, S, H*D]."""
+        b, s, h, d = q.shape
+        g, rep = self.n_kv, h // self.n_kv
+        qg = q.view(b, s, g, rep, d)
+        rows = qg.permute(0, 2, 3, 1, 4).reshape(b * g, rep * s, d)  # row r*S + t: query head r of slot t
+        causal = torch.full((s, s), float("-inf"), dtype=q.dtype, device=q.device).triu(1).repeat(rep, 1)
+        scores = torch.baddbmm(causal, rows, k0.permute(0, 2, 3, 1).reshape(b * g, d, s), alpha=d**-0.5)
+        scores = scores.view(b, g, rep, s, s)
+        if ks:
+            own = (qg @ torch.stack(ks, -1)) * d**-0.5  # [B, S, g, rep, i]: slot t against its own later slots
+            scores = torch.cat([scores, own.permute(0, 2, 3, 1, 4)], -1)
+        p = scores.softmax(-1)
+        out = p[..., :s].reshape(b * g, rep * s, s) @ v0.permute(0, 2, 1, 3).reshape(b * g, s, d)
+        out = out.view(b, g, rep, s, d).permute(0, 3, 1, 2, 4)  # [B, S, g, rep, D]
+        if ks:
+            out = out + p[..., s:].permute(0, 3, 1, 2, 4) @ torch.stack(vs, -2)  # [.., rep, i] @ [.., i, D]
+        return out.reshape(b, s, h * d)
+
     # -- inference ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def extend_context(self, state, taps: torch.Tensor, start: int, next_tokens: list[int]):

@@ -252,10 +252,7 @@ def eagle3_loss(drafter, target, ids, gen_mask, taps, final, decay: float = 0.8,
         q, k, v = drafter.project(hidden, emb, (t + i).expand(b, s))
         keys.append(k)
         vals.append(v)
-        causal = t[None, :] <= t[:, None]  # step-0 slots <= t
-        diag = torch.eye(s, dtype=torch.bool, device=ids.device)
-        mask = torch.cat([causal] + [diag] * i, 1)[None, None]
-        out = drafter.attend(q, torch.cat(keys, 1), torch.cat(vals, 1), mask)
+        out = drafter.attend_chain(q, keys[0], vals[0], keys[1:], vals[1:])  # step-0 slots <= t, own chain
         hidden = drafter.finish(hidden, out)
         ok = (t + 2 + i < s)[None, :] & gen_mask[:, (t + 2 + i).clamp(max=s - 1)]
         rows, cols = ok.nonzero(as_tuple=True)
