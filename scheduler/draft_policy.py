@@ -12,7 +12,9 @@ verified is decided before x_j is looked at (a stopping time), exactly as with a
 
 Before drafting, the same objective decides who drafts at all, from each request's running estimate of
 tokens committed per round and the measured drafter cost: on a busy server, or where drafts rarely survive
-(e.g. sampling at temperature 1 with a weak drafter), the requests that gain least decode plainly. A request
+(e.g. sampling at temperature 1 with a weak drafter), the requests that gain least decode plainly. Every request
+drafts once on its own (a first-round probe, whatever its class's estimate), so what it asks for (code, chat,
+math) decides for it rather than what the requests before it asked. A request
 left out drifts back toward its class's estimate; a class that has not drafted for `probe_every` steps sends
 one request through a drafting round (a probe), so the estimates follow the workload at a bounded cost; while
 probes keep showing that drafting does not pay, they back off to one in 16 x `probe_every` steps.
@@ -79,6 +81,11 @@ class DraftPolicy:
                 break
             chosen.add(sid)
             gain, tokens, best = gain + g, tokens + length, theta
+        gated = set(chosen)
+        for _, sid, _, st in scored:
+            if sid not in chosen and st.rounds == 0:  # its first drafting round, to learn from its own content
+                chosen.add(sid)
+                self.probing.add(sid)
         for _, sid, _, st in scored:
             if sid in chosen:
                 st.idle = 0
@@ -92,12 +99,14 @@ class DraftPolicy:
             members = [(st.idle, sid) for _, sid, _, st in scored if greedy_of[sid] == greedy]
             if not members:
                 continue
-            if any(greedy_of[sid] == greedy for sid in chosen):
+            if any(greedy_of[sid] == greedy for sid in gated):
                 self.class_idle[greedy] = 0
                 self.probe_interval[greedy] = self.probe_every
                 continue
             self.class_idle[greedy] += 1
-            if self.class_idle[greedy] >= self.probe_interval[greedy]:
+            if any(greedy_of[sid] == greedy for sid in self.probing):  # a first round teaches the class this step
+                self.class_idle[greedy] = 0
+            elif self.class_idle[greedy] >= self.probe_interval[greedy]:
                 sid = max(members)[1]
                 chosen.add(sid)
                 self.probing.add(sid)

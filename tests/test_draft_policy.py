@@ -247,7 +247,7 @@ def test_gate_follows_the_rule_exactly():
         cands = []
         for sid in range(rng.randint(1, 6)):
             greedy = rng.random() < 0.5
-            pol.state[sid] = SpecState(rng.uniform(1.0, 4.0), rng.uniform(0.5, 5.0))
+            pol.state[sid] = SpecState(rng.uniform(1.0, 4.0), rng.uniform(0.5, 5.0), rounds=1)
             cands.append((sid, greedy, rng.randint(0, 5), rng.choice([0.25, 1.0, 4.0])))
         base, committing = rng.randint(1, 20), rng.randint(1, 20)
         want = oracle_gate(pol, cands, base, committing)
@@ -260,9 +260,9 @@ def test_gate_bookkeeping_idle_drift_and_probes():
     from scheduler.draft_policy import SpecState
 
     pol = DraftPolicy(LinearCost(per_request=0.0), max_len=4, probe_every=2)
-    pol.state[1] = SpecState(3.0, 4.0)  # greedy, pays
-    pol.state[2] = SpecState(1.0, 4.0)  # sampled, gains nothing: never drafts on its own merit
-    pol.state[3] = SpecState(1.0, 4.0)  # sampled
+    pol.state[1] = SpecState(3.0, 4.0, rounds=1)  # greedy, pays
+    pol.state[2] = SpecState(1.0, 4.0, rounds=1)  # sampled, gains nothing: never drafts on its own merit
+    pol.state[3] = SpecState(1.0, 4.0, rounds=1)  # sampled
     cands = [(2, False, 4, 1.0), (3, False, 4, 1.0), (1, True, 4, 1.0)]
     assert pol.gate(cands, 3, 3) == {1}
     assert pol.state[1].idle == 0 and pol.state[2].idle == 1 and pol.state[3].idle == 1
@@ -280,14 +280,40 @@ def test_gate_bookkeeping_idle_drift_and_probes():
     assert max(intervals) == 32 and sorted(set(intervals)) == [4, 8, 16, 32]  # doubles up to 16 x probe_every
     # only sampled requests: they still probe (the greedy class having no members does not stop the loop)
     only = DraftPolicy(LinearCost(), max_len=4, probe_every=2)
-    only.state[5] = SpecState(1.0, 4.0)
+    only.state[5] = SpecState(1.0, 4.0, rounds=1)
     assert [only.gate([(5, False, 4, 1.0)], 1, 1) for _ in range(2)] == [set(), {5}]
     # a request with nothing to draft never drafts, one with a single token can; fixed policy: all with k > 0
     pol = DraftPolicy(LinearCost(), max_len=4)
-    pol.state[8], pol.state[9] = SpecState(4.0, 4.0), SpecState(4.0, 4.0)
+    pol.state[8], pol.state[9] = SpecState(4.0, 4.0, rounds=1), SpecState(4.0, 4.0, rounds=1)
     assert pol.gate([(8, True, 0, 4.0), (9, True, 1, 1.0)], 1, 1) == {9}
-    pol.state[10] = SpecState(1.0, 0.0)  # gains nothing and costs nothing: Theta unchanged, so it does not draft
+    pol.state[10] = SpecState(1.0, 0.0, rounds=1)  # gains and costs nothing: Theta unchanged, it does not draft
     assert pol.gate([(10, True, 4, 1.0)], 1, 1) == set()
     pol.forget(12345)  # forgetting an unknown request is fine
     fixed = DraftPolicy(LinearCost(), max_len=4, adaptive=False)
     assert fixed.gate([(1, True, 0, 1.0), (2, True, 1, 1.0), (3, False, 4, 1.0)], 1, 1) == {2, 3}
+
+
+def test_every_request_drafts_its_first_round_whatever_its_class_learned():
+    """A class whose requests so far gained nothing (e.g. sampled chat) does not keep a new request of another
+    kind (sampled math) from drafting: its first round is a probe, and from then on its own rounds decide."""
+    from scheduler.draft_policy import SpecState
+
+    pol = DraftPolicy(LinearCost(per_request=0.1), max_len=4)
+    for sid in range(3):
+        for _ in range(20):
+            pol.observe(sid, False, 4, 0)  # nothing accepted: the sampled class's estimate falls to ~1
+    assert pol.prior_tau[False] < 1.1
+    old = [(sid, False, 4, 1.0) for sid in range(3)]
+    assert pol.gate(old, 3, 3) == set()  # the requests with a history of losing do not draft
+    new = (7, False, 4, 1.0)
+    assert pol.gate([*old, new], 4, 4) == {7} and pol.probing == {7} and pol.class_idle[False] == 0
+    assert pol.gate([*old, new], 4, 4) == {7}  # not drafted yet (e.g. no KV room): it still gets its round
+    start = pol.state[7].tau  # the class's estimate when it arrived
+    pol.observe(7, False, 4, 3)  # its own round: 3 of 4 accepted
+    assert pol.state[7].tau == pytest.approx(0.5 * start + 0.5 * 4)
+    assert pol.gate([*old, new], 4, 4) == {7} and pol.probing == set()  # now on its own merit
+    pol.observe(7, False, 4, 0)
+    for _ in range(10):
+        pol.observe(7, False, 4, 0)
+    assert pol.gate([*old, new], 4, 4) == set()  # and its own losing rounds stop it
+    assert isinstance(pol.state[7], SpecState) and pol.state[7].rounds == 12
