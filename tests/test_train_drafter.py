@@ -142,3 +142,21 @@ def test_eagle3_chain_attention_equals_the_masked_attention(n_kv):
     for a, e in zip(grads_got, grads_want):
         torch.testing.assert_close(a, e)
     assert drafter.attend_chain(q, ks[0], vs[0], [], []).shape == (b, s, 72)
+
+
+def test_a_longer_gen_limit_starts_from_the_shorter_runs_answers(tmp_path):
+    """--gen-limit 2400 after --gen-limit 1280 (same draw) answers only the 1120 prompts not yet answered."""
+    from engine.training.train_drafter import resume_from_shorter
+
+    stem = "drafter-data-m.gguf-2400-192-0"
+    for n, text in ((640, "a"), (1280, "b"), (3000, "c")):
+        (tmp_path / f"{stem}-{n}.pt").write_text(text)
+    (tmp_path / f"{stem}-x1.pt").write_text("not a limit")
+    cache, partial = tmp_path / f"{stem}-2400.pt", tmp_path / f"{stem}-2400.partial"
+    assert resume_from_shorter(cache, 2400, partial) == tmp_path / f"{stem}-1280.pt"
+    assert partial.read_text() == "b"  # the longest shorter run
+    partial.write_text("progress")
+    assert resume_from_shorter(cache, 2400, partial) is None and partial.read_text() == "progress"
+    other = tmp_path / "drafter-data-m.gguf-2400-192-1-2400.pt"  # another seed: another draw
+    assert resume_from_shorter(other, 2400, other.with_suffix(".partial")) is None
+    assert resume_from_shorter(tmp_path / "mine.pt", 2400, tmp_path / "mine.partial") is None  # --data-cache

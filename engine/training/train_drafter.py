@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -72,6 +73,23 @@ def generate_data(model_dir: str, n: int, max_new: int, seed: int, device: str =
     print(f"batch generation: {new_tokens} new tokens in {time.time() - t0:.0f}s = "
           f"{new_tokens / max(1e-9, time.time() - t0):.0f} tok/s (max {batch} sequences per step)")
     return data
+
+
+def resume_from_shorter(cache: Path, gen_limit: int, partial: Path) -> Path | None:
+    """A `--gen-limit N` run whose draw a shorter run (a smaller limit, same prompts and seed) answered already
+    starts from those answers: they are the first ones of this run's list (same order, same per-request seeds),
+    so they become its progress file. Returns the cache reused, if any."""
+    suffix = f"-{gen_limit}{cache.suffix}"
+    if partial.exists() or not cache.name.endswith(suffix):
+        return None
+    base = cache.name[: -len(suffix)]
+    limits = {int(c.name[len(base) + 1 : -len(cache.suffix)]): c for c in cache.parent.glob(f"{base}-*{cache.suffix}")
+              if c.name[len(base) + 1 : -len(cache.suffix)].isdigit()}
+    shorter = [n for n in limits if n < gen_limit]
+    if not shorter:
+        return None
+    shutil.copyfile(limits[max(shorter)], partial)
+    return limits[max(shorter)]
 
 
 def make_batch(items: list[dict], pad: int, feats: list[tuple[torch.Tensor, ...]] | None = None):
@@ -312,6 +330,8 @@ def train_drafter(model_dir: str, out: str, method: str = "dspark", steps: int =
         t0 = time.time()
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(".partial")
+        if gen_limit:
+            resume_from_shorter(cache, gen_limit, partial)
         data = generate_data(model_dir, num_prompts, max_new, seed, device=device, partial=partial, limit=gen_limit)
         torch.save(data, cache)
         partial.unlink(missing_ok=True)
