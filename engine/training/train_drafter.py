@@ -79,17 +79,21 @@ def resume_from_shorter(cache: Path, gen_limit: int, partial: Path) -> Path | No
     """A `--gen-limit N` run whose draw a shorter run (a smaller limit, same prompts and seed) answered already
     starts from those answers: they are the first ones of this run's list (same order, same per-request seeds),
     so they become its progress file. Returns the cache reused, if any."""
-    suffix = f"-{gen_limit}{cache.suffix}"
+    ext = cache.suffix
+    suffix = f"-{gen_limit}{ext}"
     if partial.exists() or not cache.name.endswith(suffix):
         return None
     base = cache.name[: -len(suffix)]
-    limits = {int(c.name[len(base) + 1 : -len(cache.suffix)]): c for c in cache.parent.glob(f"{base}-*{cache.suffix}")
-              if c.name[len(base) + 1 : -len(cache.suffix)].isdigit()}
-    shorter = [n for n in limits if n < gen_limit]
+    shorter = {}  # limit -> its cache
+    for c in cache.parent.glob(f"{base}-*{ext}"):
+        n = c.name[len(base) + 1 : -len(ext)]
+        if n.isdigit() and int(n) < gen_limit:
+            shorter[int(n)] = c
     if not shorter:
         return None
-    shutil.copyfile(limits[max(shorter)], partial)
-    return limits[max(shorter)]
+    src = shorter[max(shorter)]
+    shutil.copyfile(src, partial)
+    return src
 
 
 def make_batch(items: list[dict], pad: int, feats: list[tuple[torch.Tensor, ...]] | None = None):
