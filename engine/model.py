@@ -7,8 +7,10 @@ the paged KV cache through the attention backend in `kernels/`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import platform
 from pathlib import Path
 
 import torch
@@ -112,10 +114,27 @@ def _dnn_packable(w: torch.Tensor) -> bool:
     return w.dtype == torch.float32
 
 
-# Rows (tokens) for which a packed fp32 weight beats at::linear (MKL) on the CPU this was tuned on: MKL's sgemv
-# wins for 1-2 rows and large blocks come out even, but 4..256 rows (batched decode, verification, short prefill
-# chunks) run 1.3-2.4x faster packed. bf16 packed wins at every size.
+# Rows (tokens) for which a packed fp32 weight beats at::linear (MKL) on an Intel CPU (tuned on a Xeon): MKL's
+# sgemv wins for 1-2 rows and large blocks come out even, but 4..256 rows (batched decode, verification, short
+# prefill chunks) run 1.3-2.4x faster packed. bf16 packed wins at every size.
 FP32_PACKED_ROWS = (4, 256)
+ALL_ROWS = (1, 1 << 62)
+
+
+@functools.cache
+def mkl_off_intel() -> bool:
+    """True where at::linear's fp32 GEMM is MKL on a non-Intel x86 CPU (e.g. AMD EPYC), which MKL runs on a
+    generic code path: there oneDNN's packed fp32 linear is faster at every row count (measured on an AVX2 EPYC,
+    2 threads: 2x at 1 row, 2-4x at 2-16 rows, 3x for the LM head at verification sizes), and MKL's results for a
+    row change with the number of rows while oneDNN's do not, so a verification step scores each token exactly
+    as a one-token decode step would."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkl.is_available():
+        return False
+    try:
+        vendor = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("vendor_id")), "")
+    except OSError:
+        return False
+    return bool(vendor) and "GenuineIntel" not in vendor
 
 
 class ServingLinear:
@@ -125,17 +144,20 @@ class ServingLinear:
     On CPU a bf16 weight is also re-laid out once for oneDNN (`pack`) and every call runs on its AMX /
     AVX512-BF16 kernels: 1.3-2x faster than at::linear's bf16 path at decode sizes, same numbers. fp32 weights are
     packed only on request (`pack_fp32`): the plain weight must stay for 1-3 rows (MKL's sgemv is faster there),
-    so it costs a second copy of the weights for about +10% batch-8 decode (none at batch 1 or 32)."""
+    so it costs a second copy of the weights for about +10% batch-8 decode (none at batch 1 or 32). Where MKL runs
+    off Intel (`mkl_off_intel`) fp32 weights are packed by default and every call takes the packed path.
+    `pack_fp32`: None = that default, True / False = always / never."""
 
-    def __init__(self, linears: list[nn.Linear], pack: bool = True, pack_fp32: bool = False):
+    def __init__(self, linears: list[nn.Linear], pack: bool = True, pack_fp32: bool | None = None):
         ws = [lin.weight.detach() for lin in linears]
         self.weight = torch.cat(ws) if len(ws) > 1 else ws[0]
         bs = [lin.bias for lin in linears]
         self.bias = None if bs[0] is None else torch.cat([b.detach() for b in bs])
         self.packed, self.rows = None, (0, 0)
-        if pack and _dnn_packable(self.weight) and (pack_fp32 or self.weight.dtype != torch.float32):
+        fp32, off_intel = self.weight.dtype == torch.float32, mkl_off_intel()
+        if pack and _dnn_packable(self.weight) and (not fp32 or (off_intel if pack_fp32 is None else pack_fp32)):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
-            self.rows = FP32_PACKED_ROWS if self.weight.dtype == torch.float32 else (1, 1 << 62)
+            self.rows = FP32_PACKED_ROWS if fp32 and not off_intel else ALL_ROWS
         if len(linears) > 1:  # the HF modules become views of the fused weight: one copy in memory, and
             off = 0            # state_dict() / the dense path still see the same values under HF names
             for lin, w in zip(linears, ws):
@@ -283,11 +305,12 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def fuse_(self, pack: bool = True, pack_fp32: bool = False) -> CausalLM:
+    def fuse_(self, pack: bool = True, pack_fp32: bool | None = None) -> CausalLM:
         """Serving layout, in place, after loading: q|k|v and gate|up each become one projection (the HF modules
         stay, as views of the fused weights, so state_dict() and HF names are unchanged), and bf16 CPU weights
         get a oneDNN-packed copy (see ServingLinear; `pack=False` skips that, `pack_fp32=True` packs fp32 weights
-        too, for batched decode, at the cost of a second copy). Idempotent.
+        too, for batched decode, at the cost of a second copy; None packs them where MKL runs off Intel).
+        Idempotent.
 
         Call it last: converting the model (`.to(dtype)`) afterwards would leave the fused copies behind."""
         if self._lm_head is not None:

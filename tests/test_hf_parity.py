@@ -135,7 +135,7 @@ def test_fused_serving_layout_keeps_hf_names_and_logits(checkpoint):
     ids = torch.randint(0, 211, (2, 19), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = ours.logits(ours(ids)[0])
-    assert ours.fuse_() is ours.fuse_()  # idempotent
+    assert ours.fuse_(pack_fp32=False) is ours.fuse_()  # idempotent
     after = ours.state_dict()
     assert after.keys() == before.keys()
     for k, v in before.items():
@@ -144,7 +144,7 @@ def test_fused_serving_layout_keeps_hf_names_and_logits(checkpoint):
     assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()  # a view of the fused weight, not a copy
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(ours(ids)[0]), ref, atol=1e-5, rtol=1e-5)
-        packed = load_model(path).fuse_(pack_fp32=True)  # oneDNN-packed fp32 for 4..256 rows: 38 rows here
+        packed = load_model(path).fuse_(pack_fp32=True)  # oneDNN-packed fp32 (4..256 rows on Intel): 38 rows here
         torch.testing.assert_close(packed.logits(packed(ids)[0]), ref, atol=1e-4, rtol=1e-4)
     half = load_model(path, dtype=torch.bfloat16)
     x = torch.randn(3, 64).bfloat16()
@@ -153,3 +153,27 @@ def test_fused_serving_layout_keeps_hf_names_and_logits(checkpoint):
         half.fuse_()
         gate = half.model.layers[0].mlp.gate_up(x)[:, :96]
     torch.testing.assert_close(gate, plain, atol=0, rtol=0)
+
+
+def test_fp32_projections_take_the_packed_path_at_every_row_count_where_mkl_runs_off_intel(monkeypatch):
+    """Where at::linear's fp32 GEMM is MKL on a non-Intel CPU, fp32 projections are oneDNN-packed by default and
+    every call takes that path; on Intel they stay at::linear's unless asked (then 4..256 rows). Where the rule
+    applies (checked on such a machine), a row's output does not depend on how many rows share the call, so a
+    verification step scores each token as a one-token decode step would."""
+    from engine import model as M
+
+    lin = torch.nn.Linear(64, 96, bias=False)
+    if not M._dnn_packable(lin.weight):
+        pytest.skip("this torch build has no oneDNN packed linear")
+    here = M.mkl_off_intel()
+    monkeypatch.setattr(M, "mkl_off_intel", lambda: True)
+    on = M.ServingLinear([lin])
+    assert on.packed is not None and on.rows == M.ALL_ROWS
+    monkeypatch.setattr(M, "mkl_off_intel", lambda: False)
+    assert M.ServingLinear([lin]).packed is None
+    assert M.ServingLinear([lin], pack_fp32=True).rows == M.FP32_PACKED_ROWS
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(on(x), F.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
+        if here:
+            assert all(torch.equal(on(x[:r])[0], on(x[:1])[0]) for r in (2, 4, 9))
