@@ -166,6 +166,13 @@ class ServingLinear:
                     lin.bias = nn.Parameter(self.bias[off : off + w.shape[0]], requires_grad=False)
                 off += w.shape[0]
 
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> ServingLinear:
+        """One projection over a weight [out, in] that no module holds (e.g. some rows of an LM head)."""
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        return cls([lin])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.rows[0] <= x.numel() // x.shape[-1] <= self.rows[1]:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
