@@ -130,9 +130,16 @@ class DraftPolicy:
         return out
 
     def lengths(self, drafts: list[tuple[int, list[float], float, int]], base_tokens: int,
-                committing: int) -> list[int]:
+                committing: int, greedy: list[bool] | None = None) -> list[int]:
         """drafts: (tokens drafted, survival per position, SLO weight, fewest to verify) per drafting request
-        -> how many to verify. The fewest is fixed before drafting (min_draft_len, or 1 for a probe)."""
+        -> how many to verify. The fewest is fixed before drafting (min_draft_len, or 1 for a probe).
+
+        `greedy[r]`: request r decodes greedily. Its committed tokens are the target's argmax chain whatever is
+        verified, so its length need not be a stopping time: after the rule stops, greedy requests go on through
+        their remaining pairs (same order) to the best Theta. That matters where the cost curve has a step: on a
+        CPU a one-token decode step runs a lighter path than a verification step (e.g. 63 vs 85 ms for 1 vs 2
+        batch tokens on a 2-core EPYC), so the first draft token alone rarely pays while several together do;
+        the stopping rule alone then verifies nothing and drafting is wasted."""
         if not self.adaptive:
             return [n for n, _, _, _ in drafts]
         out = [min(max(self.min_len, m), n) for n, _, _, m in drafts]
@@ -141,13 +148,24 @@ class DraftPolicy:
         pairs = sorted(((w * a[j], j, r) for r, (n, a, w, _) in enumerate(drafts) for j in range(out[r], n)),
                        key=lambda x: (-x[0], x[1]))
         theta = (committing + gain) / max(self.cost.verify(tokens), 1e-9)
-        for wa, j, r in pairs:
+        stopped = len(pairs)
+        for i, (wa, j, r) in enumerate(pairs):
             if j != out[r]:
                 continue  # only extends a prefix (ties can list a later position first)
             new = (committing + gain + wa) / max(self.cost.verify(tokens + 1), 1e-9)
             if new <= theta:
+                stopped = i
                 break
             out[r], gain, tokens, theta = j + 1, gain + wa, tokens + 1, new
+        if greedy is not None and any(greedy):
+            ext = list(out)
+            for wa, j, r in pairs[stopped:]:
+                if not greedy[r] or j != ext[r]:
+                    continue
+                ext[r], gain, tokens = j + 1, gain + wa, tokens + 1
+                new = (committing + gain) / max(self.cost.verify(tokens), 1e-9)
+                if new > theta:
+                    out, theta = list(ext), new
         return out
 
     # -- learning from verification -----------------------------------------------------------------------------

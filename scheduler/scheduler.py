@@ -201,7 +201,8 @@ class Scheduler:
             probe = 1 if it.seq.seq_id in self.policy.probing else 0
             spec.append((n, self.policy.survival(it.seq.params.greedy, conf, n), self.slo_weight(it.seq, now), probe))
         base = plan.num_tokens - sum(it.num_draft for it in items)
-        lengths = self.policy.lengths(spec, base, sum(it.samples for it in plan.items))
+        lengths = self.policy.lengths(spec, base, sum(it.samples for it in plan.items),
+                                      [it.seq.params.greedy for it in items])
         for it, n in zip(items, lengths):
             it.num_draft, it.num_new_tokens = n, 1 + n
             self.bm.rollback(it.seq.seq_id, it.seq.num_computed + 1 + n)

@@ -317,3 +317,21 @@ def test_every_request_drafts_its_first_round_whatever_its_class_learned():
         pol.observe(7, False, 4, 0)
     assert pol.gate([*old, new], 4, 4) == set()  # and its own losing rounds stop it
     assert isinstance(pol.state[7], SpecState) and pol.state[7].rounds == 12
+
+
+def test_greedy_requests_verify_the_best_length_past_a_step_in_the_cost_curve():
+    """A one-token decode step is cheaper than any verification step (a step in the curve): the first draft token
+    alone does not pay, several do. Greedy requests (lossless whatever is verified) get the best length; a
+    sampled request keeps the stopping rule, and its length does not change with a greedy request beside it."""
+    step = LinearCost()
+    step.verify = lambda b: 1.0 if b <= 1 else 1.35 + 0.01 * (b - 2)
+    surv = [0.3, 0.2, 0.15, 0.1, 0.05, 0.02, 0.01]
+    pol = DraftPolicy(step, max_len=7)
+    assert pol.lengths([(7, surv, 1.0, 0)], 1, 1) == [0]  # the stopping rule alone
+    assert pol.lengths([(7, surv, 1.0, 0)], 1, 1, greedy=[False]) == [0]
+    best = max(range(8), key=lambda m: (1 + sum(surv[:m])) / step.verify(1 + m))
+    assert best > 0
+    assert pol.lengths([(7, surv, 1.0, 0)], 1, 1, greedy=[True]) == [best]
+    two = [(7, surv, 1.0, 0), (7, surv, 1.0, 0)]
+    mixed = pol.lengths(two, 2, 2, greedy=[True, False])
+    assert mixed[1] == pol.lengths(two, 2, 2)[1] and mixed[0] >= mixed[1]
