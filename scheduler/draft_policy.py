@@ -15,9 +15,9 @@ tokens committed per round and the measured drafter cost: on a busy server, or w
 (e.g. sampling at temperature 1 with a weak drafter), the requests that gain least decode plainly. Every request
 drafts once on its own (a first-round probe, whatever its class's estimate), so what it asks for (code, chat,
 math) decides for it rather than what the requests before it asked. A request left out drifts back toward its
-class's estimate; a class that has not drafted for `probe_every` steps sends
-one request through a drafting round (a probe), so the estimates follow the workload at a bounded cost; while
-probes keep showing that drafting does not pay, they back off to one in 16 x `probe_every` steps.
+class's estimate; a class that has not drafted for `probe_every` steps sends one request through a drafting round
+(a probe), so the estimates follow the workload at a bounded cost; while probes keep showing that drafting does
+not pay, they back off to one in 16 x `probe_every` steps.
 """
 
 from __future__ import annotations
