@@ -147,12 +147,15 @@ class BlockManager:
             self.queries += num_tokens
             self.hits += hit
 
-    def first_key(self, token_ids: list[int]) -> int | None:
-        """The key the first block of `token_ids` will have (None when it has no full block before its last
-        token): requests admitted together with the same first block share nothing until one has computed it."""
-        if not self.prefix_caching or len(token_ids) <= self.block_size:
+    def next_key(self, seq_id: int, token_ids: list[int]) -> int | None:
+        """The key of the first block `seq_id` computes after the prefix it mapped (None when that block is not
+        full before its last token): requests admitted together that would compute the same block share it only
+        once one of them has computed it; those that only map cached blocks share them at once."""
+        bs, keys = self.block_size, self._seq_keys.get(seq_id, [])
+        start = len(keys) * bs
+        if not self.prefix_caching or len(token_ids) <= start + bs:
             return None
-        return self._chain(None, tuple(token_ids[: self.block_size]))
+        return self._chain(keys[-1] if keys else None, tuple(token_ids[start : start + bs]))
 
     def commit(self, seq_id: int, token_ids: list[int], num_computed: int,
                pending: list[int] | tuple[int, ...] = ()) -> None:

@@ -143,19 +143,20 @@ class Scheduler:
             i += 1
         if len(self.waiting) > 1:  # behind their SLO first (a preempted request), then arrival order
             self.waiting = deque(sorted(self.waiting, key=lambda s: (min(self.slack(s, now), 1.0), s.arrival)))
-        computing: set[int] = set()  # first-block keys of the prompts admitted this step
+        computing: set[int] = set()  # keys of the first uncached block of each prompt admitted this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not plan.preempted:
             seq = self.waiting[0]
-            first = self.bm.first_key(seq.token_ids)
-            if first is not None and first in computing:
-                break  # shares its first block with a prompt computed this step: next step it maps what it can
             hit = self.bm.match_prefix(seq.seq_id, seq.token_ids)  # longest cached prefix: skipped
+            key = self.bm.next_key(seq.seq_id, seq.token_ids)
             n = min(seq.num_tokens - hit, budget)
-            if not self.bm.can_allocate(seq.seq_id, hit + n, reserve=self.admit_reserve if self.running else 0):
+            # A block another prompt computes this step: wait, and next step map it instead of computing it twice
+            # (requests that only map cached blocks, e.g. a shared system prompt, all go in this step).
+            if (key is not None and key in computing) or not self.bm.can_allocate(
+                    seq.seq_id, hit + n, reserve=self.admit_reserve if self.running else 0):
                 self.bm.free(seq.seq_id)  # give the mapped blocks back while it waits
                 break
             self.bm.count_lookup(seq.num_tokens, hit)
-            computing.add(first)
+            computing.add(key)
             self.waiting.popleft()
             seq.status, seq.num_computed = SeqStatus.RUNNING, hit
             self.running.append(seq)

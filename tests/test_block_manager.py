@@ -113,7 +113,9 @@ def test_prefix_blocks_are_shared_then_cached_then_evicted_least_recent_first():
     assert bm.queries == bm.hits == 0  # lookups count when the scheduler admits the request
     bm.count_lookup(14, 8)
     assert (bm.queries, bm.hits) == (14, 8)
-    assert bm.first_key(a) == bm._chain(None, (0, 1, 2, 3)) and bm.first_key(a[:4]) is None
+    assert bm.next_key(8, a) == bm._chain(None, (0, 1, 2, 3)) and bm.next_key(8, a[:4]) is None
+    # after a mapped prefix: the block that follows it (chained to the last mapped key), none past the last token
+    assert bm.next_key(7, a) == bm._chain(bm._seq_keys[7][-1], tuple(a[8:12])) and bm.next_key(7, a[:12]) is None
     bm.check()
 
 

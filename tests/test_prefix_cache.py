@@ -90,6 +90,26 @@ def test_requests_admitted_together_share_once_one_has_computed_the_prefix(spec_
     assert got[0] == got[1]
 
 
+def test_requests_that_only_map_a_cached_prefix_are_admitted_in_one_step(spec_engines):
+    """n users with one system prompt: once it is cached, they all go in the same step (none waits behind another
+    that maps the same blocks), while a sibling that would compute the same uncached block still waits a step."""
+    on, _ = spec_engines
+    shared = [700 + i for i in range(32)]  # 8 full blocks nothing before has cached
+    first = on.add_request("sys-0", shared + [1], greedy(4))
+    on.step()  # computes the shared blocks
+    assert first.num_computed == 33
+    # three that map the 8 blocks and compute one token each, then two that would compute the same new 9th block
+    tails = [[2], [3], [4], [6, 7, 8, 9, 10], [6, 7, 8, 9, 11]]
+    seqs = [on.add_request(f"sys-{i + 1}", shared + t, greedy(4)) for i, t in enumerate(tails)]
+    before = on.block_manager.hits
+    on.step()
+    assert [s.status for s in seqs] == [SeqStatus.RUNNING] * 4 + [SeqStatus.WAITING]
+    assert on.block_manager.hits - before == 4 * 32
+    while on.has_unfinished():
+        on.step()
+    assert on.block_manager.num_free == on.block_manager.num_blocks
+
+
 def test_seeded_sampling_is_identical_with_the_cache_on_and_off():
     kw = dict(block_size=4, num_kv_blocks=64, max_num_seqs=4)
     on, off = LLMEngine(Settings(**kw)), LLMEngine(Settings(**kw, enable_prefix_caching=False))
