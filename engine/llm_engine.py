@@ -167,8 +167,7 @@ class LLMEngine:
             return expired
         drafting = [it for it in plan.items if it.num_draft]
         t1 = time.perf_counter()  # the drafter's cost includes folding in the features it has not seen yet
-        for it in drafting:
-            self._fold_features(it.seq)
+        self._fold_features([it.seq for it in drafting])
         drafts = self._propose(drafting)
         t2 = time.perf_counter()
         if drafting:
@@ -247,15 +246,22 @@ class LLMEngine:
         self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
         return {s.seq_id: d for s, d in zip(seqs, drafts)}
 
-    def _fold_features(self, seq: Sequence) -> None:
-        """Fold the target features of a request's computed tokens not yet in its drafter context into it, from
-        the tap cache (done lazily: only drafting needs it)."""
-        entry = self.draft_ctx.setdefault(seq.seq_id, [None, 0])
-        start, end = entry[1], seq.num_computed
-        if end > start:
-            taps = self.runner.cached_taps(self.block_manager.table(seq.seq_id), start, end)
-            entry[0] = self.drafter.extend_context(entry[0], taps, start, seq.token_ids[start + 1 : end + 1])
-            entry[1] = end
+    def _fold_features(self, seqs: list[Sequence]) -> None:
+        """Fold the target features of the requests' computed tokens not yet in their drafter contexts into them,
+        from the tap cache, in one pass for the step (done lazily: only drafting needs it)."""
+        todo = []
+        for seq in seqs:
+            entry = self.draft_ctx.setdefault(seq.seq_id, [None, 0])
+            if seq.num_computed > entry[1]:
+                todo.append((seq, entry, entry[1], seq.num_computed))
+        if not todo:
+            return
+        taps = self.runner.cached_taps([(self.block_manager.table(s.seq_id), a, b) for s, _, a, b in todo])
+        states = self.drafter.extend_contexts([e[0] for _, e, _, _ in todo], taps, [a for _, _, a, _ in todo],
+                                              [b - a for _, _, a, b in todo],
+                                              [s.token_ids[a + 1 : b + 1] for s, _, a, b in todo])
+        for (_, entry, _, end), state in zip(todo, states):
+            entry[0], entry[1] = state, end
 
     def _verify(self, plan, drafts: dict, logits: torch.Tensor) -> dict[int, list]:
         """Every sampling item's tokens for this step, in one batched pass where the logits are (lossless:

@@ -75,8 +75,10 @@ class ModelRunner:
             self.tap_cache.index_copy_(0, meta.slot_mapping, taps.to(self.tap_cache.dtype))
         return logits, taps
 
-    def cached_taps(self, table: list[int], start: int, end: int) -> torch.Tensor:
-        """Tap-cache rows of positions start..end-1 of the sequence holding block `table`."""
-        pos = torch.arange(start, end)
-        slots = torch.tensor(table, dtype=torch.long)[pos // self.block_size] * self.block_size + pos % self.block_size
-        return self.tap_cache[slots.to(self.device)]
+    def cached_taps(self, spans: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """Tap-cache rows of positions start..end-1 of each (block table, start, end), one span after another,
+        in one gather."""
+        bs, slots = self.block_size, []
+        for table, start, end in spans:
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return self.tap_cache[torch.tensor(slots, dtype=torch.long, device=self.device)]

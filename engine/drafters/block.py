@@ -264,19 +264,31 @@ class BlockDrafter(nn.Module):
         return self.confidence(torch.cat(parts, -1)).squeeze(-1)
 
     # -- inference ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def extend_context(self, state, taps: torch.Tensor, start: int, next_tokens: list[int]):
         """Add context K/V for tokens start..start+len(taps)-1 from their target hidden states.
 
         state: None or (per-layer [(K, V)], length). `next_tokens` is unused here (EAGLE-3 needs it)."""
+        return self.extend_contexts([state], taps, [start], [len(taps)], [next_tokens])[0]
+
+    @torch.inference_mode()
+    def extend_contexts(self, states: list, taps: torch.Tensor, starts: list[int], lengths: list[int],
+                        next_tokens: list[list[int]] | None = None) -> list:
+        """extend_context for many requests in one pass: taps holds their rows one request after another
+        (lengths[r] rows from position starts[r]); the projections run once over all of them."""
         feats = self.fuse(taps.to(self.fc.weight.dtype))
-        new = self.context_kv(feats, torch.arange(start, start + len(taps), device=feats.device))
-        if state is None:
-            assert start == 0, "drafter context must start at position 0"
-            return new, len(taps)
-        layers, n = state
-        assert n == start, f"drafter context gap: have {n} positions, got features from {start}"
-        return [(torch.cat([k, nk]), torch.cat([v, nv])) for (k, v), (nk, nv) in zip(layers, new)], n + len(taps)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(feats.device)
+        new = [(k.split(lengths), v.split(lengths)) for k, v in self.context_kv(feats, positions)]
+        out = []
+        for r, (state, start) in enumerate(zip(states, starts)):
+            if state is None:
+                assert start == 0, "drafter context must start at position 0"
+                out.append(([(k[r], v[r]) for k, v in new], lengths[r]))
+                continue
+            layers, n = state
+            assert n == start, f"drafter context gap: have {n} positions, got features from {start}"
+            out.append(([(torch.cat([k, nk[r]]), torch.cat([v, nv[r]])) for (k, v), (nk, nv) in zip(layers, new)],
+                        n + lengths[r]))
+        return out
 
     @torch.inference_mode()
     def propose(self, embed: nn.Embedding, lm_head: nn.Linear, anchors: list[int], ctx: list[tuple],

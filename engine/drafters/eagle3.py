@@ -114,6 +114,13 @@ class Eagle3Drafter(nn.Module):
         out = self.finish(hidden, self.attend(q[None], k[None], v[None], mask[None, None])[0])
         return k, v, start + n, out[-1]
 
+    def extend_contexts(self, states: list, taps: torch.Tensor, starts: list[int], lengths: list[int],
+                        next_tokens: list[list[int]]) -> list:
+        """extend_context for each request in turn (taps: their rows one request after another): each request's
+        slots attend causally over its own cache, so there is no batch to share."""
+        return [self.extend_context(st, t, s, nt)
+                for st, t, s, nt in zip(states, taps.split(lengths), starts, next_tokens)]
+
     def attach_target(self, target) -> None:
         """Keep a reference to the target's (frozen) embedding without making it part of this module's state."""
         object.__setattr__(self, "target_embed", target.model.embed_tokens)
