@@ -97,14 +97,19 @@ def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], ou
     return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+TOP_P_WIDTH = 1024  # top-p without top-k first looks for each row's nucleus among this many likeliest tokens
+
+
 def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
                   min_ps: torch.Tensor | None = None):
     """Temperature, min-p, top-k and top-p applied row-wise (in that order); returns probabilities [N, V].
 
     min-p drops tokens whose probability is below min_p x the row's largest. top-p keeps the smallest prefix of
     the probability-sorted vocabulary whose (untruncated) mass reaches top_p.
-    When every row has a top-k, only the k largest are sorted (a full sort of a 49k-150k vocabulary per row
-    was most of a sampled step); their probabilities come from the full logsumexp, so the result is the same."""
+    Only as many of the largest as the rows need are sorted (a full sort of a 49k-150k vocabulary per row was
+    most of a sampled step): the top-k when every row has one; else the top TOP_P_WIDTH when every top-p row's
+    nucleus lies inside them (their mass reaches top_p), rows without any filter keeping all their tokens; else
+    the whole vocabulary. Probabilities come from the full logsumexp, so the result is the same either way."""
     logits = logits / temps[:, None]
     if min_ps is not None and bool((min_ps > 0).any()):
         probs = logits.softmax(-1)
@@ -112,17 +117,24 @@ def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tenso
     vocab = logits.shape[-1]
     if bool((top_ks > 0).any()) or bool((top_ps < 1).any()):
         k = torch.where(top_ks > 0, top_ks, vocab).clamp(max=vocab)
-        width = int(k.max())
-        if width < vocab:
-            sorted_logits, idx = logits.topk(width, dim=-1)
-        else:
-            sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        lse = logits.logsumexp(-1, keepdim=True)
+        width, top, unfiltered = int(k.max()), None, None
+        if width > TOP_P_WIDTH:
+            vals, idx = logits.topk(TOP_P_WIDTH, dim=-1)
+            mass = (vals - lse).exp().sum(-1)
+            unfiltered = (k >= vocab) & (top_ps >= 1)
+            if bool(((k <= TOP_P_WIDTH) | (mass >= top_ps + 1e-6) | unfiltered).all()):
+                top, width = (vals, idx), TOP_P_WIDTH
+        if top is None:
+            unfiltered = None
+            top = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
+        sorted_logits, idx = top
         ranks = torch.arange(width, device=logits.device)[None, :]
         cut = ranks >= k[:, None]
-        probs = (sorted_logits - logits.logsumexp(-1, keepdim=True)).exp()
+        probs = (sorted_logits - lse).exp()
         cut |= (probs.cumsum(-1) - probs) >= top_ps[:, None]  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+        kept = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits.masked_fill(cut, float("-inf")))
+        logits = kept if unfiltered is None else torch.where(unfiltered[:, None], logits, kept)
     return logits.softmax(-1)
 
 

@@ -79,6 +79,27 @@ def test_filter_logits_applies_each_rows_temperature_top_k_and_top_p():
         torch.testing.assert_close(only_k[row].double(), reference_filter(logits[row], t, 5, p), atol=1e-6, rtol=1e-5)
 
 
+def test_top_p_looks_for_the_nucleus_among_the_likeliest_tokens_first(monkeypatch):
+    """Top-p without top-k over a partial sort of TOP_P_WIDTH tokens (8 of 40 here) gives the definition's result:
+    rows whose nucleus fits, rows with no filter beside them (all tokens kept), and a row whose nucleus does not
+    fit, which sends the batch to the full sort."""
+    from engine import sampling
+
+    monkeypatch.setattr(sampling, "TOP_P_WIDTH", 8)
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.randn(4, 40, generator=g) * 0.3
+    peaked[:, :3] += torch.tensor([6.0, 5.0, 4.5])  # nearly all the mass in 3 tokens
+    flat = torch.randn(1, 40, generator=g) * 0.3  # its 0.9-nucleus needs far more than 8 tokens
+    settings = [(1.0, 0, 0.9), (0.7, 0, 0.5), (1.0, 0, 1.0), (1.3, 6, 0.95)]
+    for logits, rows in ((peaked, settings), (torch.cat([peaked, flat]), settings + [(1.0, 0, 0.9)])):
+        got = filter_logits(logits, torch.tensor([t for t, _, _ in rows]), torch.tensor([k for _, k, _ in rows]),
+                            torch.tensor([p for _, _, p in rows]))
+        for row, (t, k, p) in enumerate(rows):
+            torch.testing.assert_close(got[row].double(), reference_filter(logits[row], t, k, p), atol=1e-6,
+                                       rtol=1e-5, msg=f"T={t} top_k={k} top_p={p}")
+    assert (got[2] > 0).all()  # the unfiltered row kept every token
+
+
 def test_sample_draws_from_the_tempered_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     for t, k in ((0.5, 0), (1.5, 3)):
