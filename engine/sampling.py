@@ -100,16 +100,27 @@ def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], ou
 TOP_P_WIDTH = 1024  # top-p without top-k first looks for each row's nucleus among this many likeliest tokens
 
 
+def _keep(logits: torch.Tensor, lse: torch.Tensor, top: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor,
+          top_ps: torch.Tensor) -> torch.Tensor:
+    """logits with -inf outside each row's top-k and top-p, from its largest logits `top` (values, indices, in
+    descending order, as many as its cuts can reach) and the full logsumexp `lse`."""
+    sorted_logits, idx = top
+    cut = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :] >= k[:, None]
+    probs = (sorted_logits - lse).exp()
+    cut |= (probs.cumsum(-1) - probs) >= top_ps[:, None]  # keep the smallest prefix reaching top_p
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits.masked_fill(cut, float("-inf")))
+
+
 def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
                   min_ps: torch.Tensor | None = None):
     """Temperature, min-p, top-k and top-p applied row-wise (in that order); returns probabilities [N, V].
 
     min-p drops tokens whose probability is below min_p x the row's largest. top-p keeps the smallest prefix of
     the probability-sorted vocabulary whose (untruncated) mass reaches top_p.
-    Only as many of the largest as the rows need are sorted (a full sort of a 49k-150k vocabulary per row was
-    most of a sampled step): the top-k when every row has one; else the top TOP_P_WIDTH when every top-p row's
-    nucleus lies inside them (their mass reaches top_p), rows without any filter keeping all their tokens; else
-    the whole vocabulary. Probabilities come from the full logsumexp, so the result is the same either way."""
+    Only as many of the largest as a row needs are sorted (a full sort of a 49k-150k vocabulary per row was most
+    of a sampled step): the top-k when every row has a small one; else the top TOP_P_WIDTH, which holds the
+    nucleus of a row whose mass there reaches its top_p; only the other rows are sorted further, and rows without
+    any filter keep every token. Probabilities come from the full logsumexp, so the result is the same."""
     logits = logits / temps[:, None]
     if min_ps is not None and bool((min_ps > 0).any()):
         probs = logits.softmax(-1)
@@ -118,23 +129,19 @@ def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tenso
     if bool((top_ks > 0).any()) or bool((top_ps < 1).any()):
         k = torch.where(top_ks > 0, top_ks, vocab).clamp(max=vocab)
         lse = logits.logsumexp(-1, keepdim=True)
-        width, top, unfiltered = int(k.max()), None, None
-        if width > TOP_P_WIDTH:
-            vals, idx = logits.topk(TOP_P_WIDTH, dim=-1)
-            mass = (vals - lse).exp().sum(-1)
-            unfiltered = (k >= vocab) & (top_ps >= 1)
-            if bool(((k <= TOP_P_WIDTH) | (mass >= top_ps + 1e-6) | unfiltered).all()):
-                top, width = (vals, idx), TOP_P_WIDTH
-        if top is None:
-            unfiltered = None
-            top = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
-        sorted_logits, idx = top
-        ranks = torch.arange(width, device=logits.device)[None, :]
-        cut = ranks >= k[:, None]
-        probs = (sorted_logits - lse).exp()
-        cut |= (probs.cumsum(-1) - probs) >= top_ps[:, None]  # keep the smallest prefix reaching top_p
-        kept = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits.masked_fill(cut, float("-inf")))
-        logits = kept if unfiltered is None else torch.where(unfiltered[:, None], logits, kept)
+        width = int(k.max())
+        if width <= TOP_P_WIDTH:
+            return _keep(logits, lse, logits.topk(width, dim=-1), k, top_ps).softmax(-1)
+        vals, idx = logits.topk(TOP_P_WIDTH, dim=-1)
+        unfiltered = (k >= vocab) & (top_ps >= 1)
+        fits = (k <= TOP_P_WIDTH) | ((vals - lse).exp().sum(-1) >= top_ps + 1e-6)
+        kept = torch.where(unfiltered[:, None], logits, _keep(logits, lse, (vals, idx), k, top_ps))
+        rest = (~fits & ~unfiltered).nonzero()[:, 0]
+        if len(rest):  # their cuts reach past the top TOP_P_WIDTH: sorted as far as they need
+            sub, width = logits[rest], int(k[rest].max())
+            top = sub.topk(width, dim=-1) if width < vocab else sub.sort(dim=-1, descending=True)
+            kept[rest] = _keep(sub, lse[rest], top, k[rest], top_ps[rest])
+        logits = kept
     return logits.softmax(-1)
 
 

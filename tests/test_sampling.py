@@ -82,7 +82,7 @@ def test_filter_logits_applies_each_rows_temperature_top_k_and_top_p():
 def test_top_p_looks_for_the_nucleus_among_the_likeliest_tokens_first(monkeypatch):
     """Top-p without top-k over a partial sort of TOP_P_WIDTH tokens (8 of 40 here) gives the definition's result:
     rows whose nucleus fits, rows with no filter beside them (all tokens kept), and a row whose nucleus does not
-    fit, which sends the batch to the full sort."""
+    fit, which alone is sorted whole."""
     from engine import sampling
 
     monkeypatch.setattr(sampling, "TOP_P_WIDTH", 8)
