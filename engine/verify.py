@@ -141,11 +141,14 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk_rows: int | None
         idx = torch.tensor(greedy, device=dev)
         accepted[idx], tokens[idx] = acc, am[final]
     chunks: list[list[int]] = []
+    filled = chunk_rows  # rows in the last chunk: full, so the first sampled request opens one
     for i, r in enumerate(reqs):
         if not r.params.greedy:
-            if not chunks or sum(n[j] + 1 for j in chunks[-1]) >= chunk_rows:
+            if filled >= chunk_rows:
                 chunks.append([])
+                filled = 0
             chunks[-1].append(i)
+            filled += n[i] + 1
     for ids in chunks:
         sp = [reqs[i].params for i in ids for _ in range(n[i] + 1)]
         p = filter_logits(take(rows_of(ids)), torch.tensor([s.temperature for s in sp], device=dev),
