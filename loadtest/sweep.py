@@ -1,9 +1,10 @@
 """`dspark loadtest sweep`: per-user vs total tokens/s for each speculation mode over a range of concurrencies.
 
-For each mode it starts the real server (a subprocess on a free loopback port), drives it with the closed-loop
-load generator at each concurrency, and reads the server's own /metrics before and after each point for the
-acceptance length and the scheduler's share of step time. Output: JSON, a markdown table and a PNG chart
-(x = per-user tokens/s, y = total tokens/s, one curve per mode, points labelled by concurrency).
+It starts the real server for every mode (subprocesses on free loopback ports), drives them in turn with the
+closed-loop load generator at each concurrency (several times over, in rotating order, with `repeats`), and
+reads the server's own /metrics before and after each run for the acceptance length and the scheduler's share
+of step time. Output: JSON, a markdown table and a PNG chart (x = per-user tokens/s, y = total tokens/s, one
+curve per mode, points labelled by concurrency).
 """
 
 from __future__ import annotations
@@ -99,47 +100,78 @@ def _delta(after: dict, before: dict, prefix: str) -> float:
     return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
 
 
-def run_point(server: Server, prompts: list[dict], users: int, requests_per_user: int, max_tokens: int,
-              temperature: float, slo: float) -> dict:
+def measure(server: Server, prompts: list[dict], users: int, requests_per_user: int, max_tokens: int,
+            temperature: float, slo: float) -> dict:
+    """One closed-loop run: its requests, wall time, and the server's speculation counters over it."""
     cfg = LoadConfig(server.url, server.model, prompts, max_tokens, temperature, slo)
     before = scrape(server.url)
     results, wall = asyncio.run(closed_loop(cfg, users, requests_per_user))
     after = scrape(server.url)
-    s = summarize(results, wall)
-    rounds = _delta(after, before, "dspark_spec_rounds_total")
-    accepted = _delta(after, before, "dspark_spec_accepted_tokens_total")
-    verified = _delta(after, before, "dspark_spec_draft_tokens_total")
-    step_s = _delta(after, before, "dspark_step_seconds_sum")
+    counters = {k: _delta(after, before, k) for k in COUNTERS}
+    return {"results": results, "wall": wall, "counters": counters}
+
+
+COUNTERS = ("dspark_spec_rounds_total", "dspark_spec_accepted_tokens_total", "dspark_spec_draft_tokens_total",
+            "dspark_step_seconds_sum", "dspark_scheduler_seconds_sum")
+
+
+def combine(runs: list[dict], users: int) -> dict:
+    """One sweep point from one or more runs at the same concurrency: figures over all their requests and wall
+    time together, plus each run's total tokens/s (the spread a single run hides on a noisy machine)."""
+    results = [r for run in runs for r in run["results"]]
+    s = summarize(results, sum(run["wall"] for run in runs))
+    c = {k: sum(run["counters"][k] for run in runs) for k in COUNTERS}
+    rounds, accepted = c["dspark_spec_rounds_total"], c["dspark_spec_accepted_tokens_total"]
+    step_s = c["dspark_step_seconds_sum"]
     ok = [r for r in results if r.ok]
     s.update(requests_tps=[round(r.tokens_per_s, 2) for r in ok], requests_tokens=[r.tokens for r in ok])
     s.update(concurrency=users, tau=(rounds + accepted) / rounds if rounds else None,
-             draft_per_round=verified / rounds if rounds else None,
-             scheduler_share=_delta(after, before, "dspark_scheduler_seconds_sum") / step_s if step_s else None)
+             draft_per_round=c["dspark_spec_draft_tokens_total"] / rounds if rounds else None,
+             scheduler_share=c["dspark_scheduler_seconds_sum"] / step_s if step_s else None,
+             runs_total_tokens_per_s=[round(summarize(run["results"], run["wall"])["total_tokens_per_s"], 2)
+                                      for run in runs])
     return s
+
+
+def run_point(server: Server, prompts: list[dict], users: int, requests_per_user: int, max_tokens: int,
+              temperature: float, slo: float) -> dict:
+    return combine([measure(server, prompts, users, requests_per_user, max_tokens, temperature, slo)], users)
 
 
 def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed", max_tokens: int = 64,
           temperature: float = 0.0, slo: float = 0.0, requests_total: int = 32, server_flags: list[str] = (),
-          out_dir: str = "docs", name: str | None = None, write_md: str | None = "docs/benchmarks.md") -> dict:
+          out_dir: str = "docs", name: str | None = None, write_md: str | None = "docs/benchmarks.md",
+          repeats: int = 1) -> dict:
+    """Every mode's server runs for the whole sweep, and at each concurrency the modes take turns, `repeats`
+    times in rotating order: a machine whose speed drifts by 10-20% over minutes (a shared VM) then slows every
+    mode alike, where one mode after another would charge the drift to whichever ran later."""
     prompts = builtin_prompts(prompt_set, 48)
     name = name or f"sweep-t{temperature:g}"
-    data = {"modes": {}, "config": {"prompt_set": prompt_set, "max_tokens": max_tokens, "temperature": temperature,
-                                    "slo_tokens_per_s": slo, "requests_total": requests_total,
-                                    "server_flags": list(server_flags), "concurrencies": concurrencies}}
-    for mode in modes:
-        server = Server([*MODES[mode], *server_flags])
-        try:
-            run_point(server, prompts, 1, 2, 8, temperature, slo)  # warm-up
-            points = []
-            for c in concurrencies:
-                p = run_point(server, prompts, c, max(2, requests_total // c), max_tokens, temperature, slo)
-                points.append(p)
+    data = {"modes": {m: [] for m in modes},
+            "config": {"prompt_set": prompt_set, "max_tokens": max_tokens, "temperature": temperature,
+                       "slo_tokens_per_s": slo, "requests_total": requests_total, "server_flags": list(server_flags),
+                       "concurrencies": concurrencies, "repeats": repeats}}
+    servers: dict[str, Server] = {}
+    try:
+        for mode in modes:
+            servers[mode] = Server([*MODES[mode], *server_flags])
+            run_point(servers[mode], prompts, 1, 2, 8, temperature, slo)  # warm-up
+        for c in concurrencies:
+            runs: dict[str, list[dict]] = {m: [] for m in modes}
+            for r in range(repeats):
+                for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+                    runs[mode].append(measure(servers[mode], prompts, c, max(2, requests_total // c), max_tokens,
+                                              temperature, slo))
+            for mode in modes:
+                p = combine(runs[mode], c)
+                data["modes"][mode].append(p)
                 tau = f"{p['tau']:.2f}" if p["tau"] else "-"
                 print(f"{mode:>16} c={c:<3} total {p['total_tokens_per_s']:7.1f} tok/s  per-user p50 "
                       f"{p['per_user_tokens_per_s']['p50']:6.1f}  ttft p50 {p['ttft_s']['p50'] * 1e3:6.0f} ms  "
-                      f"tau {tau}  errors {sum(p['errors'].values())}", flush=True)
-            data["modes"][mode] = points
-        finally:
+                      f"tau {tau}  errors {sum(p['errors'].values())}"
+                      + (f"  runs {p['runs_total_tokens_per_s']}" if repeats > 1 else ""), flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
     path = Path(out_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,23 +246,33 @@ def adaptive_vs_fixed(data: dict) -> list[dict]:
             bt = max(others, key=lambda m: others[m]["total_tokens_per_s"])
             bu = max(others, key=lambda m: others[m]["per_user_tokens_per_s"]["p50"])
             row[key] = {"total_ratio": p["total_tokens_per_s"] / max(others[bt]["total_tokens_per_s"], 1e-9),
-                        "best_total": bt,
+                        "best_total": bt, "runs_ratio": _paired(p, others[bt]),
                         "user_ratio": p["per_user_tokens_per_s"]["p50"]
                         / max(others[bu]["per_user_tokens_per_s"]["p50"], 1e-9), "best_user": bu}
         rows.append(row)
     return rows
 
 
+def _paired(p: dict, q: dict) -> list[float]:
+    """Per-run total tokens/s ratios of two modes, run i with run i (they ran back to back)."""
+    a, b = p.get("runs_total_tokens_per_s", []), q.get("runs_total_tokens_per_s", [])
+    return [x / y for x, y in zip(a, b) if y > 0] if len(a) > 1 else []
+
+
 def markdown(data: dict, name: str, chart: str) -> str:
     cfg = data["config"]
+    repeats = cfg.get("repeats", 1)
+    runs = "one run" if repeats == 1 else (f"{repeats} runs per point, the modes taking turns in rotating order; "
+                                           "each figure is over all of a point's runs together")
     flags = " ".join(cfg["server_flags"])
     cmd = (f"dspark loadtest sweep --prompts {cfg['prompt_set']} --max-tokens {cfg['max_tokens']} --temperature "
            f"{cfg['temperature']:g} --concurrency {','.join(map(str, cfg['concurrencies']))} --requests "
-           f"{cfg['requests_total']}" + (f" --slo {cfg['slo_tokens_per_s']:g}" if cfg["slo_tokens_per_s"] else "")
+           f"{cfg['requests_total']}" + (f" --repeats {repeats}" if repeats > 1 else "")
+           + (f" --slo {cfg['slo_tokens_per_s']:g}" if cfg["slo_tokens_per_s"] else "")
            + (f" -- {flags}" if flags else ""))
     lines = [f"<!-- bench:{name} -->", f"## Load sweep, temperature {cfg['temperature']:g}: per-user vs total tokens/s",
              "", f"Command: `{cmd}`. The real HTTP server (SSE streaming) in each mode, closed loop with N users, "
-             f"{cfg['max_tokens']} tokens per request, {cfg['prompt_set']} prompts; one run. "
+             f"{cfg['max_tokens']} tokens per request, {cfg['prompt_set']} prompts; {runs}. "
              "tau and the scheduler's share of step time are read from the server's /metrics for each point.",
              "", f"![sweep]({chart})", "",
              "| mode | users | total tok/s | per-user tok/s p50 / p90 | TTFT p50 ms | TPOT p50 ms | tau | "
@@ -263,11 +305,18 @@ def markdown(data: dict, name: str, chart: str) -> str:
             c = r.get(key)
             return f"{c[what + '_ratio']:.2f} ({c['best_' + what]})" if c else "-"
 
+        def spread(r):
+            ratios = r.get("none", {}).get("runs_ratio")
+            return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
+
         lines += ["", "Adaptive at the same concurrency, same run: ratio to the best fixed draft length (which one), "
-                  "and to no speculation:", "",
+                  "and to no speculation" + (" (with the range of the per-run ratios, run i against run i)"
+                                             if repeats > 1 else "") + ":", "",
                   "| users | total tok/s vs best fixed k | per-user p50 vs best fixed k | total vs none | "
-                  "per-user p50 vs none |", "|---|---|---|---|---|"]
+                  "per-user p50 vs none |" + (" per-run total vs none |" if repeats > 1 else ""),
+                  "|---|---|---|---|---|" + ("---|" if repeats > 1 else "")]
         lines += [f"| {r['concurrency']} | {cell(r, 'fixed', 'total')} | {cell(r, 'fixed', 'user')} | "
-                  f"{cell(r, 'none', 'total').split(' ')[0]} | {cell(r, 'none', 'user').split(' ')[0]} |" for r in rows]
+                  f"{cell(r, 'none', 'total').split(' ')[0]} | {cell(r, 'none', 'user').split(' ')[0]} |"
+                  + (f" {spread(r)} |" if repeats > 1 else "") for r in rows]
     lines += ["", f"<!-- /bench:{name} -->"]
     return "\n".join(lines)

@@ -100,7 +100,7 @@ def cmd_loadtest_sweep(args) -> None:
         raise SystemExit("sweep uses the built-in prompt sets (code, math, chat, mixed, heldout)")
     sweep([m.strip() for m in args.modes.split(",")], [int(c) for c in args.concurrency.split(",")],
           args.prompts, args.max_tokens, args.temperature, args.slo, args.requests, args.server_flags,
-          args.out_dir, write_md=args.write or None)
+          args.out_dir, write_md=args.write or None, repeats=args.repeats)
 
 
 def cmd_loadtest_soak(args) -> None:
@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--modes", default="none,k=1,k=4,k=7,dspark adaptive")
     q.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     q.add_argument("--requests", type=int, default=32, help="requests per point (at least 2 per user)")
+    q.add_argument("--repeats", type=int, default=1,
+                   help="runs per point; the modes take turns in rotating order (a noisy machine's drift cancels)")
     _loadtest_flags(q)
     q.add_argument("--out-dir", default="docs")
     q.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")

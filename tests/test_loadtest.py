@@ -3,6 +3,7 @@
 import asyncio
 import json
 
+import loadtest.sweep
 from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop, open_loop, percentiles, summarize
 from loadtest.sweep import adaptive_vs_fixed, goodput, markdown, render, sweep
 
@@ -28,20 +29,37 @@ def test_percentiles():
     assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0}
 
 
-def test_sweep_writes_json_chart_and_table(tmp_path):
+def test_sweep_writes_json_chart_and_table(tmp_path, monkeypatch):
     md = tmp_path / "bench.md"
     md.write_text("# Benchmarks\n")
+    order, measure = [], loadtest.sweep.measure
+    servers = {}
+
+    def spy(server, prompts, users, *args):
+        servers.setdefault(server.url, len(servers))
+        order.append((users, servers[server.url]))
+        return measure(server, prompts, users, *args)
+
+    monkeypatch.setattr(loadtest.sweep, "measure", spy)
     data = sweep(["none", "dspark adaptive"], [1, 2], "code", max_tokens=8, requests_total=2,
-                 out_dir=str(tmp_path), name="sweep-test", write_md=str(md))
+                 out_dir=str(tmp_path), name="sweep-test", write_md=str(md), repeats=2)
     assert set(data["modes"]) == {"none", "dspark adaptive"}
+    # both servers up at once (a warm-up each), then taking turns at each concurrency in rotating order
+    assert order == [(1, 0), (1, 1), (1, 0), (1, 1), (1, 1), (1, 0), (2, 0), (2, 1), (2, 1), (2, 0)]
     for points in data["modes"].values():
         assert [p["concurrency"] for p in points] == [1, 2] and all(p["ok"] == p["requests"] for p in points)
+        assert [p["requests"] for p in points] == [4, 8]  # 2 runs (of 2 requests per user) per point, together
+        assert all(len(p["runs_total_tokens_per_s"]) == 2 for p in points)
     assert json.loads((tmp_path / "sweep-test.json").read_text())["config"]["max_tokens"] == 8
     assert (tmp_path / "sweep-test.png").read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
     assert "<!-- bench:sweep-test -->" in text and "| dspark adaptive | 2 |" in text
+    assert "--repeats 2" in text and "2 runs per point" in text
     rows = adaptive_vs_fixed(data)
     assert len(rows) == 2 and "none" in rows[0] and "fixed" not in rows[0]  # no fixed-k mode in this sweep
+    a, n = data["modes"]["dspark adaptive"][0], data["modes"]["none"][0]
+    assert rows[0]["none"]["runs_ratio"] == [x / y for x, y in zip(a["runs_total_tokens_per_s"],
+                                                                     n["runs_total_tokens_per_s"])]
     assert markdown(data, "x", "x.png").count("| none |") == 2
     for points in data["modes"].values():  # per-request figures are kept, so goodput can be read afterwards
         assert all(len(p["requests_tps"]) == p["ok"] == len(p["requests_tokens"]) for p in points)
