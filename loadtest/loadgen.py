@@ -171,6 +171,30 @@ async def closed_loop(cfg: LoadConfig, users: int, requests_per_user: int) -> tu
         return [r for rs in per_user for r in rs], time.perf_counter() - t0
 
 
+def all_users_rate(results: list[Result], users: int) -> tuple[float, float]:
+    """Tokens and seconds of a closed-loop run while every user was still active: from the first request's
+    start until the first user received its last token (results in user order, as closed_loop returns them).
+
+    A closed loop ends with a drain: the users that finished early leave, and the last ones run at a lower
+    concurrency than the point claims. How long the drain lasts depends on how evenly the users progressed
+    (with speculation, a user whose prompts draft well finishes first), not on the server's rate under load.
+    Tokens are credited at their chunk's arrival (a chunk's share of the request's tokens)."""
+    per = len(results) // users
+    lanes = [results[u * per : (u + 1) * per] for u in range(users)]
+    t0 = min(r.start for r in results)
+    end = min(max(r.start + r.latency for r in lane) for lane in lanes)
+    tokens = 0.0
+    for r in results:
+        if not r.ok or not r.chunks:
+            continue
+        t, n = r.start + r.ttft, 0
+        for gap in [0.0, *r.gaps]:
+            t += gap
+            n += t <= end
+        tokens += n * r.tokens / r.chunks
+    return tokens, end - t0
+
+
 async def open_loop(cfg: LoadConfig, rate: float, num_requests: int, seed: int = 0) -> tuple[list[Result], float]:
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=cfg.url, limits=httpx.Limits(max_connections=1000),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop, summarize
+from loadtest.loadgen import LoadConfig, all_users_rate, builtin_prompts, closed_loop, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def measure(server: Server, prompts: list[dict], users: int, requests_per_user: 
     results, wall = asyncio.run(closed_loop(cfg, users, requests_per_user))
     after = scrape(server.url)
     counters = {k: _delta(after, before, k) for k in COUNTERS}
-    return {"results": results, "wall": wall, "counters": counters}
+    return {"results": results, "wall": wall, "counters": counters, "all_users": all_users_rate(results, users)}
 
 
 COUNTERS = ("dspark_spec_rounds_total", "dspark_spec_accepted_tokens_total", "dspark_spec_draft_tokens_total",
@@ -129,7 +129,10 @@ def combine(runs: list[dict], users: int) -> dict:
              draft_per_round=c["dspark_spec_draft_tokens_total"] / rounds if rounds else None,
              scheduler_share=c["dspark_scheduler_seconds_sum"] / step_s if step_s else None,
              runs_total_tokens_per_s=[round(summarize(run["results"], run["wall"])["total_tokens_per_s"], 2)
-                                      for run in runs])
+                                      for run in runs],
+             # the rate while all the point's users were active (no drain at the end): loadgen.all_users_rate
+             all_users_tokens_per_s=sum(run["all_users"][0] for run in runs)
+             / max(sum(run["all_users"][1] for run in runs), 1e-9))
     return s
 
 
@@ -166,7 +169,8 @@ def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed",
                 p = combine(runs[mode], c)
                 data["modes"][mode].append(p)
                 tau = f"{p['tau']:.2f}" if p["tau"] else "-"
-                print(f"{mode:>16} c={c:<3} total {p['total_tokens_per_s']:7.1f} tok/s  per-user p50 "
+                print(f"{mode:>16} c={c:<3} total {p['total_tokens_per_s']:7.1f} tok/s  all users active "
+                      f"{p['all_users_tokens_per_s']:7.1f}  per-user p50 "
                       f"{p['per_user_tokens_per_s']['p50']:6.1f}  ttft p50 {p['ttft_s']['p50'] * 1e3:6.0f} ms  "
                       f"tau {tau}  errors {sum(p['errors'].values())}"
                       + (f"  runs {p['runs_total_tokens_per_s']}" if repeats > 1 else ""), flush=True)
@@ -247,6 +251,8 @@ def adaptive_vs_fixed(data: dict) -> list[dict]:
             bu = max(others, key=lambda m: others[m]["per_user_tokens_per_s"]["p50"])
             row[key] = {"total_ratio": p["total_tokens_per_s"] / max(others[bt]["total_tokens_per_s"], 1e-9),
                         "best_total": bt, "runs_ratio": _paired(p, others[bt]),
+                        "all_users_ratio": p.get("all_users_tokens_per_s", 0.0)
+                        / max(others[bt].get("all_users_tokens_per_s", 0.0), 1e-9),
                         "user_ratio": p["per_user_tokens_per_s"]["p50"]
                         / max(others[bu]["per_user_tokens_per_s"]["p50"], 1e-9), "best_user": bu}
         rows.append(row)
@@ -273,17 +279,20 @@ def markdown(data: dict, name: str, chart: str) -> str:
     lines = [f"<!-- bench:{name} -->", f"## Load sweep, temperature {cfg['temperature']:g}: per-user vs total tokens/s",
              "", f"Command: `{cmd}`. The real HTTP server (SSE streaming) in each mode, closed loop with N users, "
              f"{cfg['max_tokens']} tokens per request, {cfg['prompt_set']} prompts; {runs}. "
-             "tau and the scheduler's share of step time are read from the server's /metrics for each point.",
+             "tau and the scheduler's share of step time are read from the server's /metrics for each point. "
+             "'All users active': tokens/s until the first user was done, i.e. without the drain at the end, where "
+             "the last users run at a lower concurrency than the point's.",
              "", f"![sweep]({chart})", "",
-             "| mode | users | total tok/s | per-user tok/s p50 / p90 | TTFT p50 ms | TPOT p50 ms | tau | "
-             "draft/round | scheduler share | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | users | total tok/s | all users active tok/s | per-user tok/s p50 / p90 | TTFT p50 ms | "
+             "TPOT p50 ms | tau | draft/round | scheduler share | errors |", "|---" * 11 + "|"]
     for mode, points in data["modes"].items():
         for p in points:
             u = p["per_user_tokens_per_s"]
             tau = f"{p['tau']:.2f}" if p["tau"] else "-"
             dpr = f"{p['draft_per_round']:.2f}" if p["draft_per_round"] else "-"
             share = f"{100 * p['scheduler_share']:.2f}%" if p["scheduler_share"] is not None else "-"
-            lines.append(f"| {mode} | {p['concurrency']} | {p['total_tokens_per_s']:.1f} | {u['p50']:.1f} / "
+            active = f"{p['all_users_tokens_per_s']:.1f}" if "all_users_tokens_per_s" in p else "-"
+            lines.append(f"| {mode} | {p['concurrency']} | {p['total_tokens_per_s']:.1f} | {active} | {u['p50']:.1f} / "
                          f"{u['p90']:.1f} | {p['ttft_s']['p50'] * 1e3:.0f} | {p['tpot_s']['p50'] * 1e3:.1f} | {tau} | "
                          f"{dpr} | {share} | {sum(p['errors'].values())} |")
     slo = cfg.get("goodput_slo")
@@ -303,7 +312,7 @@ def markdown(data: dict, name: str, chart: str) -> str:
     if rows:
         def cell(r, key, what):
             c = r.get(key)
-            return f"{c[what + '_ratio']:.2f} ({c['best_' + what]})" if c else "-"
+            return f"{c[what + '_ratio']:.2f} ({c.get('best_' + what, c['best_total'])})" if c else "-"
 
         def spread(r):
             ratios = r.get("none", {}).get("runs_ratio")
@@ -313,10 +322,12 @@ def markdown(data: dict, name: str, chart: str) -> str:
                   "and to no speculation" + (" (with the range of the per-run ratios, run i against run i)"
                                              if repeats > 1 else "") + ":", "",
                   "| users | total tok/s vs best fixed k | per-user p50 vs best fixed k | total vs none | "
-                  "per-user p50 vs none |" + (" per-run total vs none |" if repeats > 1 else ""),
-                  "|---|---|---|---|---|" + ("---|" if repeats > 1 else "")]
+                  "all users active vs none | per-user p50 vs none |"
+                  + (" per-run total vs none |" if repeats > 1 else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if repeats > 1 else "")]
         lines += [f"| {r['concurrency']} | {cell(r, 'fixed', 'total')} | {cell(r, 'fixed', 'user')} | "
-                  f"{cell(r, 'none', 'total').split(' ')[0]} | {cell(r, 'none', 'user').split(' ')[0]} |"
-                  + (f" {spread(r)} |" if repeats > 1 else "") for r in rows]
+                  f"{cell(r, 'none', 'total').split(' ')[0]} | {cell(r, 'none', 'all_users').split(' ')[0]} | "
+                  f"{cell(r, 'none', 'user').split(' ')[0]} |" + (f" {spread(r)} |" if repeats > 1 else "")
+                  for r in rows]
     lines += ["", f"<!-- /bench:{name} -->"]
     return "\n".join(lines)

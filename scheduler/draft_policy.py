@@ -70,17 +70,17 @@ class DraftPolicy:
             if k > 0:
                 scored.append((w * (st.tau - 1.0), sid, min(k, st.length), st))
         scored.sort(key=lambda x: -x[0])
+        chosen: set[int] = set()
         self.probing = set()
-        # The best prefix of the requests by gain, over every prefix: the drafter's cost has a fixed part (one
-        # round costs several requests' worth), so one request alone may not pay where eight together do.
-        gain, tokens, best_n = 0.0, float(base_tokens), 0
+        gain, tokens = 0.0, float(base_tokens)
         best = committing / max(self.cost.verify(tokens), 1e-9)
-        for n, (g, _, length, _) in enumerate(scored, 1):
-            gain, tokens = gain + g, tokens + length
-            theta = (committing + gain) / max(self.cost.verify(tokens) + self.cost.draft(n), 1e-9)
-            if theta > best:
-                best, best_n = theta, n
-        chosen = {sid for _, sid, _, _ in scored[:best_n]}
+        for g, sid, length, _ in scored:
+            t = self.cost.verify(tokens + length) + self.cost.draft(len(chosen) + 1)
+            theta = (committing + gain + g) / max(t, 1e-9)
+            if theta <= best:
+                break
+            chosen.add(sid)
+            gain, tokens, best = gain + g, tokens + length, theta
         gated = set(chosen)
         for _, sid, _, st in scored:
             if sid not in chosen and st.rounds == 0:  # its first drafting round, to learn from its own content

@@ -4,7 +4,16 @@ import asyncio
 import json
 
 import loadtest.sweep
-from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop, open_loop, percentiles, summarize
+from loadtest.loadgen import (
+    LoadConfig,
+    Result,
+    all_users_rate,
+    builtin_prompts,
+    closed_loop,
+    open_loop,
+    percentiles,
+    summarize,
+)
 from loadtest.sweep import adaptive_vs_fixed, goodput, markdown, render, sweep
 
 
@@ -22,6 +31,16 @@ def test_closed_and_open_loop_against_the_server(server):
                                           num_requests=3))
     s = summarize(results, wall)
     assert s["ok"] == 0 and s["errors"] == {"http 404": 3}  # errors are counted by class, not raised
+
+
+def test_all_users_rate_stops_when_the_first_user_is_done():
+    """User 0: one request, 8 tokens in 4 chunks at 0.5..2 s. User 1: two requests of 2 tokens (one chunk each),
+    ending at 1 and 4 s. Until 2 s (user 0 done): user 0's 8 tokens and user 1's first request's 2."""
+    u0 = Result(ok=True, start=100.0, ttft=0.5, gaps=[0.5, 0.5, 0.5], latency=2.0, tokens=8, chunks=4)
+    u1a = Result(ok=True, start=100.0, ttft=1.0, latency=1.0, tokens=2, chunks=1)
+    u1b = Result(ok=True, start=101.0, ttft=3.0, latency=3.0, tokens=2, chunks=1)
+    failed = Result(ok=False, start=100.0)
+    assert all_users_rate([u0, failed, u1a, u1b], users=2) == (10.0, 2.0)
 
 
 def test_percentiles():
@@ -50,11 +69,12 @@ def test_sweep_writes_json_chart_and_table(tmp_path, monkeypatch):
         assert [p["concurrency"] for p in points] == [1, 2] and all(p["ok"] == p["requests"] for p in points)
         assert [p["requests"] for p in points] == [4, 8]  # 2 runs (of 2 requests per user) per point, together
         assert all(len(p["runs_total_tokens_per_s"]) == 2 for p in points)
+        assert all(0 < p["all_users_tokens_per_s"] for p in points)
     assert json.loads((tmp_path / "sweep-test.json").read_text())["config"]["max_tokens"] == 8
     assert (tmp_path / "sweep-test.png").read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
     assert "<!-- bench:sweep-test -->" in text and "| dspark adaptive | 2 |" in text
-    assert "--repeats 2" in text and "2 runs per point" in text
+    assert "--repeats 2" in text and "2 runs per point" in text and "| all users active tok/s |" in text
     rows = adaptive_vs_fixed(data)
     assert len(rows) == 2 and "none" in rows[0] and "fixed" not in rows[0]  # no fixed-k mode in this sweep
     a, n = data["modes"]["dspark adaptive"][0], data["modes"]["none"][0]
