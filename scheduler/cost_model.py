@@ -42,36 +42,20 @@ class CostTable:
     def observe(self, x: float, seconds: float) -> None:
         """Fold in one measurement; a spike (a GC pause, a first-call warm-up) counts as at most 4x the estimate.
 
-        A measurement between two buckets corrects both, in proportion to how near it lies (the gradient of the
-        linear interpolation), so that the interpolated value at x moves by `alpha` of the error. Filing it
-        under the nearest bucket alone would bias the curve: steps of 12 tokens charged to the bucket of 16 make
-        8 -> 16 look flatter than it is, i.e. draft tokens look cheaper than they are.
-
         The other buckets move by a quarter as much, in proportion: the machine's speed drifts for every batch
         size alike, and a bucket that steps rarely visit (e.g. drafting lengths while plain decoding wins) must
         not keep a stale cost that keeps them from being tried."""
         i = self._nearest(x)
-        if self.seconds[i] is None:
+        old = self.seconds[i]
+        if old is None:
             self.seconds[i] = seconds
             return
-        lo = bisect.bisect_right(self.points, x) - 1
-        if 0 <= lo < len(self.points) - 1 and self.seconds[lo] is not None and self.seconds[lo + 1] is not None:
-            f = (x - self.points[lo]) / (self.points[lo + 1] - self.points[lo])
-            near = {k: w for k, w in ((lo, 1 - f), (lo + 1, f)) if w > 0}
-        else:
-            near = {i: 1.0}
-        old = sum(w * self.seconds[k] for k, w in near.items())
+        self.seconds[i] = (1 - self.alpha) * old + self.alpha * min(seconds, 4 * old)
         if old <= 0:
-            for k in near:
-                self.seconds[k] = seconds
             return
-        err = self.alpha * (min(seconds, 4 * old) - old)
-        norm = sum(w * w for w in near.values())
-        for k, w in near.items():
-            self.seconds[k] = max(self.seconds[k] + err * w / norm, 0.0)
-        drift = 1 + err / old / 4
+        drift = 1 + (self.seconds[i] / old - 1) / 4
         for j, v in enumerate(self.seconds):
-            if j not in near and v is not None:
+            if j != i and v is not None:
                 self.seconds[j] = v * drift
 
     def __call__(self, x: float) -> float:

@@ -30,18 +30,6 @@ def test_cost_table_interpolates_refreshes_and_stays_monotone():
     assert t.seconds[4] / t.seconds[3] == pytest.approx(2.0, rel=1e-9)
 
 
-def test_cost_table_learns_the_slope_from_steps_between_buckets():
-    """Steps of 8 and 12 batch tokens on a line of 4 ms per token: the curve learns that slope. Filing the
-    12-token steps under the bucket of 16 would learn half of it, and draft tokens would look cheap."""
-    t = CostTable(buckets_up_to(32))
-    t.seconds = [0.09, 0.092, 0.095, 0.100, 0.110, 0.130]  # a start-up profile flatter than the steps
-    for _ in range(300):
-        t.observe(8, 0.100)
-        t.observe(12, 0.116)
-    assert t(8) == pytest.approx(0.100, rel=0.02) and t(12) == pytest.approx(0.116, rel=0.02)
-    assert t(16) == pytest.approx(0.132, rel=0.02)
-
-
 def lengths_at(concurrency: int, survival: list[float]) -> list[int]:
     pol = DraftPolicy(gpu_like(), max_len=7)
     drafts = [(7, survival, 1.0, 0)] * concurrency
