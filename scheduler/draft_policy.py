@@ -18,6 +18,13 @@ math) decides for it rather than what the requests before it asked. A request le
 class's estimate; a class that has not drafted for `probe_every` steps sends one request through a drafting round
 (a probe), so the estimates follow the workload at a bounded cost; while probes keep showing that drafting does
 not pay, they back off to one in 16 x `probe_every` steps.
+
+The cost model can be wrong (on a 2-core CPU it misjudges verify rows by tens of percent under load), so the
+policy also checks itself against what steps deliver: per band of batch size (1, 2, 3-4, 5-8, ...), the running
+tokens per second of decode steps where it chose drafters and of steps where nobody drafted. Where drafting's
+realized rate is the lower, it drafts only on every `guard_every`-th step of the band (to keep measuring); where
+it drafts, every `guard_every`-th step of the band runs plain (to keep the baseline measured). Steps that only
+probe, and steps with prefill chunks, teach neither rate.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ class SpecState:
 
 class DraftPolicy:
     def __init__(self, cost: StepCostModel, max_len: int, min_len: int = 0, adaptive: bool = True,
-                 probe_every: int = 32, ema: float = 0.2):
+                 probe_every: int = 32, ema: float = 0.2, guard_every: int = 16):
         self.cost = cost
         self.max_len, self.min_len = max_len, min(min_len, max_len)
         self.adaptive = adaptive
@@ -57,6 +64,34 @@ class DraftPolicy:
         # Online recalibration of the confidence head per class and position: its offline calibration was fitted
         # at one temperature, and acceptance differs a lot between greedy and sampled requests.
         self.mean_conf = {True: [0.7] * max_len, False: [0.5] * max_len}
+        # The realized-rate guard: (band, drafted) -> [steps seen, running tokens/s]; steps per band.
+        self.guard_every = guard_every
+        self.step_rate: dict[tuple[int, bool], list[float]] = {}
+        self.band_steps: dict[int, int] = {}
+        self.step_kind: tuple[int, bool] | None = None  # this step's (band, drafted), None: teaches no rate
+
+    @staticmethod
+    def band(requests: int) -> int:
+        return max(requests - 1, 0).bit_length()  # 1 | 2 | 3-4 | 5-8 | 9-16 | ...
+
+    def drafting_pays(self, requests: int) -> bool | None:
+        """Did steps with drafters deliver at least the tokens/s of plain steps, at this batch size? None: not
+        enough steps of both kinds yet (4 each)."""
+        b = self.band(requests)
+        d, p = self.step_rate.get((b, True)), self.step_rate.get((b, False))
+        if d is None or p is None or d[0] < 4 or p[0] < 4:
+            return None
+        return d[1] >= p[1]
+
+    def observe_step(self, committed: int, seconds: float) -> None:
+        """The whole step's result (drafting, forward, acceptance): tokens committed and wall seconds."""
+        kind, self.step_kind = self.step_kind, None
+        if kind is None or seconds <= 0:
+            return
+        rec = self.step_rate.setdefault(kind, [0, 0.0])
+        rec[0] += 1
+        r = max(1 / rec[0], 0.1)
+        rec[1] = (1 - r) * rec[1] + r * committed / seconds
 
     # -- who drafts ---------------------------------------------------------------------------------------------
     def gate(self, cands: list[tuple[int, bool, int, float]], base_tokens: int, committing: int) -> set[int]:
@@ -81,7 +116,23 @@ class DraftPolicy:
                 break
             chosen.add(sid)
             gain, tokens, best = gain + g, tokens + length, theta
+        b = self.band(len(cands))
+        tick = self.band_steps[b] = self.band_steps.get(b, 0) + 1
+        check = tick % self.guard_every == 0
+        pays = self.drafting_pays(len(cands))
+        if chosen and (check if pays is not False else not check):
+            # drafting measured as worse here: only every guard_every-th step drafts; otherwise every
+            # guard_every-th step runs plain, to keep the baseline measured
+            chosen = set()
+            plain = pays is not False
+        else:
+            plain = False
+        self.step_kind = (b, bool(chosen))
         gated = set(chosen)
+        if plain:  # a measured plain step: no probe in it either
+            for _, _, _, st in scored:
+                st.idle += 1
+            return set()
         for _, sid, _, st in scored:
             if sid not in chosen and st.rounds == 0:  # its first drafting round, to learn from its own content
                 chosen.add(sid)
@@ -114,6 +165,8 @@ class DraftPolicy:
                 self.class_idle[greedy] = 0
                 # still not worth drafting: probe half as often next time, down to 1 in 16 x probe_every steps
                 self.probe_interval[greedy] = min(2 * self.probe_interval[greedy], 16 * self.probe_every)
+        if chosen != gated and not gated:
+            self.step_kind = None  # probes only: a step that measures neither drafting nor plain decoding
         return chosen
 
     # -- how long ---------------------------------------------------------------------------------------------

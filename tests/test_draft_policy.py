@@ -335,3 +335,42 @@ def test_greedy_requests_verify_the_best_length_past_a_step_in_the_cost_curve():
     two = [(7, surv, 1.0, 0), (7, surv, 1.0, 0)]
     mixed = pol.lengths(two, 2, 2, greedy=[True, False])
     assert mixed[1] == pol.lengths(two, 2, 2)[1] and mixed[0] >= mixed[1]
+
+
+def test_guard_stops_drafting_that_delivers_fewer_tokens_per_second():
+    """The cost model says draft (free drafting, tau 3); the steps say otherwise: 12 tokens in 0.2 s with
+    drafters against 8 in 0.1 s without. Every 4th step measures the other kind."""
+    from scheduler.draft_policy import SpecState
+
+    def run(drafted_tokens):
+        pol = DraftPolicy(LinearCost(), max_len=4, probe_every=10**6, guard_every=4)
+        for sid in range(8):
+            pol.state[sid] = SpecState(3.0, 4.0, rounds=1)
+        cands = [(sid, True, 4, 1.0) for sid in range(8)]
+        kinds = []
+        for _ in range(40):
+            chosen = pol.gate(cands, 8, 8)
+            kinds.append(bool(chosen))
+            pol.observe_step(drafted_tokens if chosen else 8, 0.2 if chosen else 0.1)
+        return pol, kinds
+
+    pol, kinds = run(12)
+    assert kinds[:4] == [True, True, True, False]  # the model's choice, with every 4th step plain to measure
+    assert kinds[-8:] == [False, False, False, True] * 2  # measured worse: plain, every 4th step drafting
+    assert pol.drafting_pays(8) is False and pol.drafting_pays(5) is False and pol.drafting_pays(4) is None
+    pol, kinds = run(20)  # 100 tokens/s with drafters: drafting goes on
+    assert pol.drafting_pays(8) is True and kinds[-8:] == [True, True, True, False] * 2
+
+
+def test_probe_only_steps_teach_the_guard_nothing():
+    from scheduler.draft_policy import SpecState
+
+    pol = DraftPolicy(LinearCost(per_request=10.0), max_len=4, probe_every=10**6)  # drafting never pays
+    pol.state[1] = SpecState(2.0, 4.0, rounds=1)
+    assert pol.gate([(1, True, 4, 1.0), (2, True, 4, 1.0)], 2, 2) == {2}  # 2's first round: a probe
+    pol.observe(2, True, 4, 1)
+    pol.observe_step(3, 0.1)
+    assert pol.step_rate == {}
+    assert pol.gate([(1, True, 4, 1.0), (2, True, 4, 1.0)], 2, 2) == set()
+    pol.observe_step(2, 0.1)
+    assert pol.step_rate == {(1, False): [1, 20.0]}
