@@ -222,11 +222,10 @@ class LLMEngine:
                 outputs.append(s.take_output(self._holdback(s)))
                 if s.finished:
                     self.seqs.pop(s.request_id, None)
-        policy = self.scheduler.policy
-        if policy is not None:  # the realized-rate guard learns from decode steps only (no prompt chunks)
-            if any(not it.num_draft and it.num_new_tokens > 1 for it in plan.items):
-                policy.step_kind = None
-            policy.observe_step(sum(map(len, committed.values())), time.perf_counter() - t0)
+        if self.scheduler.policy is not None:  # the realized-rate guard
+            prompt_chunks = any(not it.num_draft and it.num_new_tokens > 1 for it in plan.items)
+            self.scheduler.policy.observe_step(sum(map(len, committed.values())), time.perf_counter() - t0,
+                                               decode_only=not prompt_chunks)
         return outputs
 
     def _expire_deadlines(self) -> list[RequestOutput]:

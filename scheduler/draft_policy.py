@@ -83,10 +83,11 @@ class DraftPolicy:
             return None
         return d[1] >= p[1]
 
-    def observe_step(self, committed: int, seconds: float) -> None:
-        """The whole step's result (drafting, forward, acceptance): tokens committed and wall seconds."""
+    def observe_step(self, committed: int, seconds: float, decode_only: bool = True) -> None:
+        """The whole step's result (drafting, forward, acceptance): tokens committed and wall seconds. A step
+        with prompt chunks (`decode_only` False) teaches no rate: its seconds went partly to tokens not output."""
         kind, self.step_kind = self.step_kind, None
-        if kind is None or seconds <= 0:
+        if kind is None or not decode_only or seconds <= 0:
             return
         rec = self.step_rate.setdefault(kind, [0, 0.0])
         rec[0] += 1

@@ -372,5 +372,8 @@ def test_probe_only_steps_teach_the_guard_nothing():
     pol.observe_step(3, 0.1)
     assert pol.step_rate == {}
     assert pol.gate([(1, True, 4, 1.0), (2, True, 4, 1.0)], 2, 2) == set()
+    pol.observe_step(2, 0.1, decode_only=False)  # a step with a prompt chunk: no rate either
+    assert pol.step_rate == {}
+    assert pol.gate([(1, True, 4, 1.0), (2, True, 4, 1.0)], 2, 2) == set()
     pol.observe_step(2, 0.1)
     assert pol.step_rate == {(1, False): [1, 20.0]}
