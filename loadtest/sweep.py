@@ -100,6 +100,10 @@ def _delta(after: dict, before: dict, prefix: str) -> float:
     return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
 
 
+COUNTERS = ("dspark_spec_rounds_total", "dspark_spec_accepted_tokens_total", "dspark_spec_draft_tokens_total",
+            "dspark_step_seconds_sum", "dspark_scheduler_seconds_sum")
+
+
 def measure(server: Server, prompts: list[dict], users: int, requests_per_user: int, max_tokens: int,
             temperature: float, slo: float) -> dict:
     """One closed-loop run: its requests, wall time, and the server's speculation counters over it."""
@@ -109,10 +113,6 @@ def measure(server: Server, prompts: list[dict], users: int, requests_per_user: 
     after = scrape(server.url)
     counters = {k: _delta(after, before, k) for k in COUNTERS}
     return {"results": results, "wall": wall, "counters": counters, "all_users": all_users_rate(results, users)}
-
-
-COUNTERS = ("dspark_spec_rounds_total", "dspark_spec_accepted_tokens_total", "dspark_spec_draft_tokens_total",
-            "dspark_step_seconds_sum", "dspark_scheduler_seconds_sum")
 
 
 def combine(runs: list[dict], users: int) -> dict:
