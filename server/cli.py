@@ -51,6 +51,12 @@ def cmd_train_drafter(args) -> None:
 
     target = Settings(model=args.model)
     out = args.out or str(target.drafters_dir / args.method)
+    if args.recipe:
+        from engine.training.recipe import train_recipe
+
+        print(train_recipe(target.model, args.recipe, args.method, out, stop_after=args.stop_after,
+                           device=args.device, threads=args.threads))
+        return
     print(train_drafter(target.model, out, method=args.method, steps=args.steps, batch=args.batch,
                         block_size=args.block_size, num_layers=args.num_layers, markov_rank=args.markov_rank,
                         lr=args.lr, seed=args.seed, num_prompts=args.num_prompts, max_new=args.max_new_tokens,
@@ -173,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train-drafter", help="train a dspark / dflash drafter for a target (resumes if stopped)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="target model (HF directory, GGUF file or known name)")
     p.add_argument("--method", default="dspark", choices=["dspark", "dflash", "eagle3"])
+    p.add_argument("--recipe", default=None, help="a configs/drafters/*.yaml file: run all its phases for --method "
+                   "(its shape, data and steps; other flags but --out, --device, --threads, --stop-after ignored)")
     p.add_argument("--out", default=None, help="default: the model's drafters directory/<method>")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)

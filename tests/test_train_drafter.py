@@ -160,3 +160,36 @@ def test_a_longer_gen_limit_starts_from_the_shorter_runs_answers(tmp_path):
     other = tmp_path / "drafter-data-m.gguf-2400-192-1-2400.pt"  # another seed: another draw
     assert resume_from_shorter(other, 2400, other.with_suffix(".partial")) is None
     assert resume_from_shorter(tmp_path / "mine.pt", 2400, tmp_path / "mine.partial") is None  # --data-cache
+
+
+def test_a_recipe_runs_its_phases_in_order_and_resumes_inside_any(data_cache, tmp_path):
+    """`train-drafter --recipe`: phase 2 starts from phase 1's weights; a run stopped inside either phase and
+    started again ends with the same weights as the uninterrupted one; another method cannot reuse its --out."""
+    from engine.training.recipe import train_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("common: {num_layers: 1, taps: 3, batch: 2, anchors: 4, seed: 3}\n"
+                      "phases:\n  - {steps: 3, draft_vocab_size: 0}\n"
+                      "  - {steps: 3, draft_vocab_size: 300, lr: 5.0e-4}\n"
+                      "methods:\n  dspark: {markov_rank: 8}\n  dflash: {}\n")
+    kw = dict(data_cache=data_cache, log_every=1)
+    whole = train_recipe(str(TEST_MODEL), recipe, "dspark", tmp_path / "a", **kw)
+    assert whole["steps"] == 3 and whole["draft_vocab_size"] == 300 and whole["lr"] == 5e-4
+    assert whole["continued_from"]["steps"] == 3 and whole["continued_from"]["draft_vocab_size"] == 0
+    assert train_recipe(str(TEST_MODEL), recipe, "dspark", tmp_path / "b", stop_after=2, **kw) is None  # phase 1
+    assert train_recipe(str(TEST_MODEL), recipe, "dspark", tmp_path / "b", stop_after=2, **kw) is None  # phase 2
+    import json
+
+    state = json.loads((tmp_path / "b" / "recipe_state.json").read_text())
+    assert [p["steps"] for p in state["done"]] == [3]
+    last = train_recipe(str(TEST_MODEL), recipe, "dspark", tmp_path / "b", **kw)
+    assert last["first_step_this_run"] == 2, "phase 2 did not resume from its checkpoint"
+    a, b = (load_file(str(tmp_path / x / "model.safetensors")) for x in "ab")
+    assert all(a[k].equal(b[k]) for k in a), "a stopped recipe diverged from the uninterrupted one"
+    again = train_recipe(str(TEST_MODEL), recipe, "dspark", tmp_path / "b", **kw)  # all done: nothing runs
+    assert again["first_step_this_run"] == 2
+    assert all(v.equal(b[k]) for k, v in load_file(str(tmp_path / "b" / "model.safetensors")).items())
+    with pytest.raises(ValueError, match="another recipe or method"):
+        train_recipe(str(TEST_MODEL), recipe, "dflash", tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match="no method 'eagle3'"):
+        train_recipe(str(TEST_MODEL), recipe, "eagle3", tmp_path / "c", **kw)
