@@ -202,6 +202,11 @@ class AsyncEngine:
         if eng.stats["steps"] % 50 == 1:
             for b, s in eng.cost.verify.items():
                 metrics.SPS.labels(str(b)).set(1.0 / s if s > 0 else 0.0)
+        if eng.scheduler.policy is not None:
+            for band, (drafting, plain, _) in eng.scheduler.policy.guard_state().items():
+                for label, rate in (("true", drafting), ("false", plain)):
+                    if rate is not None:
+                        metrics.GUARD_RATE.labels(band, label).set(rate)
         for o in outputs:
             if o.finished:
                 metrics.FINISHED.labels(o.finish_reason).inc()

@@ -74,6 +74,19 @@ class DraftPolicy:
     def band(requests: int) -> int:
         return max(requests - 1, 0).bit_length()  # 1 | 2 | 3-4 | 5-8 | 9-16 | ...
 
+    @staticmethod
+    def band_label(band: int) -> str:
+        lo, hi = (1 << (band - 1)) + 1 if band else 1, 1 << band
+        return str(hi) if lo == hi else f"{lo}-{hi}"
+
+    def guard_state(self) -> dict[str, tuple[float | None, float | None, bool | None]]:
+        """Per band label: running tokens/s with drafters, without, and the guard's verdict (None: unknown)."""
+        out = {}
+        for b in sorted({b for b, _ in self.step_rate}):
+            d, p = self.step_rate.get((b, True)), self.step_rate.get((b, False))
+            out[self.band_label(b)] = (d and d[1], p and p[1], self.drafting_pays(1 << b))
+        return out
+
     def drafting_pays(self, requests: int) -> bool | None:
         """Did steps with drafters deliver at least the tokens/s of plain steps, at this batch size? None: not
         enough steps of both kinds yet (4 each)."""

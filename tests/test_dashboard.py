@@ -183,9 +183,10 @@ def test_provisioning_matches_the_dashboard():
 # -- against a live server ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live(model_dir):
-    """A speculating server (fixed draft length, so rounds happen) with a 2-deep queue, after traffic that creates
-    the labelled series: a 429, a streamed greedy completion with an SLO, a plain chat completion."""
-    s = ServerProcess(model_dir, "--speculative", "dspark", "--draft-policy", "fixed", "--draft-len", "4",
+    """A speculating server (adaptive: each request's first round is drafted, and the guard's step rates are
+    exported) with a 2-deep queue, after traffic that creates the labelled series: a 429, a streamed greedy
+    completion with an SLO, a plain chat completion."""
+    s = ServerProcess(model_dir, "--speculative", "dspark", "--draft-policy", "adaptive",
                       "--max-num-batched-tokens", "256", "--max-waiting", "2")
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:

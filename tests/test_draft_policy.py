@@ -358,6 +358,9 @@ def test_guard_stops_drafting_that_delivers_fewer_tokens_per_second():
     assert kinds[:4] == [True, True, True, False]  # the model's choice, with every 4th step plain to measure
     assert kinds[-8:] == [False, False, False, True] * 2  # measured worse: plain, every 4th step drafting
     assert pol.drafting_pays(8) is False and pol.drafting_pays(5) is False and pol.drafting_pays(4) is None
+    (drafting, plain, pays), = pol.guard_state().values()  # what /metrics shows, under the band's label
+    assert list(pol.guard_state()) == ["5-8"] and pays is False
+    assert drafting == pytest.approx(60.0) and plain == pytest.approx(80.0)
     pol, kinds = run(20)  # 100 tokens/s with drafters: drafting goes on
     assert pol.drafting_pays(8) is True and kinds[-8:] == [True, True, True, False] * 2
 
