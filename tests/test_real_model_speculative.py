@@ -29,8 +29,8 @@ def settings(**kw) -> Settings:
 
 def need(method: str) -> None:
     if not (DRAFTERS / method / "config.json").exists():
-        pytest.skip(f"no {method} drafter for {DEFAULT_MODEL}: build it with `dspark train-drafter --method {method}` "
-                    "(README, Drafters)")
+        pytest.skip(f"no {method} drafter for {DEFAULT_MODEL}: build it with `./run dspark train-drafter --method "
+                    f"{method} --recipe configs/drafters/SmolLM2-135M-Instruct.yaml` (README, Drafters)")
 
 
 @pytest.fixture(scope="module")
