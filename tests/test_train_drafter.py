@@ -115,9 +115,10 @@ def test_reduced_vocabulary_loss(method, data_cache, monkeypatch):
 
 
 @pytest.mark.parametrize("n_kv", [3, 9])
-def test_eagle3_chain_attention_equals_the_masked_attention(n_kv):
-    """The training unroll's attention (causal over step 0, each slot's own slot of later steps) equals plain
-    attention under the explicit mask over all steps' keys, values and gradients, with and without GQA."""
+def test_eagle3_slot_attention_equals_the_masked_attention(n_kv):
+    """The training unroll's attention for chosen slots (causal over step 0, each slot's own slot of later steps)
+    equals plain attention under the explicit mask over all steps' keys at those slots: values and gradients,
+    with and without GQA."""
     import torch
 
     from engine.drafters.config import DrafterConfig
@@ -127,21 +128,67 @@ def test_eagle3_chain_attention_equals_the_masked_attention(n_kv):
     tcfg = ModelConfig("LlamaForCausalLM", 100, 72, 96, 4, 9, n_kv, 8)
     drafter = Eagle3Drafter(DrafterConfig(method="eagle3", target_layer_ids=[0, 1], block_size=4), tcfg)
     g = torch.Generator().manual_seed(0)
-    b, s, steps = 2, 11, 4
+    b, s, steps = 3, 11, 4
     q = torch.randn(b, s, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
     kv = [torch.randn(b, s, n_kv, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2 * steps)]
     ks, vs = kv[:steps], kv[steps:]
     t = torch.arange(s)
     mask = torch.cat([t[None, :] <= t[:, None]] + [torch.eye(s, dtype=torch.bool)] * (steps - 1), 1)[None, None]
-    want = drafter.attend(q, torch.cat(ks, 1), torch.cat(vs, 1), mask)
-    got = drafter.attend_chain(q, ks[0], vs[0], ks[1:], vs[1:])
+    chosen = torch.tensor([0, 4, 10, 2 * s + 3, 2 * s + 7])  # row-major; row 1 has none
+    rows, cols = chosen // s, chosen % s
+    want = drafter.attend(q, torch.cat(ks, 1), torch.cat(vs, 1), mask)[rows, cols]
+    got = drafter.attend_slots(q[rows, cols], ks[0], vs[0], rows, cols, [k[rows, cols] for k in ks[1:]],
+                               [v[rows, cols] for v in vs[1:]])
     torch.testing.assert_close(got, want)
     w = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    grads_want = torch.autograd.grad((want * w).sum(), [q, *kv])
-    grads_got = torch.autograd.grad((got * w).sum(), [q, *kv])
-    for a, e in zip(grads_got, grads_want):
+    for a, e in zip(torch.autograd.grad((got * w).sum(), [q, *kv]), torch.autograd.grad((want * w).sum(), [q, *kv])):
         torch.testing.assert_close(a, e)
-    assert drafter.attend_chain(q, ks[0], vs[0], [], []).shape == (b, s, 72)
+    assert drafter.attend_slots(q[rows, cols], ks[0], vs[0], rows, cols, [], []).shape == (5, 72)
+
+
+def test_eagle3_loss_equals_the_dense_unroll(data_cache):
+    """Unrolling only the supervised slots' chains gives the loss and gradients of unrolling every slot, as the
+    training-time test is defined: every slot at every step through the layer, attention under the full mask."""
+    import torch
+
+    import engine.training.train_drafter as td
+    from engine.drafters import DrafterConfig, build_drafter
+
+    torch.manual_seed(0)
+    target = load_model(TEST_MODEL)
+    data = torch.load(data_cache)[:3]
+    feats = td.target_features(target, data, [0, 1], 0)
+    ids, gm, taps, final = td.make_batch(data, 0, feats)
+    taps, final = taps.float(), final.float()
+    cfg = DrafterConfig(method="eagle3", target_layer_ids=[0, 1], block_size=3, num_layers=1)
+    drafter = build_drafter(cfg, target)
+
+    def dense():  # every slot of every step; the same supervised slots (same generator draws)
+        b, s = ids.shape
+        t = torch.arange(s)
+        hidden, keys, vals, total, gen = drafter.fc(taps), [], [], 0.0, torch.Generator().manual_seed(5)
+        for i in range(3):
+            emb = target.model.embed_tokens(ids[:, (t + 1 + i).clamp(max=s - 1)])
+            q, k, v = drafter.project(hidden, emb, (t + i).expand(b, s))
+            keys.append(k)
+            vals.append(v)
+            mask = torch.cat([t[None, :] <= t[:, None]] + [torch.eye(s, dtype=torch.bool)] * i, 1)[None, None]
+            hidden = drafter.finish(hidden, drafter.attend(q, torch.cat(keys, 1), torch.cat(vals, 1), mask))
+            ok = (t + 2 + i < s)[None, :] & gm[:, (t + 2 + i).clamp(max=s - 1)]
+            r, c = ok.nonzero(as_tuple=True)
+            pick = torch.randperm(len(r), generator=gen)[:20]
+            r, c = r[pick], c[pick]
+            p_t, _ = td.target_probs(target, final[r, c + 1 + i], None, None)
+            logits = td.draft_logits(drafter.norm(hidden[r, c]), target, None)
+            total = total + 0.8**i * -(p_t * torch.log_softmax(logits, -1)).sum(-1).mean()
+        return total
+
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    want = dense()
+    got, _ = td.eagle3_loss(drafter, target, ids, gm, taps, final, max_slots=20, gen=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, want)
+    for a, e in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
 
 
 def test_a_longer_gen_limit_starts_from_the_shorter_runs_answers(tmp_path):

@@ -66,29 +66,37 @@ class Eagle3Drafter(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv)
         return o.transpose(1, 2).flatten(2)
 
-    def attend_chain(self, q, k0, v0, ks: list, vs: list):
-        """Training-time test attention: slot t attends causally to step 0's slots <= t and to its own slot t of
-        each later step (ks / vs: steps 1..i). Equal to `attend` with that mask over all (i+1)*S keys, at the cost
-        of one S x S product per kv head plus i per-slot products (the masked product was most of a training
-        step). The query heads sharing a kv head are stacked as rows, so keys and values are never repeated.
+    def attend_slots(self, q, k0, v0, rows, cols, ks: list, vs: list):
+        """Training-time test attention for chosen slots only: slot (row, col) attends causally to step 0's slots
+        <= col of its row and to its own slot of each later step (ks / vs: steps 1..i, one entry per chosen
+        slot). The slots are sorted by row, so each row's queries are one contiguous block; the query heads
+        sharing a kv head are stacked, so keys and values are never repeated.
 
-        q [B, S, H, D], k0 / v0 and each of ks / vs [B, S, Hkv, D] -> [B, S, H*D]."""
-        b, s, h, d = q.shape
-        g, rep = self.n_kv, h // self.n_kv
-        qg = q.view(b, s, g, rep, d)
-        rows = qg.permute(0, 2, 3, 1, 4).reshape(b * g, rep * s, d)  # row r*S + t: query head r of slot t
-        causal = torch.full((s, s), float("-inf"), dtype=q.dtype, device=q.device).triu(1).repeat(rep, 1)
-        scores = torch.baddbmm(causal, rows, k0.permute(0, 2, 3, 1).reshape(b * g, d, s), alpha=d**-0.5)
-        scores = scores.view(b, g, rep, s, s)
+        q [N, H, D], k0 / v0 [B, S, Hkv, D], rows / cols [N], each of ks / vs [N, Hkv, D] -> [N, H*D]."""
+        n, h, d = q.shape
+        g, rep, s = self.n_kv, h // self.n_kv, k0.shape[1]
+        qg = q.view(n, g, rep, d)
+        own = own_v = None
         if ks:
-            own = (qg @ torch.stack(ks, -1)) * d**-0.5  # [B, S, g, rep, i]: slot t against its own later slots
-            scores = torch.cat([scores, own.permute(0, 2, 3, 1, 4)], -1)
-        p = scores.softmax(-1)
-        out = p[..., :s].reshape(b * g, rep * s, s) @ v0.permute(0, 2, 1, 3).reshape(b * g, s, d)
-        out = out.view(b, g, rep, s, d).permute(0, 3, 1, 2, 4)  # [B, S, g, rep, D]
-        if ks:
-            out = out + p[..., s:].permute(0, 3, 1, 2, 4) @ torch.stack(vs, -2)  # [.., rep, i] @ [.., i, D]
-        return out.reshape(b, s, h * d)
+            own = torch.einsum("ngrd,ngdi->ngri", qg, torch.stack(ks, -1)) * d**-0.5  # [N, g, rep, i]
+            own_v = torch.stack(vs, -2)  # [N, g, i, D]
+        outs, lo = [], 0
+        for r, m in enumerate(torch.bincount(rows, minlength=k0.shape[0]).tolist()):
+            if m == 0:
+                continue
+            sl = slice(lo, lo + m)
+            lo += m
+            scores = torch.einsum("mgrd,sgd->mgrs", qg[sl], k0[r]) * d**-0.5
+            future = torch.arange(s, device=q.device)[None, :] > cols[sl, None]  # [m, S]
+            scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
+            if own is not None:
+                scores = torch.cat([scores, own[sl]], -1)
+            p = scores.softmax(-1)
+            o = torch.einsum("mgrs,sgd->mgrd", p[..., :s], v0[r])
+            if own is not None:
+                o = o + p[..., s:] @ own_v[sl]
+            outs.append(o)
+        return torch.cat(outs).reshape(n, h * d)
 
     # -- inference ------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -258,36 +258,46 @@ def eagle3_loss(drafter, target, ids, gen_mask, taps, final, decay: float = 0.8,
     Slot t at step i has position t+i, input (hidden, embedding of token t+1+i) and predicts token t+2+i
     against the target's distribution there; it attends to step-0 slots <= t and to its own chain (slot t of
     steps 1..i), exactly what drafting step i sees at inference. Each step's loss is taken on at most `max_slots`
-    random supervised slots (every slot still runs through the layer): the LM head dominates the cost.
+    random supervised slots. A slot's chain depends on no other chain, so only the chains some step supervises
+    are unrolled; step 0 projects every slot (all of them are keys) but runs attention and the MLP only for
+    those chains.
 
     With `vocab` (see drafter_loss) the soft CE runs over the draft vocabulary: the target's mass outside it is
     a term the drafter cannot change, left out."""
     b, s = ids.shape
     steps = drafter.cfg.block_size
-    hidden = drafter.fc(taps.to(drafter.fc.weight.dtype))
     t = torch.arange(s, device=ids.device)
+    picks = []  # per step: flat indices row * s + col of the supervised slots
+    for i in range(steps):
+        ok = (t + 2 + i < s)[None, :] & gen_mask[:, (t + 2 + i).clamp(max=s - 1)]
+        flat = ok.flatten().nonzero()[:, 0]
+        if len(flat) > max_slots:
+            flat = flat[torch.randperm(len(flat), generator=gen)[:max_slots].to(ids.device)]
+        picks.append(flat)
+    chains = torch.unique(torch.cat(picks))  # sorted: row-major, as attend_slots wants
+    if len(chains) == 0:
+        return (drafter.fc.weight * 0).sum(), {}
+    rows, cols = chains // s, chains % s
+    hidden0 = drafter.fc(taps.to(drafter.fc.weight.dtype))
+    emb = target.model.embed_tokens(ids[:, (t + 1).clamp(max=s - 1)]).detach()
+    q, k0, v0 = drafter.project(hidden0, emb, t.expand(b, s))
+    hidden = drafter.finish(hidden0[rows, cols], drafter.attend_slots(q[rows, cols], k0, v0, rows, cols, [], []))
     keys, vals = [], []
     total, metrics = 0.0, {}
     for i in range(steps):
-        nxt = (t + 1 + i).clamp(max=s - 1)
-        emb = target.model.embed_tokens(ids[:, nxt]).detach()
-        q, k, v = drafter.project(hidden, emb, (t + i).expand(b, s))
-        keys.append(k)
-        vals.append(v)
-        out = drafter.attend_chain(q, keys[0], vals[0], keys[1:], vals[1:])  # step-0 slots <= t, own chain
-        hidden = drafter.finish(hidden, out)
-        ok = (t + 2 + i < s)[None, :] & gen_mask[:, (t + 2 + i).clamp(max=s - 1)]
-        rows, cols = ok.nonzero(as_tuple=True)
-        if len(rows) > max_slots:
-            pick = torch.randperm(len(rows), generator=gen)[:max_slots].to(ids.device)
-            rows, cols = rows[pick], cols[pick]
-        if len(rows) == 0:
+        if i:
+            emb = target.model.embed_tokens(ids[rows, (cols + 1 + i).clamp(max=s - 1)]).detach()
+            q, k, v = drafter.project(hidden, emb, cols + i)
+            keys.append(k)
+            vals.append(v)
+            hidden = drafter.finish(hidden, drafter.attend_slots(q, k0, v0, rows, cols, keys, vals))
+        if len(picks[i]) == 0:
             continue
-        logits = draft_logits(drafter.norm(hidden[rows, cols]), target, vocab)
-        with torch.no_grad():  # the target's distribution at t+1+i predicts token t+2+i
-            at = cols + 1 + i
-            p_t, _ = target_probs(target, final[rows, at], vocab, None if lse is None else lse[rows, at])
-            best = p_t.argmax(-1) if vocab is None else amax[rows, at].long()
+        at_rows, at = picks[i] // s, picks[i] % s + 1 + i  # the target's distribution at t+1+i predicts t+2+i
+        logits = draft_logits(drafter.norm(hidden[torch.searchsorted(chains, picks[i])]), target, vocab)
+        with torch.no_grad():
+            p_t, _ = target_probs(target, final[at_rows, at], vocab, None if lse is None else lse[at_rows, at])
+            best = p_t.argmax(-1) if vocab is None else amax[at_rows, at].long()
         soft_ce = -(p_t * F.log_softmax(logits, -1)).sum(-1)
         total = total + decay**i * soft_ce.mean()
         if i == 0:
