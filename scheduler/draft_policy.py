@@ -84,13 +84,15 @@ class DraftPolicy:
         out = {}
         for b in sorted({b for b, _ in self.step_rate}):
             d, p = self.step_rate.get((b, True)), self.step_rate.get((b, False))
-            out[self.band_label(b)] = (d and d[1], p and p[1], self.drafting_pays(1 << b))
+            out[self.band_label(b)] = (d and d[1], p and p[1], self._band_pays(b))
         return out
 
     def drafting_pays(self, requests: int) -> bool | None:
         """Did steps with drafters deliver at least the tokens/s of plain steps, at this batch size? None: not
         enough steps of both kinds yet (4 each)."""
-        b = self.band(requests)
+        return self._band_pays(self.band(requests))
+
+    def _band_pays(self, b: int) -> bool | None:
         d, p = self.step_rate.get((b, True)), self.step_rate.get((b, False))
         if d is None or p is None or d[0] < 4 or p[0] < 4:
             return None
@@ -133,7 +135,7 @@ class DraftPolicy:
         b = self.band(len(cands))
         tick = self.band_steps[b] = self.band_steps.get(b, 0) + 1
         check = tick % self.guard_every == 0
-        pays = self.drafting_pays(len(cands))
+        pays = self._band_pays(b)
         if chosen and (check if pays is not False else not check):
             # drafting measured as worse here: only every guard_every-th step drafts; otherwise every
             # guard_every-th step runs plain, to keep the baseline measured

@@ -80,6 +80,7 @@ class Eagle3Drafter(nn.Module):
         if ks:
             own = torch.einsum("ngrd,ngdi->ngri", qg, torch.stack(ks, -1)) * d**-0.5  # [N, g, rep, i]
             own_v = torch.stack(vs, -2)  # [N, g, i, D]
+        key_pos = torch.arange(s, device=q.device)
         outs, lo = [], 0
         for r, m in enumerate(torch.bincount(rows, minlength=k0.shape[0]).tolist()):
             if m == 0:
@@ -87,7 +88,7 @@ class Eagle3Drafter(nn.Module):
             sl = slice(lo, lo + m)
             lo += m
             scores = torch.einsum("mgrd,sgd->mgrs", qg[sl], k0[r]) * d**-0.5
-            future = torch.arange(s, device=q.device)[None, :] > cols[sl, None]  # [m, S]
+            future = key_pos[None, :] > cols[sl, None]  # [m, S]
             scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
             if own is not None:
                 scores = torch.cat([scores, own[sl]], -1)
