@@ -83,6 +83,9 @@ class LLMEngine:
         backend = make_backend(settings.attention_backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                settings.device, dtype)
         self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width)
+        if settings.graphs_on:  # before the cost profile, so that it times the steps as they will run
+            self.runner.enable_graphs(1 + draft_len, min(settings.max_graph_batch, settings.max_num_seqs),
+                                      settings.max_graph_tokens, self.max_model_len, self.tap_layers)
         if policy is not None and policy.adaptive:
             ctx = self._scratch_context()  # built once, outside what is timed
             self.cost.profile(self._profile_step, min(512, settings.max_num_batched_tokens, self.max_model_len),

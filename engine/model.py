@@ -68,6 +68,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self._cache_len = 0
         self._cos = self._sin = None
+        self.reserved = False  # set by reserve(): the table covers every position, forward() reads none back
 
     def _extend(self, n: int, device: torch.device) -> None:
         n = max(n, 2 * self._cache_len, 256)
@@ -76,10 +77,18 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self._cos, self._sin, self._cache_len = emb.cos(), emb.sin(), n
 
+    def reserve(self, n: int, device: torch.device) -> None:
+        """Build the table for positions 0..n-1 now, and stop checking positions against it: the check reads the
+        largest position back from the device (a sync on CUDA, and a capture error inside a CUDA graph). The
+        caller guarantees every position is < n (the engine's max_model_len)."""
+        self._extend(n, torch.device(device))
+        self.reserved = True
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(positions.max()) + 1 if positions.numel() else 1
-        if need > self._cache_len or self._cos.device != positions.device:
-            self._extend(need, positions.device)
+        if not self.reserved:
+            need = int(positions.max()) + 1 if positions.numel() else 1
+            if need > self._cache_len or self._cos.device != positions.device:
+                self._extend(need, positions.device)
         return self._cos[positions].to(dtype), self._sin[positions].to(dtype)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.block_manager import BlockManager
+from engine.cuda_graphs import GraphAttentionFactory, StepGraphs
 from engine.model import CausalLM
 from kernels.attention import AttentionBackend, AttentionMetadata
 
@@ -23,7 +24,10 @@ class ModelRunner:
         self.block_size = block_size
         c = model.config
         dtype = kv_dtype or next(model.parameters()).dtype
-        shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        # one block past the block manager's: the scratch block, which padding rows of CUDA-graph steps write to
+        # and read from, and which no request is ever given
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, c.num_key_value_heads, c.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(c.num_hidden_layers)
@@ -31,8 +35,35 @@ class ModelRunner:
         # The drafter's inputs (target hidden states of the tapped layers), paged exactly like the K/V: every
         # forward writes each token's row at its cache slot, so a request that maps cached prefix blocks finds
         # the drafter's context there too, and the drafter reads a request's context from its block table.
-        self.tap_cache = torch.zeros(num_blocks * block_size, tap_width, dtype=dtype, device=device) \
+        self.tap_cache = torch.zeros((num_blocks + 1) * block_size, tap_width, dtype=dtype, device=device) \
             if tap_width else None
+        self.graphs: StepGraphs | None = None
+
+    def enable_graphs(self, max_q: int, max_batch: int, max_tokens: int, max_model_len: int,
+                      tap_layers: tuple[int, ...] = (), capture: bool = True,
+                      make_attention: GraphAttentionFactory | None = None) -> dict:
+        """Serve decode and verification steps from CUDA graphs (engine/cuda_graphs.py), captured now; requests
+        bringing up to max_q tokens, up to max_batch requests and max_tokens rows. `capture=False` runs the same
+        padded steps eagerly (CPU tests); `make_attention` defaults to FlashInfer's CUDA-graph wrappers.
+        Returns what the capture took (graphs, seconds, bytes)."""
+        c = self.model.config
+        self.model.model.rotary_emb.reserve(max_model_len, self.device)  # no position read back in a step
+        if make_attention is None:
+            from kernels.flashinfer_backend import WORKSPACE_BYTES, FlashInferGraphAttention
+
+            workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            max_pages = -(-max_model_len // self.block_size)
+            dtype = self.kv_caches[0][0].dtype
+
+            def make_attention(bucket, slots):
+                return FlashInferGraphAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                                bucket.batch, bucket.batch * max_pages, slots, bucket.decode,
+                                                workspace, dtype)
+
+        self.graphs = StepGraphs(self.model, self.kv_caches, make_attention, self.block_size, self.scratch_block,
+                                 max_q, max_batch, max_tokens, tuple(i + 1 for i in tap_layers), self.device,
+                                 capture)
+        return self.graphs.capture_all()
 
     def build_metadata(self, chunks: list[tuple[list[int], int]], bm: BlockManager,
                        seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -64,10 +95,13 @@ class ModelRunner:
         `tap_layers` (0-based decoder layers) for every token, concatenated [T, len(tap_layers) * hidden], for the
         drafter (also written to the tap cache, when there is one)."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
-        self.backend.plan(meta)
-        hidden, taps = self.model(
-            ids, positions, self.backend, self.kv_caches, hidden_layers=tuple(i + 1 for i in tap_layers),
-        )
+        hidden_layers = tuple(i + 1 for i in tap_layers)
+        bucket = self.graphs.pick(meta.q_lens, hidden_layers) if self.graphs is not None else None
+        if bucket is not None:
+            hidden, taps = self.graphs.run(bucket, ids, positions, meta)
+        else:
+            self.backend.plan(meta)
+            hidden, taps = self.model(ids, positions, self.backend, self.kv_caches, hidden_layers=hidden_layers)
         index = torch.tensor(logits_index, dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden[index])  # stays on the device; empty when only mid-prompt chunks ran
         taps = torch.cat(taps, -1) if taps else None

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
                        "with native bf16 kernels, e.g. AVX512-BF16 / AMX; else float32)")
     attention_backend: str = Field("torch", description="torch (reference) | flashinfer (CUDA)")
     max_model_len: int | None = Field(None, description="context limit; default: the model's")
+    cuda_graphs: str = Field("auto", description="on | off | auto (on with --device cuda and --attention-backend "
+                             "flashinfer): decode and verification steps replay CUDA graphs of the target "
+                             "forward, captured at start-up per padded batch shape")
+    max_graph_batch: int = Field(64, description="CUDA graphs: largest batch (requests) captured")
+    max_graph_tokens: int = Field(512, description="CUDA graphs: most rows (batch tokens) of a captured step")
     # speculative decoding
     speculative: str = Field("none", description="none | dspark | dflash | eagle3 | auto (dspark if shipped)")
     drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
@@ -109,6 +114,17 @@ class Settings(BaseSettings):
             return torch.bfloat16
         mkldnn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         return torch.bfloat16 if mkldnn else torch.float32
+
+    @property
+    def graphs_on(self) -> bool:
+        """Whether the engine captures CUDA graphs: `auto` where they can run, `on` or an error saying why not."""
+        if self.cuda_graphs not in ("on", "off", "auto"):
+            raise ValueError(f"cuda_graphs must be on, off or auto, not {self.cuda_graphs!r}")
+        can = self.device.startswith("cuda") and self.attention_backend == "flashinfer"
+        if self.cuda_graphs == "on" and not can:
+            raise ValueError("--cuda-graphs on needs --device cuda and --attention-backend flashinfer (the torch "
+                             "backend's shapes change every step, so it cannot be captured)")
+        return self.cuda_graphs != "off" and can
 
     @property
     def drafters_dir(self) -> Path:

@@ -164,6 +164,32 @@ class TorchPagedAttention:
         return keys, values
 
 
+class TorchGraphAttention:
+    """The torch reference under a CUDA-graph bucket's contract (engine/cuda_graphs.py), so the graph runner's
+    padding runs on the CPU in CI: K/V of every row, padding included, go through the bucket's fixed slot buffer;
+    only the planned rows are attended, and the rows past them come out NaN (FlashInfer leaves them unwritten), so
+    a padding row that reached a real one would show."""
+
+    def __init__(self, slots: torch.Tensor):
+        self.slots = slots
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        self.rows = sum(meta.q_lens)
+        self.ref = TorchPagedAttention()
+        self.ref.plan(AttentionMetadata(meta.q_lens, meta.kv_lens, meta.block_tables, self.slots[: self.rows],
+                                        meta.block_size))
+
+    def forward(self, layer_idx, q, k, v, kv_cache, scale):
+        k_cache, v_cache = kv_cache
+        n_kv, d = k_cache.shape[-2:]
+        k_cache.view(-1, n_kv, d).index_copy_(0, self.slots, k.to(k_cache.dtype))
+        v_cache.view(-1, n_kv, d).index_copy_(0, self.slots, v.to(v_cache.dtype))
+        out = torch.full_like(q, float("nan"))
+        n = self.rows  # the reference writes those rows' K/V again, to the same slots
+        out[:n] = self.ref.forward(layer_idx, q[:n], k[:n], v[:n], kv_cache, scale)
+        return out
+
+
 def make_backend(name: str, num_qo_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, device: str = "cuda",
                  dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:
     if name == "torch":

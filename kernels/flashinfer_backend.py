@@ -123,3 +123,46 @@ class FlashInferAttention:
         if len(self.pre_rows):
             out[self.pre_rows] = self.prefill.run(q[self.pre_rows], (k_cache, v_cache))
         return out
+
+
+class FlashInferGraphAttention:
+    """FlashInfer for one CUDA-graph bucket (engine/cuda_graphs.py): a wrapper in CUDA-graph mode whose index
+    structures live in fixed buffers sized for `batch` requests, planned outside the graph every step; K/V are
+    written through the bucket's fixed slot buffer. Decode buckets use the decode kernel, the others the prefill
+    kernel (causal, bottom-right aligned), whose row limit is the row count of its first plan."""
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, batch: int, max_pages: int,
+                 slots: torch.Tensor, decode: bool, workspace: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+        import flashinfer
+
+        dev = slots.device
+        self.h, self.hkv, self.d, self.dtype, self.decode = num_qo_heads, num_kv_heads, head_dim, dtype, decode
+        self.scale = head_dim**-0.5
+        self.slots = slots
+        indptr = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+        indices = torch.zeros(max_pages, dtype=torch.int32, device=dev)
+        last = torch.zeros(batch, dtype=torch.int32, device=dev)
+        if decode:
+            self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=num_qo_heads != num_kv_heads,
+                paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last)
+        else:
+            self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=torch.zeros_like(indptr),
+                paged_kv_indptr_buf=indptr, paged_kv_indices_buf=indices, paged_kv_last_page_len_buf=last)
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        lay = paged_kv_layout(meta, list(range(len(meta.q_lens))))
+        common = dict(num_qo_heads=self.h, num_kv_heads=self.hkv, page_size=meta.block_size,
+                      q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
+        if self.decode:
+            self.wrapper.plan(lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len, head_dim=self.d, **common)
+        else:
+            self.wrapper.plan(lay.qo_indptr, lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len,
+                              head_dim_qk=self.d, causal=True, **common)
+
+    def forward(self, layer_idx, q, k, v, kv_cache, scale):
+        k_cache, v_cache = kv_cache
+        k_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slots, k.to(k_cache.dtype))
+        v_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slots, v.to(v_cache.dtype))
+        return self.wrapper.run(q.to(self.dtype), (k_cache, v_cache))

@@ -1,0 +1,119 @@
+"""CUDA-graph steps (engine/cuda_graphs.py), everything but the capture, on the CPU: buckets, padding requests on the
+scratch block, the fixed input buffers, and the engine's tokens through padded steps equal to the eager path's.
+
+The padded steps run eagerly (capture=False) with the torch reference under the graph backends' contract
+(kernels.attention.TorchGraphAttention: rows past the planned ones come out NaN, so padding that reached a real
+row would show). Capture and replay themselves are tested on a GPU host (tests/gpu/test_cuda.py)."""
+
+import random
+
+import pytest
+import torch
+from test_speculative import prompts
+
+from engine.cuda_graphs import Bucket, batch_sizes, pick_bucket, plan_buckets
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.settings import Settings
+from kernels.attention import TorchGraphAttention
+
+
+def test_buckets_cover_every_step_up_to_the_limits():
+    assert batch_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64] and batch_sizes(5) == [1, 2, 4, 5]
+    buckets = plan_buckets(64, 8, 512)
+    assert [k for k in buckets if k.decode] == [Bucket(b, b) for b in batch_sizes(64)]
+    assert [k.tokens for k in buckets if k.batch == 1] == [1, 2, 4, 8]
+    assert max(k.tokens for k in buckets) == 512 and Bucket(64, 512) in buckets
+    rng = random.Random(0)
+    for _ in range(2000):
+        b = rng.randint(1, 64)
+        q_lens = [1] * b if rng.random() < 0.3 else [rng.randint(1, 8) for _ in range(b)]
+        k = pick_bucket(buckets, q_lens, 8)
+        assert k is not None, q_lens  # 64 requests x 8 rows is the largest step, and fits 512
+        t = sum(q_lens)
+        assert k.batch >= b and k.tokens >= t + k.batch - b and k.decode == (t == b)
+        # the smallest: no bucket of the same kind with fewer requests, or as many and fewer rows, holds it
+        assert not any(j < k and j.decode == k.decode and j.batch >= b and j.tokens >= t + j.batch - b
+                       for j in buckets)
+    assert pick_bucket(buckets, [1] * 65, 8) is None and pick_bucket(buckets, [9], 8) is None
+    assert pick_bucket(plan_buckets(8, 1, 512), [2], 1) is None  # no drafting: decode buckets only
+
+
+def emulated(eng: LLMEngine, max_batch: int = 16, max_q: int | None = None) -> LLMEngine:
+    """Serve eng's decode and verification steps through padded bucket steps, eagerly."""
+    max_q = max_q or 1 + eng.scheduler.draft_len
+    eng.runner.enable_graphs(max_q, max_batch, 64, eng.max_model_len, eng.tap_layers,
+                             capture=False, make_attention=lambda k, slots: TorchGraphAttention(slots))
+    return eng
+
+
+@pytest.fixture(scope="module")
+def work():
+    tok = LLMEngine(Settings()).tokenizer
+    ps = prompts(tok, 24)
+    ps += [ps[0] + tok.encode(" and more"), ps[0] + tok.encode(" or less")]  # cached-prefix hits
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=20) if i % 4 == 3 else
+              SamplingParams(temperature=0, max_tokens=20) for i in range(len(ps))]
+    return ps, params
+
+
+@pytest.mark.parametrize("spec,policy", [("none", "fixed"), ("dspark", "fixed"), ("eagle3", "fixed"),
+                                         ("dspark", "adaptive")])
+@pytest.mark.parametrize("kv_blocks", [None, 40])  # 40 blocks of 4 tokens: requests get preempted
+def test_padded_bucket_steps_give_the_eager_tokens(spec, policy, kv_blocks, work):
+    """Greedy and seeded sampled requests, drafting or not, under preemption and prefix hits: the same tokens
+    whether decode/verify steps run padded into buckets or eagerly. Draft lengths vary by request (cut where the
+    confidence falls below 0.3, or chosen by the adaptive policy). The adaptive policy's lengths follow measured
+    step times, which differ between two runs, and a sampled request's draws follow its lengths: there only the
+    greedy requests are compared."""
+    ps, params = work
+
+    def run(graphs: bool):
+        eng = LLMEngine(Settings(max_num_seqs=8, block_size=4, num_kv_blocks=kv_blocks, speculative=spec,
+                                 draft_policy=policy, confidence_threshold=0.3, max_num_batched_tokens=64))
+        if graphs:
+            emulated(eng, max_batch=8)
+        seqs = eng.generate(ps, params)
+        eng.block_manager.check()
+        return eng, [s.output_ids for s in seqs]
+
+    _, ref = run(False)
+    eng, out = run(True)
+    if policy == "adaptive":
+        out, ref = ([o for o, p in zip(x, params) if p.greedy] for x in (out, ref))
+    assert out == ref
+    assert 0.5 * eng.stats["steps"] < eng.runner.graphs.replays < eng.stats["steps"]  # and prompt chunks eagerly
+    if spec != "none":
+        assert eng.stats["accepted_tokens"] > 0
+    if kv_blocks:
+        assert eng.scheduler.num_preemptions > 0
+    assert eng.block_manager.hits > 0  # prompts shared cached blocks
+
+
+def test_padding_never_touches_a_requests_blocks():
+    """Padding rows and requests write only the scratch block: every other block's K/V after a padded step equals
+    the eager step's, and the hidden states of the step's rows are equal."""
+    eng = LLMEngine(Settings(block_size=4, num_kv_blocks=64, speculative="none"))
+    tok = eng.tokenizer
+    runner, bm = eng.runner, eng.block_manager
+    ctx = [tok.encode("def parse(x):\n    return"), tok.encode("Hello"), tok.encode("import os")]
+    for sid, ids in enumerate(ctx):
+        bm.allocate(sid, len(ids) + 3)
+        runner.forward([(ids, 0)], bm, [sid], [len(ids) - 1])
+    # verify rows of 3 and 2 and a decode row: bucket (4, 8), with one padding request and one row past the plan
+    step = [([5, 6, 7], len(ctx[0])), ([9], len(ctx[1])), ([11, 12], len(ctx[2]))]
+    rows = list(range(6))
+    before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    eager, _ = runner.forward(step, bm, [0, 1, 2], rows)
+    after_eager = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    for (k, v), (k0, v0) in zip(runner.kv_caches, before):
+        k.copy_(k0), v.copy_(v0)
+    emulated(eng, max_batch=4, max_q=4)
+    assert runner.graphs.pick([3, 1, 2], runner.graphs.hidden_layers) == Bucket(4, 8)
+    padded, _ = runner.forward(step, bm, [0, 1, 2], rows)
+    torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
+    s = runner.scratch_block
+    for (k, v), (ke, ve) in zip(runner.kv_caches, after_eager):
+        assert torch.equal(k[:s], ke[:s]) and torch.equal(v[:s], ve[:s])
+    assert all(k[s].abs().sum() > 0 for k, _ in runner.kv_caches)  # the padding wrote there (it was zeros)
+    assert runner.graphs.replays == 1
