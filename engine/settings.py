@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     def _resolve_model(cls, v: str) -> str:
         return str(resolve_model(v))
 
+    @field_validator("cuda_graphs")
+    @classmethod
+    def _graphs_mode(cls, v: str) -> str:
+        if v not in ("on", "off", "auto"):
+            raise ValueError(f"cuda_graphs must be on, off or auto, not {v!r}")
+        return v
+
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, v: str) -> str:
@@ -118,8 +125,6 @@ class Settings(BaseSettings):
     @property
     def graphs_on(self) -> bool:
         """Whether the engine captures CUDA graphs: `auto` where they can run, `on` or an error saying why not."""
-        if self.cuda_graphs not in ("on", "off", "auto"):
-            raise ValueError(f"cuda_graphs must be on, off or auto, not {self.cuda_graphs!r}")
         can = self.device.startswith("cuda") and self.attention_backend == "flashinfer"
         if self.cuda_graphs == "on" and not can:
             raise ValueError("--cuda-graphs on needs --device cuda and --attention-backend flashinfer (the torch "

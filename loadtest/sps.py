@@ -61,7 +61,8 @@ def random_model(shape: dict, device: str, dtype: torch.dtype) -> CausalLM:
 
 def sps_curve(shape: dict = QWEN3_8B, device: str = "cuda", backend: str = "flashinfer", context: int = 1024,
               draft: int = 3, requests: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 10,
-              dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+              dtype: torch.dtype = torch.bfloat16, graphs: bool = False) -> list[dict]:
+    """`graphs`: the steps replay CUDA graphs (one bucket per request count, captured before timing)."""
     model = random_model(shape, device, dtype)
     cfg = model.config
     bs = 16
@@ -69,6 +70,8 @@ def sps_curve(shape: dict = QWEN3_8B, device: str = "cuda", backend: str = "flas
     bm = BlockManager(per_req * max(requests) + 1, bs)
     runner = ModelRunner(model, make_backend(backend, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                                              device, dtype), bm.num_blocks, bs, device, dtype)
+    if graphs:
+        runner.enable_graphs(draft + 1, max(requests), max(requests) * (draft + 1), per_req * bs)
     bw = copy_bandwidth(device, 1024 if device.startswith("cuda") else 128)
     # a step reads every weight once, except the embedding table (only the rows of its tokens)
     emb = model.model.embed_tokens.weight
@@ -105,14 +108,17 @@ def sps_curve(shape: dict = QWEN3_8B, device: str = "cuda", backend: str = "flas
     return rows
 
 
-def write_sps(path: str, rows: list[dict], cmd: str, device: str, backend: str, context: int, draft: int) -> None:
+def write_sps(path: str, rows: list[dict], cmd: str, device: str, backend: str, context: int, draft: int,
+              graphs: bool = False) -> None:
     from pathlib import Path
 
     from engine.report import replace_section
 
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else device
     meta = rows[-1]
-    lines = [f"<!-- bench:sps-{backend} -->", f"## Verification step time vs batch tokens ({dev}, {backend})", "",
+    name = f"sps-{backend}" + ("-graphs" if graphs else "")
+    title = f"{backend}, CUDA graphs" if graphs else backend
+    lines = [f"<!-- bench:{name} -->", f"## Verification step time vs batch tokens ({dev}, {title})", "",
              f"Command: `{cmd}`. Qwen3-8B-shaped target with random bf16 weights ({meta['weight_gb']:.1f} GB; "
              f"timing does not depend on the values); each request holds {context} tokens of KV and verifies "
              f"{draft} draft tokens + 1. Floor = (weight bytes + KV bytes read) / measured copy bandwidth "
@@ -122,5 +128,5 @@ def write_sps(path: str, rows: list[dict], cmd: str, device: str, backend: str, 
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['requests']} | {r['batch_tokens']} | {r['step_ms']:.2f} | {r['sps']:.1f} | {r['floor_ms']:.2f} | "
               f"{r['floor_ratio']:.2f}x | {r['bytes_to_host']} |" for r in rows[:-1]]
-    lines += ["", f"<!-- /bench:sps-{backend} -->"]
-    replace_section(Path(path), f"sps-{backend}", "\n".join(lines))
+    lines += ["", f"<!-- /bench:{name} -->"]
+    replace_section(Path(path), name, "\n".join(lines))

@@ -139,12 +139,15 @@ def cmd_bench(args) -> None:
 
         settings = _settings(args)
         shape = QWEN3_8B if args.sps == "qwen3-8b" else TINY
-        rows = sps_curve(shape, settings.device, settings.attention_backend, args.sps_context, args.sps_draft)
+        graphs = settings.graphs_on
+        rows = sps_curve(shape, settings.device, settings.attention_backend, args.sps_context, args.sps_draft,
+                         graphs=graphs)
         if args.write:
             cmd = (f"dspark bench --sps {args.sps} --device {settings.device} --attention-backend "
-                   f"{settings.attention_backend} --sps-context {args.sps_context} --sps-draft {args.sps_draft}")
+                   f"{settings.attention_backend} --cuda-graphs {'on' if graphs else 'off'} --sps-context "
+                   f"{args.sps_context} --sps-draft {args.sps_draft}")
             write_sps(args.write, rows, cmd, settings.device, settings.attention_backend, args.sps_context,
-                      args.sps_draft)
+                      args.sps_draft, graphs)
         return
     if args.speculative_methods:
         bench_speculative(_settings(args), args.speculative_methods.split(","), tokens=args.tokens, write=args.write,

@@ -122,3 +122,79 @@ def test_sampled_distribution_on_gpu(case, monkeypatch):
     counts, joint, eng = tl.run_case(c)
     tl.assert_multi_token_rounds(eng, c.policy)
     assert tl.tv(counts, joint, tl.N) < tl.tv_bound(joint, tl.N)
+
+
+def graph_engine(spec: str, capture: bool):
+    """bf16 FlashInfer engine on the GPU, decode/verify steps through CUDA-graph buckets: captured, or (capture
+    False) the same buckets and FlashInfer graph-mode wrappers run eagerly. A small KV pool forces preemption."""
+    from engine.llm_engine import LLMEngine
+    from engine.settings import Settings
+
+    eng = LLMEngine(Settings(device="cuda", attention_backend="flashinfer", dtype="bfloat16", speculative=spec,
+                             draft_policy="fixed", confidence_threshold=0.3, max_num_seqs=8, num_kv_blocks=24,
+                             cuda_graphs="on" if capture else "off"))
+    if not capture:
+        eng.runner.enable_graphs(1 + eng.scheduler.draft_len, 8, 512, eng.max_model_len, eng.tap_layers,
+                                 capture=False)
+    return eng
+
+
+@cuda
+@needs_fi
+@pytest.mark.parametrize("spec", ["none", "dspark", "eagle3"])
+def test_cuda_graph_replay_equals_the_same_steps_run_eagerly(spec):
+    """Replayed graphs against the same padded steps run eagerly (same kernels, same shapes): the same tokens, bit
+    for bit, greedy and seeded sampled, through KV growth, preemption and rolled-back drafts. A stale buffer
+    (ids, positions, slots, block tables, lengths) in a replay would show here."""
+    from test_speculative import prompts
+
+    from engine.sampling import SamplingParams
+
+    outs = []
+    for capture in (True, False):
+        eng = graph_engine(spec, capture)
+        ps = prompts(eng.tokenizer, 16)
+        params = [SamplingParams(temperature=0.8, seed=i, max_tokens=32) if i % 3 == 2 else
+                  SamplingParams(temperature=0, max_tokens=32) for i in range(len(ps))]
+        outs.append([s.output_ids for s in eng.generate(ps, params)])
+        assert eng.runner.graphs.replays > 0
+        assert bool(eng.runner.graphs.graphs) == capture
+        if capture:
+            assert eng.scheduler.num_preemptions > 0
+            if spec != "none":
+                assert eng.stats["accepted_tokens"] > 0
+        eng.block_manager.check()
+    assert outs[0] == outs[1]
+
+
+@cuda
+@needs_fi
+def test_cuda_graph_step_close_to_the_eager_step():
+    """One verification step (rows of 3, 1 and 2: a padding request and a row past the plan) replayed from a graph
+    against the eager FlashInfer step: logits within bf16 rounding, and the padding wrote only the scratch block."""
+    from engine.llm_engine import LLMEngine
+    from engine.settings import Settings
+
+    eng = LLMEngine(Settings(device="cuda", attention_backend="flashinfer", dtype="bfloat16", speculative="none",
+                             num_kv_blocks=64))
+    runner, bm, tok = eng.runner, eng.block_manager, eng.tokenizer
+    ctx = [tok.encode("def parse(x):\n    return"), tok.encode("Hello"), tok.encode("import os")]
+    for sid, ids in enumerate(ctx):
+        bm.allocate(sid, len(ids) + 3)
+        runner.forward([(ids, 0)], bm, [sid], [len(ids) - 1])
+    step = [([5, 6, 7], len(ctx[0])), ([9], len(ctx[1])), ([11, 12], len(ctx[2]))]
+    before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    eager = runner.forward(step, bm, [0, 1, 2], list(range(6)))[0].float()
+    after = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    for (k, v), (k0, v0) in zip(runner.kv_caches, before):
+        k.copy_(k0), v.copy_(v0)
+    took = runner.enable_graphs(4, 4, 64, eng.max_model_len)
+    assert took["graphs"] == len(runner.graphs.buckets) > 0
+    graphed = runner.forward(step, bm, [0, 1, 2], list(range(6)))[0].float()
+    assert runner.graphs.replays == 1
+    scale = eager.abs().max()
+    assert (graphed - eager).abs().max() <= 0.03 * scale
+    s = runner.scratch_block
+    for (k, v), (ke, ve) in zip(runner.kv_caches, after):
+        torch.testing.assert_close(k[:s], ke[:s], atol=0.03, rtol=0.03)
+        torch.testing.assert_close(v[:s], ve[:s], atol=0.03, rtol=0.03)
