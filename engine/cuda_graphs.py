@@ -144,6 +144,7 @@ class StepGraphs:
                           hidden_layers=self.hidden_layers)
 
     # -- start-up ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def capture_all(self) -> dict:
         """Capture every bucket's graph, largest first, into one memory pool (a smaller graph's buffers fit in
         what the larger ones left). Each bucket is first planned at its full row count (FlashInfer's prefill
