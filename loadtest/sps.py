@@ -49,6 +49,30 @@ def copy_bandwidth(device: str, mib: int = 1024, repeats: int = 5) -> float:
     return 2 * src.numel() * 2 / best
 
 
+def profile_step(step, device: str, step_s: float) -> tuple[int | None, float | None]:
+    """One step under torch.profiler on CUDA: the kernel launches the host made (a graph replay is one launch) and
+    the share of `step_s` (the unprofiled step time) the GPU spent running kernels and copies. (None, None) on
+    the CPU, or where the profiler fails (printed; the bench goes on)."""
+    if not device.startswith("cuda"):
+        return None, None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            _sync(device)
+        events = prof.events()
+        launch_apis = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")
+        launches = sum(1 for e in events if e.name.startswith(launch_apis))
+        busy_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
+        return launches, busy_us * 1e-6 / step_s
+    except Exception as e:  # a diagnostic column; the step times stand without it
+        print(f"profiler failed: {e!r}", flush=True)
+        return None, None
+
+
 def random_model(shape: dict, device: str, dtype: torch.dtype) -> CausalLM:
     cfg = ModelConfig.from_dict(shape)
     with torch.device(device):
@@ -95,15 +119,18 @@ def sps_curve(shape: dict = QWEN3_8B, device: str = "cuda", backend: str = "flas
             t0 = time.perf_counter()
             to_host = verify_step(runner.forward(*step)[0], reqs).bytes_to_host  # ends with the host copy
             times.append(time.perf_counter() - t0)
+        med = sorted(times)[len(times) // 2]
+        launches, busy = profile_step(lambda s=step, v=reqs: verify_step(runner.forward(*s)[0], v), device, med)
         for sid in range(r):
             bm.free(sid)
-        med = sorted(times)[len(times) // 2]
         kv_bytes = r * (context + q) * kv_bytes_per_token(model, dtype)
         floor = (weight_bytes + kv_bytes) / bw
         rows.append({"requests": r, "batch_tokens": r * q, "step_ms": med * 1e3, "sps": 1 / med,
-                     "floor_ms": floor * 1e3, "floor_ratio": med / floor, "bytes_to_host": to_host})
+                     "floor_ms": floor * 1e3, "floor_ratio": med / floor, "bytes_to_host": to_host,
+                     "launches": launches, "gpu_busy": busy})
+        prof = f"  {launches} launches, GPU busy {busy:.0%}" if busy is not None else ""
         print(f"R={r:>3} B={r * q:>4}: {med * 1e3:8.2f} ms/step  {1 / med:7.1f} steps/s  floor {floor * 1e3:7.2f} ms "
-              f"({med / floor:.2f}x)  {to_host} B to host", flush=True)
+              f"({med / floor:.2f}x)  {to_host} B to host{prof}", flush=True)
     rows.append({"copy_bandwidth_gb_s": bw / 1e9, "weight_gb": weight_bytes / 1e9})
     return rows
 
@@ -123,10 +150,17 @@ def write_sps(path: str, rows: list[dict], cmd: str, device: str, backend: str, 
              f"timing does not depend on the values); each request holds {context} tokens of KV and verifies "
              f"{draft} draft tokens + 1. Floor = (weight bytes + KV bytes read) / measured copy bandwidth "
              f"({meta['copy_bandwidth_gb_s']:.0f} GB/s, read + write). A step is the forward, the batched greedy "
-             "verification on the device and the copy of its results to the host. Median of 10 steps.", "",
-             "| requests | batch tokens | step ms | steps/s | floor ms | step / floor | bytes to host |",
-             "|---|---|---|---|---|---|---|"]
+             "verification on the device and the copy of its results to the host. Median of 10 steps. Launches: "
+             "kernel launches the host made in one more step, under torch.profiler (a graph replay is one); GPU "
+             "busy: that step's kernel and copy time over the median step time.", "",
+             "| requests | batch tokens | step ms | steps/s | floor ms | step / floor | bytes to host | launches | "
+             "GPU busy |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['requests']} | {r['batch_tokens']} | {r['step_ms']:.2f} | {r['sps']:.1f} | {r['floor_ms']:.2f} | "
-              f"{r['floor_ratio']:.2f}x | {r['bytes_to_host']} |" for r in rows[:-1]]
+              f"{r['floor_ratio']:.2f}x | {r['bytes_to_host']} | {_or_dash(r['launches'], '{}')} | "
+              f"{_or_dash(r['gpu_busy'], '{:.0%}')} |" for r in rows[:-1]]
     lines += ["", f"<!-- /bench:{name} -->"]
     replace_section(Path(path), name, "\n".join(lines))
+
+
+def _or_dash(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
