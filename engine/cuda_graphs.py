@@ -8,7 +8,7 @@ shape (requests B_g, rows T_g), and reads its inputs from fixed buffers that a s
 - the attention backend's index structures (FlashInfer wrappers in CUDA-graph mode): one backend per bucket,
   planned outside the graph each step, with B_g requests. Requests past the step's B are padding requests of one
   token each, whose only key is their own, on the scratch block (one block past the block manager's, which no
-  request is ever given). Rows past the planned ones belong to no request: attention leaves them alone, and every
+  request is ever given). Rows past the planned ones belong to no request: attention writes zeros there, and every
   other layer works row by row, so what they hold never reaches a real row.
 
 Pure decode steps (every request brings one token) have buckets (B_g, B_g) and FlashInfer's decode kernel; steps
@@ -62,7 +62,7 @@ def plan_buckets(max_batch: int, max_q: int, max_tokens: int) -> list[Bucket]:
         t = 1
         while max_q > 1 and t < b * max_q and t < max_tokens:
             t *= 2
-            if t > b:
+            if min(t, max_tokens) > b:
                 out.append(Bucket(b, min(t, max_tokens)))
     return sorted(set(out))
 
@@ -149,8 +149,10 @@ class StepGraphs:
         """Capture every bucket's graph, largest first, into one memory pool (a smaller graph's buffers fit in
         what the larger ones left). Each bucket is first planned at its full row count (FlashInfer's prefill
         wrapper fixes its row limit at the first plan) and run once eagerly (JIT, cuBLAS handles), then captured.
-        Returns what it took: graphs, seconds, bytes of device memory."""
+        Returns what it took: graphs, seconds, bytes of device memory. Without capture, only the first plans."""
         if not self.capture:
+            for bucket in self.buckets:
+                self._fill_dummy(bucket)
             return {"graphs": 0, "seconds": 0.0, "bytes": 0}
         t0 = time.perf_counter()
         torch.cuda.synchronize()

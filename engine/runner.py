@@ -51,7 +51,7 @@ class ModelRunner:
         if make_attention is None:
             from kernels.flashinfer_backend import WORKSPACE_BYTES, FlashInferGraphAttention
 
-            workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)  # FlashInfer asks zeros
             max_pages = -(-max_model_len // self.block_size)
             dtype = self.kv_caches[0][0].dtype
 

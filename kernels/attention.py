@@ -167,14 +167,19 @@ class TorchPagedAttention:
 class TorchGraphAttention:
     """The torch reference under a CUDA-graph bucket's contract (engine/cuda_graphs.py), so the graph runner's
     padding runs on the CPU in CI: K/V of every row, padding included, go through the bucket's fixed slot buffer;
-    only the planned rows are attended, and the rows past them come out NaN (FlashInfer leaves them unwritten), so
-    a padding row that reached a real one would show."""
+    only the planned rows are attended, and the rows past them come out NaN (FlashInfer writes zeros), so a padding
+    row that reached a real one would show. Its plans keep FlashInfer's graph-mode rules: always `batch` requests,
+    and never more rows than the first plan's."""
 
-    def __init__(self, slots: torch.Tensor):
-        self.slots = slots
+    def __init__(self, slots: torch.Tensor, batch: int):
+        self.slots, self.batch, self.max_rows = slots, batch, None
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.rows = sum(meta.q_lens)
+        self.max_rows = self.max_rows or self.rows
+        if len(meta.q_lens) != self.batch or self.rows > self.max_rows:
+            raise ValueError(f"a graph bucket of {self.batch} requests, {self.max_rows} rows, planned with "
+                             f"{len(meta.q_lens)} requests, {self.rows} rows")
         self.ref = TorchPagedAttention()
         self.ref.plan(AttentionMetadata(meta.q_lens, meta.kv_lens, meta.block_tables, self.slots[: self.rows],
                                         meta.block_size))

@@ -152,6 +152,7 @@ class FlashInferGraphAttention:
                 paged_kv_indptr_buf=indptr, paged_kv_indices_buf=indices, paged_kv_last_page_len_buf=last)
 
     def plan(self, meta: AttentionMetadata) -> None:
+        self.rows = sum(meta.q_lens)
         lay = paged_kv_layout(meta, list(range(len(meta.q_lens))))
         common = dict(num_qo_heads=self.h, num_kv_heads=self.hkv, page_size=meta.block_size,
                       q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
@@ -165,4 +166,11 @@ class FlashInferGraphAttention:
         k_cache, v_cache = kv_cache
         k_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slots, k.to(k_cache.dtype))
         v_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slots, v.to(v_cache.dtype))
-        return self.wrapper.run(q.to(self.dtype), (k_cache, v_cache))
+        q = q.to(self.dtype)
+        if self.rows == q.shape[0]:  # always so when captured (each bucket is first planned at its full rows)
+            return self.wrapper.run(q, (k_cache, v_cache))
+        # Run eagerly (capture off) with rows past the plan: run() asks for exactly the planned rows; the captured
+        # kernels write zeros past them, and so does this.
+        out = torch.zeros_like(q)
+        out[: self.rows] = self.wrapper.run(q[: self.rows], (k_cache, v_cache))
+        return out

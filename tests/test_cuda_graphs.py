@@ -37,13 +37,15 @@ def test_buckets_cover_every_step_up_to_the_limits():
                        for j in buckets)
     assert pick_bucket(buckets, [1] * 65, 8) is None and pick_bucket(buckets, [9], 8) is None
     assert pick_bucket(plan_buckets(8, 1, 512), [2], 1) is None  # no drafting: decode buckets only
+    assert all(k.tokens >= k.batch for k in plan_buckets(64, 8, 40))  # a row cap below the batch: no such bucket
+    assert max(k.tokens for k in plan_buckets(64, 8, 40)) == 40
 
 
 def emulated(eng: LLMEngine, max_batch: int = 16, max_q: int | None = None) -> LLMEngine:
     """Serve eng's decode and verification steps through padded bucket steps, eagerly."""
     max_q = max_q or 1 + eng.scheduler.draft_len
     eng.runner.enable_graphs(max_q, max_batch, 64, eng.max_model_len, eng.tap_layers,
-                             capture=False, make_attention=lambda k, slots: TorchGraphAttention(slots))
+                             capture=False, make_attention=lambda k, slots: TorchGraphAttention(slots, k.batch))
     return eng
 
 

@@ -131,7 +131,7 @@ def graph_engine(spec: str, capture: bool):
     from engine.settings import Settings
 
     eng = LLMEngine(Settings(device="cuda", attention_backend="flashinfer", dtype="bfloat16", speculative=spec,
-                             draft_policy="fixed", confidence_threshold=0.3, max_num_seqs=8, num_kv_blocks=24,
+                             draft_policy="fixed", confidence_threshold=0.3, max_num_seqs=8, num_kv_blocks=12,
                              cuda_graphs="on" if capture else "off"))
     if not capture:
         eng.runner.enable_graphs(1 + eng.scheduler.draft_len, 8, 512, eng.max_model_len, eng.tap_layers,
