@@ -66,11 +66,22 @@ def profile_step(step, device: str, step_s: float) -> tuple[int | None, float | 
         events = prof.events()
         launch_apis = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")
         launches = sum(1 for e in events if e.name.startswith(launch_apis))
-        busy_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
-        return launches, busy_us * 1e-6 / step_s
+        spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+        return launches, busy_us(spans) * 1e-6 / step_s
     except Exception as e:  # a diagnostic column; the step times stand without it
         print(f"profiler failed: {e!r}", flush=True)
         return None, None
+
+
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of sorted (start, end) spans: kernels that overlap (programmatic dependent launch)
+    count once."""
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def random_model(shape: dict, device: str, dtype: torch.dtype) -> CausalLM:

@@ -5,7 +5,7 @@ term, counts the embedding table or mixes up units fails here, not silently in a
 
 import pytest
 
-from loadtest.sps import TINY, sps_curve, write_sps
+from loadtest.sps import TINY, busy_us, sps_curve, write_sps
 
 # TINY in bf16: per layer q/o 64x64, k/v 64x32, gate/up 64x128, down 128x64, two 64 norms, two 16 q/k norms;
 # 2 layers + the final norm + the 512x64 LM head; the input embedding is read by row, so not counted.
@@ -36,3 +36,8 @@ def test_sps_curve_reports_the_floor_it_defines(tmp_path):
     assert (f"| 4 | 16 | {row['step_ms']:.2f} | {row['sps']:.1f} | {row['floor_ms']:.2f} | {row['floor_ratio']:.2f}x | "
             f"64 | - | - |" in text)  # no profile on the CPU
     assert all(r["launches"] is None and r["gpu_busy"] is None for r in steps)
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    assert busy_us([]) == 0
+    assert busy_us([(0, 10), (5, 12), (12, 13), (20, 25), (21, 22)]) == 18  # 0-13 and 20-25
