@@ -80,7 +80,7 @@ class LLMEngine:
                                    has_confidence=bool(self.drafter and self.drafter.cfg.confidence_head),
                                    slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
         c = self.model_config
-        backend = make_backend(settings.attention_backend, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+        backend = make_backend(settings.attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                settings.device, dtype)
         self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width)
         if settings.graphs_on:  # before the cost profile, so that it times the steps as they will run

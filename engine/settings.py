@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: str = Field("float32", description="float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and on CPUs "
                        "with native bf16 kernels, e.g. AVX512-BF16 / AMX; else float32)")
-    attention_backend: str = Field("torch", description="torch (reference) | flashinfer (CUDA)")
+    attention_backend: str = Field("auto", description="torch (reference) | flashinfer (CUDA) | auto (flashinfer "
+                                   "on CUDA in bfloat16/float16 where flashinfer-python is installed, else torch)")
     max_model_len: int | None = Field(None, description="context limit; default: the model's")
     cuda_graphs: str = Field("auto", description="on | off | auto (on with --device cuda and --attention-backend "
                              "flashinfer): decode and verification steps replay CUDA graphs of the target "
@@ -99,6 +100,13 @@ class Settings(BaseSettings):
     def _resolve_model(cls, v: str) -> str:
         return str(resolve_model(v))
 
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in ("auto", "torch", "flashinfer"):
+            raise ValueError(f"attention_backend must be auto, torch or flashinfer, not {v!r}")
+        return v
+
     @field_validator("cuda_graphs")
     @classmethod
     def _graphs_mode(cls, v: str) -> str:
@@ -123,9 +131,18 @@ class Settings(BaseSettings):
         return torch.bfloat16 if mkldnn else torch.float32
 
     @property
+    def attention(self) -> str:
+        """The attention backend to run: `auto` resolved."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        half = self.torch_dtype in (torch.bfloat16, torch.float16)  # what FlashInfer runs
+        can = self.device.startswith("cuda") and half and importlib.util.find_spec("flashinfer") is not None
+        return "flashinfer" if can else "torch"
+
+    @property
     def graphs_on(self) -> bool:
         """Whether the engine captures CUDA graphs: `auto` where they can run, `on` or an error saying why not."""
-        can = self.device.startswith("cuda") and self.attention_backend == "flashinfer"
+        can = self.device.startswith("cuda") and self.attention == "flashinfer"
         if self.cuda_graphs == "on" and not can:
             raise ValueError("--cuda-graphs on needs --device cuda and --attention-backend flashinfer (the torch "
                              "backend's shapes change every step, so it cannot be captured)")

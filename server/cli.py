@@ -140,13 +140,13 @@ def cmd_bench(args) -> None:
         settings = _settings(args)
         shape = QWEN3_8B if args.sps == "qwen3-8b" else TINY
         graphs = settings.graphs_on
-        rows = sps_curve(shape, settings.device, settings.attention_backend, args.sps_context, args.sps_draft,
+        rows = sps_curve(shape, settings.device, settings.attention, args.sps_context, args.sps_draft,
                          graphs=graphs)
         if args.write:
             cmd = (f"dspark bench --sps {args.sps} --device {settings.device} --attention-backend "
-                   f"{settings.attention_backend} --cuda-graphs {'on' if graphs else 'off'} --sps-context "
+                   f"{settings.attention} --cuda-graphs {'on' if graphs else 'off'} --sps-context "
                    f"{args.sps_context} --sps-draft {args.sps_draft}")
-            write_sps(args.write, rows, cmd, settings.device, settings.attention_backend, args.sps_context,
+            write_sps(args.write, rows, cmd, settings.device, settings.attention, args.sps_context,
                       args.sps_draft, graphs)
         return
     if args.speculative_methods:

@@ -121,8 +121,8 @@ def test_padding_never_touches_a_requests_blocks():
     assert runner.graphs.replays == 1
 
 
-def test_graphs_are_on_only_where_they_can_run():
-    assert not Settings().graphs_on  # auto on the CPU: off
+def test_graphs_are_on_only_where_they_can_run(monkeypatch):
+    assert not Settings().graphs_on and Settings().attention == "torch"  # auto on the CPU: off, torch
     assert not Settings(device="cuda", attention_backend="torch").graphs_on  # torch's shapes change every step
     assert Settings(device="cuda", attention_backend="flashinfer").graphs_on
     assert not Settings(device="cuda", attention_backend="flashinfer", cuda_graphs="off").graphs_on
@@ -130,3 +130,14 @@ def test_graphs_are_on_only_where_they_can_run():
         LLMEngine(Settings(cuda_graphs="on"))
     with pytest.raises(ValueError, match="on, off or auto"):
         Settings(cuda_graphs="yes")
+    # auto picks FlashInfer on CUDA in bf16/fp16 where it is installed (the GPU host), and with it graphs
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flashinfer" else real(n, *a))
+    assert Settings(device="cuda", dtype="bfloat16").attention == "flashinfer"
+    assert Settings(device="cuda", dtype="bfloat16").graphs_on
+    assert Settings(device="cuda", dtype="float32").attention == "torch"  # FlashInfer runs no float32
+    assert Settings(device="cpu", dtype="bfloat16").attention == "torch"
+    with pytest.raises(ValueError, match="auto, torch or flashinfer"):
+        Settings(attention_backend="flash")
