@@ -94,8 +94,10 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.last_step_tokens = 0
         self.last_step_bytes_to_host = 0  # what the last step copied from the logits' device (ids, counts, logprobs)
-        log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d)",
-                 settings.model, num_blocks, bs, self.max_model_len, settings.speculative_method, draft_len)
+        log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d), "
+                 "%s on %s %s, CUDA graphs %s", settings.model, num_blocks, bs, self.max_model_len,
+                 settings.speculative_method, draft_len, settings.attention, settings.device, dtype,
+                 "on" if self.runner.graphs is not None else "off")
 
     # -- requests -------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
