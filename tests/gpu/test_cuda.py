@@ -109,18 +109,29 @@ def test_flashinfer_engine_equals_torch_backend_in_bf16():
 
 
 @cuda
-@pytest.mark.parametrize("case", ["dspark-adaptive", "eagle3-fixed"])
+@pytest.mark.parametrize("case", ["dspark-adaptive", "eagle3-fixed", "dspark-fixed-graphs"])
 def test_sampled_distribution_on_gpu(case, monkeypatch):
-    """tests/test_lossless.py's check, the engine (batched verification included) on the GPU."""
+    """tests/test_lossless.py's check, the engine (batched verification included) on the GPU; the last case in
+    bf16 on FlashInfer with CUDA graphs (its reference, the dense bf16 forward, differs from FlashInfer's only by
+    rounding)."""
     import test_lossless as tl
 
     from engine.settings import Settings
 
-    monkeypatch.setattr(tl, "Settings", lambda **kw: Settings(device="cuda", **kw))
+    extra = {}
+    if case.endswith("graphs"):
+        if not HAVE_FI:
+            pytest.skip("needs flashinfer-python (pip install '.[cuda]')")
+        # 64 in flight (the largest bucket), so every decode and verification step replays a graph
+        extra = dict(dtype="bfloat16", attention_backend="flashinfer", cuda_graphs="on", max_num_seqs=64)
+    monkeypatch.setattr(tl, "Settings", lambda **kw: Settings(device="cuda", **{**kw, **extra}))
     c = {"dspark-adaptive": tl.Case("dspark", "adaptive", 1.0, top_k=3),
-         "eagle3-fixed": tl.Case("eagle3", "fixed", 0.7, top_k=3)}[case]
+         "eagle3-fixed": tl.Case("eagle3", "fixed", 0.7, top_k=3),
+         "dspark-fixed-graphs": tl.Case("dspark", "fixed", 1.0, top_k=3)}[case]
     counts, joint, eng = tl.run_case(c)
     tl.assert_multi_token_rounds(eng, c.policy)
+    if extra:
+        assert eng.runner.graphs.replays > 0.5 * eng.stats["steps"]
     assert tl.tv(counts, joint, tl.N) < tl.tv_bound(joint, tl.N)
 
 
