@@ -154,7 +154,9 @@ def write_sps(path: str, rows: list[dict], cmd: str, device: str, backend: str, 
 
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else device
     meta = rows[-1]
-    name = f"sps-{backend}" + ("-graphs" if graphs else "")
+    # one section per setting: the defaults (context 1024, 3 drafts) keep the short name
+    name = (f"sps-{backend}" + ("-graphs" if graphs else "") + (f"-ctx{context}" if context != 1024 else "")
+            + (f"-k{draft}" if draft != 3 else ""))
     title = f"{backend}, CUDA graphs" if graphs else backend
     lines = [f"<!-- bench:{name} -->", f"## Verification step time vs batch tokens ({dev}, {title})", "",
              f"Command: `{cmd}`. Qwen3-8B-shaped target with random bf16 weights ({meta['weight_gb']:.1f} GB; "

@@ -31,7 +31,7 @@ def test_sps_curve_reports_the_floor_it_defines(tmp_path):
     md = tmp_path / "b.md"
     write_sps(str(md), rows, "cmd", "cpu", "torch", context, draft)
     text = md.read_text()
-    assert "<!-- bench:sps-torch -->" in text and "<!-- /bench:sps-torch -->" in text
+    assert "<!-- bench:sps-torch-ctx40 -->" in text and "<!-- /bench:sps-torch-ctx40 -->" in text
     row = steps[1]
     assert (f"| 4 | 16 | {row['step_ms']:.2f} | {row['sps']:.1f} | {row['floor_ms']:.2f} | {row['floor_ratio']:.2f}x | "
             f"64 | - | - |" in text)  # no profile on the CPU
