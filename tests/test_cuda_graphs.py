@@ -6,6 +6,7 @@ The padded steps run eagerly (capture=False) with the torch reference under the 
 row would show). Capture and replay themselves are tested on a GPU host (tests/gpu/test_cuda.py)."""
 
 import random
+import sys
 
 import pytest
 import torch
@@ -41,12 +42,21 @@ def test_buckets_cover_every_step_up_to_the_limits():
     assert max(k.tokens for k in plan_buckets(64, 8, 40)) == 40
 
 
-def emulated(eng: LLMEngine, max_batch: int = 16, max_q: int | None = None) -> LLMEngine:
-    """Serve eng's decode and verification steps through padded bucket steps, eagerly."""
+def emulated(eng: LLMEngine, max_batch: int = 16, max_q: int | None = None, fake_fi: bool = False) -> LLMEngine:
+    """Serve eng's decode and verification steps through padded bucket steps, eagerly: with the torch stand-in, or
+    (fake_fi) with the FlashInfer graph backend itself over tests/fake_flashinfer.py."""
     max_q = max_q or 1 + eng.scheduler.draft_len
-    eng.runner.enable_graphs(max_q, max_batch, 64, eng.max_model_len, eng.tap_layers,
-                             capture=False, make_attention=lambda k, slots: TorchGraphAttention(slots, k.batch))
+    make = None if fake_fi else (lambda k, slots: TorchGraphAttention(slots, k.batch))
+    eng.runner.enable_graphs(max_q, max_batch, 64, eng.max_model_len, eng.tap_layers, capture=False,
+                             make_attention=make)
     return eng
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    import fake_flashinfer
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +91,10 @@ def test_padded_bucket_steps_give_the_eager_tokens(spec, policy, kv_blocks, work
 
     _, ref = run(False)
     eng, out = run(True)
+    check_against_eager(eng, out, ref, spec, policy, kv_blocks, params)
+
+
+def check_against_eager(eng, out, ref, spec, policy, kv_blocks, params):
     if policy == "adaptive":
         out, ref = ([o for o, p in zip(x, params) if p.greedy] for x in (out, ref))
     assert out == ref
@@ -90,6 +104,26 @@ def test_padded_bucket_steps_give_the_eager_tokens(spec, policy, kv_blocks, work
     if kv_blocks:
         assert eng.scheduler.num_preemptions > 0
     assert eng.block_manager.hits > 0  # prompts shared cached blocks
+
+
+@pytest.mark.parametrize("spec", ["none", "dspark"])
+def test_flashinfer_graph_backend_glue_on_a_stand_in(spec, work, fake_flashinfer):
+    """kernels.flashinfer_backend.FlashInferGraphAttention itself (wrapper construction, plans, the rows it asks
+    for) over a CPU stand-in that keeps FlashInfer's documented graph-mode rules: the engine's tokens equal the
+    eager path's."""
+    ps, params = work
+
+    def run(graphs: bool):
+        eng = LLMEngine(Settings(max_num_seqs=8, block_size=4, num_kv_blocks=40, speculative=spec,
+                                 draft_policy="fixed", confidence_threshold=0.3, max_num_batched_tokens=64))
+        if graphs:
+            emulated(eng, max_batch=8, fake_fi=True)
+        return eng, [s.output_ids for s in eng.generate(ps, params)]
+
+    _, ref = run(False)
+    eng, out = run(True)
+    assert type(next(iter(eng.runner.graphs.attention.values()))).__name__ == "FlashInferGraphAttention"
+    check_against_eager(eng, out, ref, spec, "fixed", 40, params)
 
 
 def test_padding_never_touches_a_requests_blocks():
