@@ -138,13 +138,23 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def _profile_step(self, n: int) -> None:
-        """One target forward of n prompt tokens through a scratch sequence (start-up profile of SPS(B))."""
-        sid = -1
-        self.block_manager.allocate(sid, n)
+        """One target forward of n batch tokens through scratch sequences (start-up profile of SPS(B)), waited for
+        on a GPU. Without CUDA graphs, one prompt chunk; with them, shaped as the verification steps it stands
+        for (requests of at most 1 + draft_len rows, logits at every row), so it times the graphs they replay."""
+        graphs = self.runner.graphs
+        per = graphs.max_q if graphs is not None else n
+        sizes = [min(per, n - i) for i in range(0, n, per)]
+        sids = [-1 - i for i in range(len(sizes))]
+        for sid, q in zip(sids, sizes):
+            self.block_manager.allocate(sid, q)
         try:
-            self.runner.forward([([0] * n, 0)], self.block_manager, [sid], [n - 1])
+            rows = list(range(n)) if graphs is not None else [n - 1]
+            self.runner.forward([([0] * q, 0) for q in sizes], self.block_manager, sids, rows, self.tap_layers)
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize()
         finally:
-            self.block_manager.free(sid)
+            for sid in sids:
+                self.block_manager.free(sid)
 
     def _scratch_context(self, context: int = 64):
         """Drafter context state for `context` zero features, for the start-up profile."""

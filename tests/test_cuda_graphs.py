@@ -126,6 +126,17 @@ def test_flashinfer_graph_backend_glue_on_a_stand_in(spec, work, fake_flashinfer
     check_against_eager(eng, out, ref, spec, "fixed", 40, params)
 
 
+def test_the_cost_profile_times_steps_shaped_like_verification_with_graphs():
+    """With graphs, the start-up profile's step of n batch tokens is n / (1 + draft_len) requests, replayed from a
+    bucket where one fits (a single n-token prompt chunk would run eagerly and time the wrong thing)."""
+    eng = emulated(LLMEngine(Settings(speculative="dspark", draft_len=3, num_kv_blocks=64)), max_batch=8)
+    for n, replays in ((1, 1), (4, 2), (10, 3), (64, 3)):  # 64 tokens: 16 requests, past the largest bucket
+        eng._profile_step(n)
+        assert eng.runner.graphs.replays == replays
+        assert eng.block_manager.num_free == 64
+    eng.block_manager.check()
+
+
 def test_padding_never_touches_a_requests_blocks():
     """Padding rows and requests write only the scratch block: every other block's K/V after a padded step equals
     the eager step's, and so do the step's logits (within float32 rounding: the matmuls have more rows)."""
