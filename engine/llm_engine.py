@@ -213,8 +213,10 @@ class LLMEngine:
             offset += len(toks)
         logits, _ = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
         self.last_step_tokens = offset
-        self.cost.verify.observe(offset, time.perf_counter() - t3)  # refined online; drafting excluded
         committed = self._verify(plan, drafts, logits)  # item index -> [(token, logprob entry)]
+        # refined online; drafting excluded. Taken after the verification's copy to the host: on a GPU the forward
+        # returns before it has run (a graph replay at once), so only that copy tells when the step is done.
+        self.cost.verify.observe(offset, time.perf_counter() - t3)
         outputs = expired
         for i, it in enumerate(plan.items):
             s, n = it.seq, len(chunks[i][0])
