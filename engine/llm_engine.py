@@ -215,7 +215,10 @@ class LLMEngine:
         self.last_step_tokens = offset
         committed = self._verify(plan, drafts, logits)  # item index -> [(token, logprob entry)]
         # refined online; drafting excluded. Taken after the verification's copy to the host: on a GPU the forward
-        # returns before it has run (a graph replay at once), so only that copy tells when the step is done.
+        # returns before it has run (a graph replay at once), so only that copy tells when the step is done (and a
+        # step of mid-prompt chunks only, which copies nothing, is waited for).
+        if not committed and self.runner.device.type == "cuda":
+            torch.cuda.synchronize()
         self.cost.verify.observe(offset, time.perf_counter() - t3)
         outputs = expired
         for i, it in enumerate(plan.items):
