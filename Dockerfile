@@ -14,8 +14,9 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # CUDA: torch 2.13.0's PyPI wheels are CUDA 13.0 builds that bring their CUDA libraries as pip packages, so the
 # base only adds the NVIDIA container hook-up (driver >= 580 enforced via NVIDIA_REQUIRE_CUDA): the small -base
-# flavour. FlashInfer (DSPARK_ATTENTION_BACKEND=flashinfer, the `cuda` extra) compiles its kernels on first use
-# and needs nvcc: build with --build-arg CUDA_IMAGE=nvidia/cuda:13.0.0-devel-ubuntu24.04 for that.
+# flavour. FlashInfer (the `cuda` extra) compiles its kernels on first use and needs nvcc: build with
+# --build-arg CUDA_IMAGE=nvidia/cuda:13.0.0-devel-ubuntu24.04 for that (attention_backend auto then picks it, with
+# CUDA graphs; on the base flavour auto stays on the torch backend).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 # ---------------------------------------------------------------- the sources, once for both builders

@@ -131,7 +131,8 @@ class StepGraphs:
         self.attention[bucket].plan(self.padded_metadata(bucket, meta))
         graph = self.graphs.get(bucket)
         if graph is not None:
-            graph.replay()
+            with torch.cuda.device(self.ids.device):  # the engine's thread may have another current device
+                graph.replay()
             hidden, taps = self.outputs[bucket]
         else:
             hidden, taps = self._forward(bucket)
@@ -154,22 +155,23 @@ class StepGraphs:
             for bucket in self.buckets:
                 self._fill_dummy(bucket)
             return {"graphs": 0, "seconds": 0.0, "bytes": 0}
-        t0 = time.perf_counter()
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_reserved()
-        pool = None
-        for bucket in sorted(self.buckets, key=lambda k: (k.tokens, k.batch), reverse=True):
-            self._fill_dummy(bucket)
-            self._forward(bucket)
+        with torch.cuda.device(self.ids.device):  # capture on the model's device, whatever the current one
+            t0 = time.perf_counter()
             torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bucket] = self._forward(bucket)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bucket] = graph
-        torch.cuda.synchronize()
-        took = {"graphs": len(self.graphs), "seconds": time.perf_counter() - t0,
-                "bytes": torch.cuda.memory_reserved() - before}
+            before = torch.cuda.memory_reserved()
+            pool = None
+            for bucket in sorted(self.buckets, key=lambda k: (k.tokens, k.batch), reverse=True):
+                self._fill_dummy(bucket)
+                self._forward(bucket)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[bucket] = self._forward(bucket)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[bucket] = graph
+            torch.cuda.synchronize()
+            took = {"graphs": len(self.graphs), "seconds": time.perf_counter() - t0,
+                    "bytes": torch.cuda.memory_reserved() - before}
         log.info("captured %d CUDA graphs (%d decode, largest %d requests / %d rows) in %.1f s, %.0f MiB",
                  took["graphs"], sum(k.decode for k in self.graphs), max(k.batch for k in self.graphs),
                  max(k.tokens for k in self.graphs), took["seconds"], took["bytes"] / 2**20)

@@ -35,6 +35,7 @@ class LLMEngine:
         if settings.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda requested but CUDA is not available")
         dtype = settings.torch_dtype
+        attention, graphs = settings.attention, settings.graphs_on  # a bad combination fails before the load
         self.model_config = ModelConfig.from_dir(settings.model)
         self.tokenizer = Tokenizer(settings.model)
         self.grammars = GrammarCompiler(self.tokenizer)
@@ -80,10 +81,10 @@ class LLMEngine:
                                    has_confidence=bool(self.drafter and self.drafter.cfg.confidence_head),
                                    slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
         c = self.model_config
-        backend = make_backend(settings.attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+        backend = make_backend(attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                settings.device, dtype)
         self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width)
-        if settings.graphs_on:  # before the cost profile, so that it times the steps as they will run
+        if graphs:  # before the cost profile, so that it times the steps as they will run
             self.runner.enable_graphs(1 + draft_len, min(settings.max_graph_batch, settings.max_num_seqs),
                                       settings.max_graph_tokens, self.max_model_len, self.tap_layers)
         if policy is not None and policy.adaptive:
@@ -96,7 +97,7 @@ class LLMEngine:
         self.last_step_bytes_to_host = 0  # what the last step copied from the logits' device (ids, counts, logprobs)
         log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d), "
                  "%s on %s %s, CUDA graphs %s", settings.model, num_blocks, bs, self.max_model_len,
-                 settings.speculative_method, draft_len, settings.attention, settings.device, dtype,
+                 settings.speculative_method, draft_len, attention, settings.device, dtype,
                  "on" if self.runner.graphs is not None else "off")
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -139,22 +140,25 @@ class LLMEngine:
 
     def _profile_step(self, n: int) -> None:
         """One target forward of n batch tokens through scratch sequences (start-up profile of SPS(B)), waited for
-        on a GPU. Without CUDA graphs, one prompt chunk; with them, shaped as the verification steps it stands
-        for (requests of at most 1 + draft_len rows, logits at every row), so it times the graphs they replay."""
-        graphs = self.runner.graphs
-        per = graphs.max_q if graphs is not None else n
-        sizes = [min(per, n - i) for i in range(0, n, per)]
-        sids = [-1 - i for i in range(len(sizes))]
-        for sid, q in zip(sids, sizes):
-            self.block_manager.allocate(sid, q)
+        on a GPU. With CUDA graphs, where a bucket holds it, shaped as the verification steps it stands for
+        (requests of at most 1 + draft_len rows, all sharing one scratch sequence's blocks, logits at every row), so
+        it times the graphs they replay; otherwise one prompt chunk."""
+        graphs, sid = self.runner.graphs, -1
+        sizes = [n]
+        if graphs is not None:
+            per = graphs.max_q
+            split = [min(per, n - i) for i in range(0, n, per)]
+            if graphs.pick(split, tuple(i + 1 for i in self.tap_layers)) is not None:
+                sizes = split
+        rows = list(range(n)) if len(sizes) > 1 else [n - 1]
         try:
-            rows = list(range(n)) if graphs is not None else [n - 1]
-            self.runner.forward([([0] * q, 0) for q in sizes], self.block_manager, sids, rows, self.tap_layers)
+            self.block_manager.allocate(sid, max(sizes))
+            self.runner.forward([([0] * q, 0) for q in sizes], self.block_manager, [sid] * len(sizes), rows,
+                                self.tap_layers)
             if self.runner.device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self.runner.device)
         finally:
-            for sid in sids:
-                self.block_manager.free(sid)
+            self.block_manager.free(sid)
 
     def _scratch_context(self, context: int = 64):
         """Drafter context state for `context` zero features, for the start-up profile."""
@@ -211,15 +215,24 @@ class LLMEngine:
             elif it.samples:
                 logits_index.append(offset + len(toks) - 1)
             offset += len(toks)
+        # the target forward's time refines the cost model online (drafting excluded). On a GPU the forward returns
+        # before it has run (a graph replay at once): events on the stream time it, read once the verification's
+        # copy to the host has waited for the step anyway.
+        events = self.runner.device.type == "cuda"
+        if events:
+            stream = torch.cuda.current_stream(self.runner.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
         logits, _ = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
+        if events:
+            end.record(stream)
+        else:
+            self.cost.verify.observe(offset, time.perf_counter() - t3)
         self.last_step_tokens = offset
         committed = self._verify(plan, drafts, logits)  # item index -> [(token, logprob entry)]
-        # refined online; drafting excluded. Taken after the verification's copy to the host: on a GPU the forward
-        # returns before it has run (a graph replay at once), so only that copy tells when the step is done (and a
-        # step of mid-prompt chunks only, which copies nothing, is waited for).
-        if not committed and self.runner.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.cost.verify.observe(offset, time.perf_counter() - t3)
+        if events:
+            end.synchronize()
+            self.cost.verify.observe(offset, start.elapsed_time(end) / 1e3)
         outputs = expired
         for i, it in enumerate(plan.items):
             s, n = it.seq, len(chunks[i][0])

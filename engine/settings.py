@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -36,6 +37,14 @@ def resolve_model(model: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / file
 
 
+def flashinfer_kernels_available() -> bool:
+    """FlashInfer can get its kernels here: prebuilt (flashinfer-jit-cache) or by compiling them (nvcc)."""
+    if importlib.util.find_spec("flashinfer_jit_cache") is not None:
+        return True
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or Path(home, "bin", "nvcc").exists()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSPARK_", extra="forbid")
 
@@ -47,7 +56,8 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", description="float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and on CPUs "
                        "with native bf16 kernels, e.g. AVX512-BF16 / AMX; else float32)")
     attention_backend: str = Field("auto", description="torch (reference) | flashinfer (CUDA) | auto (flashinfer "
-                                   "on CUDA in bfloat16/float16 where flashinfer-python is installed, else torch)")
+                                   "on CUDA in bfloat16/float16 where flashinfer-python is installed and can get "
+                                   "its kernels: nvcc or flashinfer-jit-cache; else torch)")
     max_model_len: int | None = Field(None, description="context limit; default: the model's")
     cuda_graphs: str = Field("auto", description="on | off | auto (on with --device cuda and --attention-backend "
                              "flashinfer): decode and verification steps replay CUDA graphs of the target "
@@ -127,12 +137,17 @@ class Settings(BaseSettings):
 
     @property
     def attention(self) -> str:
-        """The attention backend to run: `auto` resolved."""
+        """The attention backend to run: `auto` resolved. FlashInfer needs CUDA, bf16/fp16, and a way to get its
+        kernels (they compile on first use with nvcc, or come prebuilt in flashinfer-jit-cache); `auto` falls back
+        to torch without any of them, where asking for flashinfer is an error saying which is missing."""
+        half = self.torch_dtype in (torch.bfloat16, torch.float16)
+        if self.attention_backend == "flashinfer" and not half:
+            raise ValueError(f"the flashinfer attention backend runs bfloat16 or float16, not {self.dtype}: pass "
+                             "--dtype bfloat16")
         if self.attention_backend != "auto":
             return self.attention_backend
-        half = self.torch_dtype in (torch.bfloat16, torch.float16)  # what FlashInfer runs
         can = self.device.startswith("cuda") and half and importlib.util.find_spec("flashinfer") is not None
-        return "flashinfer" if can else "torch"
+        return "flashinfer" if can and flashinfer_kernels_available() else "torch"
 
     @property
     def graphs_on(self) -> bool:

@@ -163,6 +163,8 @@ class FlashInferGraphAttention:
                               head_dim_qk=self.d, causal=True, **common)
 
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
+        if abs(scale - self.scale) > 1e-6 * self.scale:
+            raise ValueError(f"attention scale {scale} differs from the planned {self.scale}")
         k_cache, v_cache = kv_cache
         k_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slots, k.to(k_cache.dtype))
         v_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slots, v.to(v_cache.dtype))

@@ -97,7 +97,8 @@ def random_model(shape: dict, device: str, dtype: torch.dtype) -> CausalLM:
 def sps_curve(shape: dict = QWEN3_8B, device: str = "cuda", backend: str = "flashinfer", context: int = 1024,
               draft: int = 3, requests: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 10,
               dtype: torch.dtype = torch.bfloat16, graphs: bool = False) -> list[dict]:
-    """`graphs`: the steps replay CUDA graphs (one bucket per request count, captured before timing)."""
+    """`graphs`: the steps replay CUDA graphs, captured before timing (every request count here fills its bucket
+    exactly: R requests x (draft + 1) rows)."""
     model = random_model(shape, device, dtype)
     cfg = model.config
     bs = 16
