@@ -56,6 +56,29 @@ def paged_kv_layout(meta: AttentionMetadata, rows: list[int]) -> PagedLayout:
     )
 
 
+def plan_wrapper(wrapper, decode: bool, lay: PagedLayout, heads: tuple[int, int, int], dtype: torch.dtype,
+                 scale: float, page_size: int) -> None:
+    """Plan a decode wrapper, or a prefill wrapper (causal), over `lay`; heads = (query heads, KV heads, head dim)."""
+    h, hkv, d = heads
+    common = dict(num_qo_heads=h, num_kv_heads=hkv, page_size=page_size, q_data_type=dtype, kv_data_type=dtype,
+                  sm_scale=scale)
+    if decode:
+        wrapper.plan(lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len, head_dim=d, **common)
+    else:
+        wrapper.plan(lay.qo_indptr, lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len, head_dim_qk=d,
+                     causal=True, **common)
+
+
+def write_kv(kv_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, planned: float) -> None:
+    """Check the layer's attention scale against the planned one, then write k/v at `slots` of the paged cache."""
+    if abs(scale - planned) > 1e-6 * planned:
+        raise ValueError(f"attention scale {scale} differs from the planned {planned}")
+    k_cache, v_cache = kv_cache
+    hkv, d = k_cache.shape[-2:]
+    k_cache.view(-1, hkv, d).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
 def _indptr(lens: list[int]) -> torch.Tensor:
     out = torch.zeros(len(lens) + 1, dtype=torch.int32)
     out[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
@@ -100,28 +123,19 @@ class FlashInferAttention:
         dev = meta.slot_mapping.device
         self.dec_rows = torch.tensor(token_rows(meta.q_lens, dec), dtype=torch.long, device=dev)
         self.pre_rows = torch.tensor(token_rows(meta.q_lens, pre), dtype=torch.long, device=dev)
-        common = dict(num_qo_heads=self.h, num_kv_heads=self.hkv, page_size=meta.block_size,
-                      q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
-        if dec:
-            lay = paged_kv_layout(meta, dec)
-            self.decode.plan(lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len, head_dim=self.d, **common)
-        if pre:
-            lay = paged_kv_layout(meta, pre)
-            self.prefill.plan(lay.qo_indptr, lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len,
-                              head_dim_qk=self.d, causal=True, **common)
+        for wrapper, rows, decode in ((self.decode, dec, True), (self.prefill, pre, False)):
+            if rows:
+                plan_wrapper(wrapper, decode, paged_kv_layout(meta, rows), (self.h, self.hkv, self.d), self.dtype,
+                             self.scale, meta.block_size)
 
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
-        if abs(scale - self.scale) > 1e-6 * self.scale:
-            raise ValueError(f"attention scale {scale} differs from the planned {self.scale}")
-        k_cache, v_cache = kv_cache
-        k_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        write_kv(kv_cache, self.slot_mapping, k, v, scale, self.scale)
         q = q.to(self.dtype)
         out = torch.empty_like(q)
         if len(self.dec_rows):
-            out[self.dec_rows] = self.decode.run(q[self.dec_rows], (k_cache, v_cache))
+            out[self.dec_rows] = self.decode.run(q[self.dec_rows], kv_cache)
         if len(self.pre_rows):
-            out[self.pre_rows] = self.prefill.run(q[self.pre_rows], (k_cache, v_cache))
+            out[self.pre_rows] = self.prefill.run(q[self.pre_rows], kv_cache)
         return out
 
 
@@ -153,26 +167,16 @@ class FlashInferGraphAttention:
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.rows = sum(meta.q_lens)
-        lay = paged_kv_layout(meta, list(range(len(meta.q_lens))))
-        common = dict(num_qo_heads=self.h, num_kv_heads=self.hkv, page_size=meta.block_size,
-                      q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
-        if self.decode:
-            self.wrapper.plan(lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len, head_dim=self.d, **common)
-        else:
-            self.wrapper.plan(lay.qo_indptr, lay.kv_indptr, lay.kv_indices, lay.kv_last_page_len,
-                              head_dim_qk=self.d, causal=True, **common)
+        plan_wrapper(self.wrapper, self.decode, paged_kv_layout(meta, list(range(len(meta.q_lens)))),
+                     (self.h, self.hkv, self.d), self.dtype, self.scale, meta.block_size)
 
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
-        if abs(scale - self.scale) > 1e-6 * self.scale:
-            raise ValueError(f"attention scale {scale} differs from the planned {self.scale}")
-        k_cache, v_cache = kv_cache
-        k_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slots, k.to(k_cache.dtype))
-        v_cache.view(-1, self.hkv, self.d).index_copy_(0, self.slots, v.to(v_cache.dtype))
+        write_kv(kv_cache, self.slots, k, v, scale, self.scale)
         q = q.to(self.dtype)
         if self.rows == q.shape[0]:  # always so when captured (each bucket is first planned at its full rows)
-            return self.wrapper.run(q, (k_cache, v_cache))
+            return self.wrapper.run(q, kv_cache)
         # Run eagerly (capture off) with rows past the plan: run() asks for exactly the planned rows; the captured
         # kernels write zeros past them, and so does this.
         out = torch.zeros_like(q)
-        out[: self.rows] = self.wrapper.run(q[: self.rows], (k_cache, v_cache))
+        out[: self.rows] = self.wrapper.run(q[: self.rows], kv_cache)
         return out
