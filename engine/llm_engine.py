@@ -148,7 +148,7 @@ class LLMEngine:
         if graphs is not None:
             per = graphs.max_q
             split = [min(per, n - i) for i in range(0, n, per)]
-            if graphs.pick(split, tuple(i + 1 for i in self.tap_layers)) is not None:
+            if self.runner.bucket(split, self.tap_layers) is not None:
                 sizes = split
         rows = list(range(n)) if len(sizes) > 1 else [n - 1]
         try:

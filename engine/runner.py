@@ -65,6 +65,12 @@ class ModelRunner:
                                  capture)
         return self.graphs.capture_all()
 
+    def bucket(self, q_lens: list[int], tap_layers: tuple[int, ...] = ()):
+        """The CUDA-graph bucket a step of these query lengths (and drafter taps) replays, or None: run eagerly."""
+        if self.graphs is None:
+            return None
+        return self.graphs.pick(q_lens, tuple(i + 1 for i in tap_layers))
+
     def build_metadata(self, chunks: list[tuple[list[int], int]], bm: BlockManager,
                        seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """chunks: (token ids to run, KV length before them) per request -> flat ids, positions, metadata.
@@ -96,7 +102,7 @@ class ModelRunner:
         drafter (also written to the tap cache, when there is one)."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
         hidden_layers = tuple(i + 1 for i in tap_layers)
-        bucket = self.graphs.pick(meta.q_lens, hidden_layers) if self.graphs is not None else None
+        bucket = self.bucket(meta.q_lens, tap_layers)
         if bucket is not None:
             hidden, taps = self.graphs.run(bucket, ids, positions, meta)
         else:
