@@ -15,6 +15,11 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def hidden_layers(tap_layers: tuple[int, ...]) -> tuple[int, ...]:
+    """The model's hidden-state indices of 0-based decoder layers (index 0 is the embeddings)."""
+    return tuple(i + 1 for i in tap_layers)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, num_blocks: int, block_size: int,
                  device: str = "cpu", kv_dtype: torch.dtype | None = None, tap_width: int = 0):
@@ -61,7 +66,7 @@ class ModelRunner:
                                                 workspace, dtype)
 
         self.graphs = StepGraphs(self.model, self.kv_caches, make_attention, self.block_size, self.scratch_block,
-                                 max_q, max_batch, max_tokens, tuple(i + 1 for i in tap_layers), self.device,
+                                 max_q, max_batch, max_tokens, hidden_layers(tap_layers), self.device,
                                  capture)
         return self.graphs.capture_all()
 
@@ -69,7 +74,7 @@ class ModelRunner:
         """The CUDA-graph bucket a step of these query lengths (and drafter taps) replays, or None: run eagerly."""
         if self.graphs is None:
             return None
-        return self.graphs.pick(q_lens, tuple(i + 1 for i in tap_layers))
+        return self.graphs.pick(q_lens, hidden_layers(tap_layers))
 
     def build_metadata(self, chunks: list[tuple[list[int], int]], bm: BlockManager,
                        seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -101,13 +106,13 @@ class ModelRunner:
         `tap_layers` (0-based decoder layers) for every token, concatenated [T, len(tap_layers) * hidden], for the
         drafter (also written to the tap cache, when there is one)."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
-        hidden_layers = tuple(i + 1 for i in tap_layers)
         bucket = self.bucket(meta.q_lens, tap_layers)
         if bucket is not None:
             hidden, taps = self.graphs.run(bucket, ids, positions, meta)
         else:
             self.backend.plan(meta)
-            hidden, taps = self.model(ids, positions, self.backend, self.kv_caches, hidden_layers=hidden_layers)
+            hidden, taps = self.model(ids, positions, self.backend, self.kv_caches,
+                                      hidden_layers=hidden_layers(tap_layers))
         index = torch.tensor(logits_index, dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden[index])  # stays on the device; empty when only mid-prompt chunks ran
         taps = torch.cat(taps, -1) if taps else None
