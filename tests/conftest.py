@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.sweep import Server, scrape
+from dspark.loadtest.sweep import Server, scrape
 
 REPO = Path(__file__).resolve().parents[1]
 # The tests' fast fixture: a 5M-parameter model trained here (the server's default is SmolLM2-135M-Instruct,

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import AttentionMetadata, TorchPagedAttention
+from dspark.kernels.attention import AttentionMetadata, TorchPagedAttention
 
 
 def dense(q, k, v, scale):

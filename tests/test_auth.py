@@ -4,7 +4,7 @@ import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
 
-from server.auth import authorized, load_keys
+from dspark.server.auth import authorized, load_keys
 
 
 def test_key_checks(tmp_path):

@@ -1,4 +1,5 @@
-"""CUDA-graph steps (engine/cuda_graphs.py), everything but the capture, on the CPU: buckets, padding requests on the
+"""CUDA-graph steps (dspark/engine/cuda_graphs.py), everything but the capture, on the CPU: buckets, padding requests on
+the
 scratch block, the fixed input buffers, and the engine's tokens through padded steps equal to the eager path's.
 
 The padded steps run eagerly (capture=False) with the torch reference under the graph backends' contract
@@ -12,11 +13,11 @@ import pytest
 import torch
 from test_speculative import prompts
 
-from engine.cuda_graphs import Bucket, batch_sizes, pick_bucket, plan_buckets
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from engine.settings import Settings
-from kernels.attention import TorchGraphAttention
+from dspark.engine.cuda_graphs import Bucket, batch_sizes, pick_bucket, plan_buckets
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
+from dspark.kernels.attention import TorchGraphAttention
 
 
 def test_buckets_cover_every_step_up_to_the_limits():
@@ -186,7 +187,7 @@ def test_graphs_are_on_only_where_they_can_run(monkeypatch):
     # nvcc), and with it graphs; without a way to get kernels (a runtime-only CUDA image), torch
     import importlib.util
 
-    import engine.settings as es
+    import dspark.engine.settings as es
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flashinfer" else real(n, *a))

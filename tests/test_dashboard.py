@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import REPO, ServerProcess
 
-from engine import metrics
-from loadtest.sweep import scrape
+from dspark.engine import metrics
+from dspark.loadtest.sweep import scrape
 
 GRAFANA = REPO / "configs" / "grafana"
 DASHBOARD = GRAFANA / "dspark.json"
@@ -162,7 +162,7 @@ def test_dashboard_is_well_formed():
 
 
 def test_every_defined_metric_is_on_the_dashboard():
-    """A metric added to engine/metrics.py without a panel fails here."""
+    """A metric added to dspark/engine/metrics.py without a panel fails here."""
     families = {m._name for m in vars(metrics).values() if isinstance(m, metrics.Counter | metrics.Gauge
                                                                        | metrics.Histogram)}
     used = dashboard_metrics(load_dashboard())

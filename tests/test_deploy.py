@@ -27,8 +27,8 @@ import yaml
 from conftest import needs_tool, venv_tool
 from prometheus_client import Gauge
 
-from engine import metrics
-from engine.settings import Settings
+from dspark.engine import metrics
+from dspark.engine.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -195,9 +195,9 @@ def port_number(c: dict, port: int | str) -> int:
 
 
 def test_app_serves_the_probe_endpoints():
-    src = (REPO / "server" / "app.py").read_text()
+    src = (REPO / "dspark" / "server" / "app.py").read_text()
     for path in ("/health", "/ready", "/metrics"):
-        assert f'@app.get("{path}")' in src, f"server/app.py has no {path} route"
+        assert f'@app.get("{path}")' in src, f"dspark/server/app.py has no {path} route"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -286,7 +286,7 @@ def test_hpa_scales_the_deployment_on_an_exported_metric():
         name = m["pods"]["metric"]["name"]
         names.append(name)
         assert name in rules, f"no prometheus-adapter rule serves {name}"
-        assert rules[name] in gauges, f"{rules[name]} is not a gauge engine/metrics.py exports"
+        assert rules[name] in gauges, f"{rules[name]} is not a gauge dspark/engine/metrics.py exports"
         assert m["pods"]["target"]["type"] == "AverageValue"
     assert names
     assert "dspark_requests" not in gauges and "dspark_no_such_metric" not in gauges
@@ -673,9 +673,9 @@ def excluded(path: str) -> bool:
 
 def test_dockerignore_rules():
     for path in (".git/config", ".venv/bin/python", "runs/x/log.json", "tests/test_deploy.py", "deploy/x.yml",
-                 "server/__pycache__/app.cpython-311.pyc", "dspark.egg-info/PKG-INFO", ".env", "docs/x.png"):
+                 "dspark/server/__pycache__/app.cpython-311.pyc", "dspark.egg-info/PKG-INFO", ".env", "docs/x.png"):
         assert excluded(path), f"{path} should not be in the build context"
-    for path in ("pyproject.toml", "README.md", "run", "server/app.py", "configs/default.yaml",
+    for path in ("pyproject.toml", "README.md", "run", "dspark/server/app.py", "configs/default.yaml",
                  "models/tiny-qwen3-5m/model.safetensors", "models/tiny-qwen3-5m/drafters/dspark/config.json"):
         assert not excluded(path), f"{path} should be in the build context"
 
@@ -698,7 +698,7 @@ def test_copy_sources_exist_and_are_in_the_context():
             words = json.loads(args) if args.startswith("[") else [w for w in shlex.split(args) if
                                                                    not w.startswith("--")]
             sources |= set(words[:-1])
-    assert {"run", "pyproject.toml", "models", "server"} <= sources
+    assert {"run", "pyproject.toml", "models", "dspark"} <= sources
     for src in sorted(sources):
         assert (REPO / src).exists(), f"COPY {src}: not in the repository"
         files = repo_files(src)
@@ -717,6 +717,5 @@ def test_build_context_is_small():
             if not excluded(path):
                 total += (REPO / path).stat().st_size
                 tops.add(path.split("/")[0])
-    assert tops == {"pyproject.toml", "README.md", "run", "server", "engine", "scheduler", "kernels", "loadtest",
-                    "configs", "models"}
+    assert tops == {"pyproject.toml", "README.md", "run", "dspark", "configs", "models"}
     assert total < 64 * 2**20, f"build context is {total / 2**20:.0f} MiB"

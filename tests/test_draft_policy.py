@@ -2,8 +2,8 @@
 
 import pytest
 
-from scheduler.cost_model import CostTable, StepCostModel, buckets_up_to
-from scheduler.draft_policy import DraftPolicy
+from dspark.scheduler.cost_model import CostTable, StepCostModel, buckets_up_to
+from dspark.scheduler.draft_policy import DraftPolicy
 
 
 def gpu_like(max_tokens=1024, knee=64, per_token=0.02):
@@ -92,10 +92,10 @@ def test_survival_is_recalibrated_online():
 def test_scheduler_admits_and_decodes_requests_behind_their_slo_first():
     import time
 
-    from engine.block_manager import BlockManager
-    from engine.sampling import SamplingParams, make_generator
-    from engine.sequence import Sequence
-    from scheduler.scheduler import Scheduler
+    from dspark.engine.block_manager import BlockManager
+    from dspark.engine.sampling import SamplingParams, make_generator
+    from dspark.engine.sequence import Sequence
+    from dspark.scheduler.scheduler import Scheduler
 
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=64, slo_tokens_per_s=50)
     fresh = Sequence("fresh", [1, 2, 3], SamplingParams(max_tokens=50), make_generator(0), None)
@@ -237,7 +237,7 @@ def oracle_gate(pol, cands, base, committing):
 def test_gate_follows_the_rule_exactly():
     import random
 
-    from scheduler.draft_policy import SpecState
+    from dspark.scheduler.draft_policy import SpecState
 
     rng = random.Random(1)
     drafted = 0
@@ -257,7 +257,7 @@ def test_gate_follows_the_rule_exactly():
 
 
 def test_gate_bookkeeping_idle_drift_and_probes():
-    from scheduler.draft_policy import SpecState
+    from dspark.scheduler.draft_policy import SpecState
 
     pol = DraftPolicy(LinearCost(per_request=0.0), max_len=4, probe_every=2)
     pol.state[1] = SpecState(3.0, 4.0, rounds=1)  # greedy, pays
@@ -296,7 +296,7 @@ def test_gate_bookkeeping_idle_drift_and_probes():
 def test_every_request_drafts_its_first_round_whatever_its_class_learned():
     """A class whose requests so far gained nothing (e.g. sampled chat) does not keep a new request of another
     kind (sampled math) from drafting: its first round is a probe, and from then on its own rounds decide."""
-    from scheduler.draft_policy import SpecState
+    from dspark.scheduler.draft_policy import SpecState
 
     pol = DraftPolicy(LinearCost(per_request=0.1), max_len=4)
     for sid in range(3):
@@ -340,7 +340,7 @@ def test_greedy_requests_verify_the_best_length_past_a_step_in_the_cost_curve():
 def test_guard_stops_drafting_that_delivers_fewer_tokens_per_second():
     """The cost model says draft (free drafting, tau 3); the steps say otherwise: 12 tokens in 0.2 s with
     drafters against 8 in 0.1 s without. Every 4th step measures the other kind."""
-    from scheduler.draft_policy import SpecState
+    from dspark.scheduler.draft_policy import SpecState
 
     def run(drafted_tokens):
         pol = DraftPolicy(LinearCost(), max_len=4, probe_every=10**6, guard_every=4)
@@ -366,7 +366,7 @@ def test_guard_stops_drafting_that_delivers_fewer_tokens_per_second():
 
 
 def test_probe_only_steps_teach_the_guard_nothing():
-    from scheduler.draft_policy import SpecState
+    from dspark.scheduler.draft_policy import SpecState
 
     pol = DraftPolicy(LinearCost(per_request=10.0), max_len=4, probe_every=10**6)  # drafting never pays
     pol.state[1] = SpecState(2.0, 4.0, rounds=1)

@@ -4,10 +4,10 @@ drafts only its tokens with q zero elsewhere, the ranking and its loading, and g
 import pytest
 import torch
 
-from engine.drafters.vocab import DraftVocab, save_ranking, token_ranking
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams, make_generator
-from engine.settings import Settings
+from dspark.engine.drafters.vocab import DraftVocab, save_ranking, token_ranking
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams, make_generator
+from dspark.engine.settings import Settings
 
 
 def test_ranking_counts_answers_only(tmp_path):

@@ -9,7 +9,7 @@ import time
 import httpx
 from conftest import ServerProcess, wait_for
 
-from server.drain import SHUTDOWN_S
+from dspark.server.drain import SHUTDOWN_S
 
 FLAGS = ("--max-num-batched-tokens", "256", "--speculative", "none")
 

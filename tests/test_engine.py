@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n", "class Stack:\n    def push(self, item):",
            "The answer is", "for i in range(10):\n   ", "x", "# Parse the command line\nimport argparse\n",
@@ -124,7 +124,7 @@ def test_long_prompt_spanning_several_chunk_only_steps(model_dir):
 
 
 def test_incomplete_character_is_flushed_at_the_end(engine):
-    from engine.tokenizer import IncrementalDetokenizer
+    from dspark.engine.tokenizer import IncrementalDetokenizer
 
     tok = engine.tokenizer
     ids = tok.encode("a ✓")

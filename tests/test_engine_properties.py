@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from engine.sequence import SeqStatus
-from engine.settings import Settings
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.sequence import SeqStatus
+from dspark.engine.settings import Settings
 
 VOCAB = 8192
 

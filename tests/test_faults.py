@@ -3,10 +3,10 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from engine.async_engine import AsyncEngine
-from engine.llm_engine import LLMEngine
-from engine.settings import Settings
-from server.app import create_app
+from dspark.engine.async_engine import AsyncEngine
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.settings import Settings
+from dspark.server.app import create_app
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_attention import dense, make_case
 
-from kernels.attention import make_backend
-from kernels.flashinfer_backend import paged_kv_layout, token_rows
+from dspark.kernels.attention import make_backend
+from dspark.kernels.flashinfer_backend import paged_kv_layout, token_rows
 
 
 def emulate(layout, q, cache, block_size, scale):

@@ -9,13 +9,13 @@ import torch
 from conftest import TEST_MODEL
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH, GGMLQuantizationType, GGUFWriter, get_tensor_name_map, quants
 
-from engine.gguf_model import model_name, unpermute_qk
-from engine.llm_engine import LLMEngine
-from engine.model import CausalLM, load_model
-from engine.model_config import ModelConfig
-from engine.sampling import SamplingParams
-from engine.settings import Settings
-from engine.tokenizer import Tokenizer
+from dspark.engine.gguf_model import model_name, unpermute_qk
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.model import CausalLM, load_model
+from dspark.engine.model_config import ModelConfig
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
+from dspark.engine.tokenizer import Tokenizer
 
 Q = GGMLQuantizationType
 ARCHS = {"llama": MODEL_ARCH.LLAMA, "qwen3": MODEL_ARCH.QWEN3, "qwen2": MODEL_ARCH.QWEN2}

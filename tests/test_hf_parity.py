@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from engine.block_manager import BlockManager  # noqa: E402
-from engine.model import load_model  # noqa: E402
-from engine.runner import ModelRunner  # noqa: E402
-from kernels.attention import TorchPagedAttention  # noqa: E402
+from dspark.engine.block_manager import BlockManager  # noqa: E402
+from dspark.engine.model import load_model  # noqa: E402
+from dspark.engine.runner import ModelRunner  # noqa: E402
+from dspark.kernels.attention import TorchPagedAttention  # noqa: E402
 
 COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -104,7 +104,7 @@ def test_tokenizer_and_chat_template_match_transformers(tmp_path):
     from tokenizers import Tokenizer as HFTok
     from tokenizers import models, pre_tokenizers, trainers
 
-    from engine.tokenizer import CHATML_TEMPLATE, IM_END, IM_START, Tokenizer, format_chatml
+    from dspark.engine.tokenizer import CHATML_TEMPLATE, IM_END, IM_START, Tokenizer, format_chatml
 
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -160,7 +160,7 @@ def test_fp32_projections_take_the_packed_path_at_every_row_count_where_mkl_runs
     every call takes that path; on Intel they stay at::linear's unless asked (then 4..256 rows). Where the rule
     applies (checked on such a machine), a row's output does not depend on how many rows share the call, so a
     verification step scores each token as a one-token decode step would."""
-    from engine import model as M
+    from dspark.engine import model as M
 
     lin = torch.nn.Linear(64, 96, bias=False)
     if not M._dnn_packable(lin.weight):

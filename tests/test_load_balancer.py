@@ -14,8 +14,8 @@ from pathlib import Path
 
 from conftest import REPO, ServerProcess, needs_tool, wait_for
 
-from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
-from loadtest.sweep import answers_ok, free_port
+from dspark.loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
+from dspark.loadtest.sweep import answers_ok, free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 KEY = "sk-lb-test-0123456789"

@@ -3,8 +3,8 @@
 import asyncio
 import json
 
-import loadtest.sweep
-from loadtest.loadgen import (
+import dspark.loadtest.sweep as sweep_mod
+from dspark.loadtest.loadgen import (
     LoadConfig,
     Result,
     all_users_rate,
@@ -14,7 +14,7 @@ from loadtest.loadgen import (
     percentiles,
     summarize,
 )
-from loadtest.sweep import adaptive_vs_fixed, goodput, markdown, render, sweep
+from dspark.loadtest.sweep import adaptive_vs_fixed, goodput, markdown, render, sweep
 
 
 def test_closed_and_open_loop_against_the_server(server):
@@ -51,7 +51,7 @@ def test_percentiles():
 def test_sweep_writes_json_chart_and_table(tmp_path, monkeypatch):
     md = tmp_path / "bench.md"
     md.write_text("# Benchmarks\n")
-    order, measure = [], loadtest.sweep.measure
+    order, measure = [], sweep_mod.measure
     servers = {}
 
     def spy(server, prompts, users, *args):
@@ -59,7 +59,7 @@ def test_sweep_writes_json_chart_and_table(tmp_path, monkeypatch):
         order.append((users, servers[server.url]))
         return measure(server, prompts, users, *args)
 
-    monkeypatch.setattr(loadtest.sweep, "measure", spy)
+    monkeypatch.setattr(sweep_mod, "measure", spy)
     data = sweep(["none", "dspark adaptive"], [1, 2], "code", max_tokens=8, requests_total=2,
                  out_dir=str(tmp_path), name="sweep-test", write_md=str(md), repeats=2)
     assert set(data["modes"]) == {"none", "dspark adaptive"}
@@ -97,8 +97,8 @@ def test_goodput_counts_only_requests_meeting_the_slo():
 def test_speculative_bench_interleaves_methods_and_writes_its_table(tmp_path):
     """`dspark bench --speculative-methods`: every method on every prompt, tau only where drafting ran, speed-up
     against none, one table row per method and temperature."""
-    from engine.settings import Settings
-    from loadtest.bench import bench_speculative
+    from dspark.engine.settings import Settings
+    from dspark.loadtest.bench import bench_speculative
 
     out = tmp_path / "b.md"
     rows = bench_speculative(Settings(), ["none", "dspark:fixed"], tokens=8, write=str(out), per_group=2)

@@ -25,13 +25,13 @@ import torch
 from conftest import cheap_drafting
 from test_sampling import reference_filter, reference_penalized
 
-from engine import sampling, verify
-from engine.drafters import block
-from engine.drafters.vocab import DraftVocab
-from engine.grammar import Constraint
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from dspark.engine import sampling, verify
+from dspark.engine.drafters import block
+from dspark.engine.drafters.vocab import DraftVocab
+from dspark.engine.grammar import Constraint
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
 
 PROMPT = "def main():\n    "
 L = 4  # output tokens counted: the prefill's token, then draft positions 1..3 of the first drafting round

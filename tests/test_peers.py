@@ -9,8 +9,8 @@ import random
 
 import httpx
 
-from loadtest import peers
-from loadtest.loadgen import LoadConfig, Result, one_request
+from dspark.loadtest import peers
+from dspark.loadtest.loadgen import LoadConfig, Result, one_request
 
 CONVS = [{"id": "a", "conversations": [{"from": "human", "value": " Hello there, what is 1+1? "},
                                        {"from": "gpt", "value": "2"}]},
@@ -125,7 +125,8 @@ def _point(users, per_user, total, ttft, ok=4):
 
 
 def test_table_ratios_to_this_server_and_failed_systems():
-    data = {"config": {"users": [1, 8, 32], "command": "python -m loadtest.peers --users 1,8,32", "gguf": "/x/m.gguf",
+    data = {"config": {"users": [1, 8, 32], "command": "python -m dspark.loadtest.peers --users 1,8,32",
+                       "gguf": "/x/m.gguf",
                        "model": "/x/m.gguf", "threads": 2, "cpu": "cpu", "requests": 32, "num_prompts": 64,
                        "max_prompt_tokens": 512, "seed": 0, "max_tokens": 128},
             "versions": {"dspark": "0.1.0", "peers llama_cpp_python": "0.3.36", "llama.cpp system_info": "AVX2 = 1"},
@@ -145,7 +146,7 @@ def test_table_ratios_to_this_server_and_failed_systems():
     assert rows["llama.cpp"]["ratio"][2] is None and rows["llama.cpp"]["errors"] == 0
     md = peers.markdown(data, "peers-test")
     assert md.startswith("<!-- bench:peers-test -->") and md.endswith("<!-- /bench:peers-test -->")
-    assert "Command: `python -m loadtest.peers --users 1,8,32`" in md
+    assert "Command: `python -m dspark.loadtest.peers --users 1,8,32`" in md
     assert "| per-user tok/s @1 | total tok/s @8 | total tok/s @32 | TTFT p50 ms @1 / @8 / @32 |" in md
     assert ("| dspark | dspark 0.1.0 | 20.0 | 80.0 | 100.0 | 100 / 200 / 500 | 100 / 100 / 100 | "
             "1.00x / 1.00x / 1.00x | 0 |") in md

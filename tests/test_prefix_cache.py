@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_engine_properties import drain
 
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from engine.sequence import SeqStatus
-from engine.settings import Settings
-from engine.tokenizer import Tokenizer
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.sequence import SeqStatus
+from dspark.engine.settings import Settings
+from dspark.engine.tokenizer import Tokenizer
 
 # 9 full blocks of 4 and one token of code, which the tiny model and its drafters know
 SYSTEM = Tokenizer(TEST_MODEL).encode("import os\nimport sys\n\n\ndef read_file(path):\n    \"\"\"Return the "

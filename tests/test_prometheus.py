@@ -12,8 +12,8 @@ import httpx
 import yaml
 from conftest import REPO, ServerProcess, needs_tool, wait_for
 
-from loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
-from loadtest.sweep import answers_ok, free_port
+from dspark.loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
+from dspark.loadtest.sweep import answers_ok, free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 KEY_PANELS = ("Tokens/s (total)", "Acceptance length per drafter", "SLO attainment", "TTFT p50 / p99")

@@ -1,6 +1,6 @@
 """Real prompt sources for drafter training and evaluation: held-out sets never leak into training."""
 
-from engine.training.prompts import (
+from dspark.engine.training.prompts import (
     GROUPS,
     HUMANEVAL_ASK,
     heldout_text,

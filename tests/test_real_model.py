@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import REPO
 
-from engine.model import load_model
-from engine.sampling import SamplingParams
-from engine.settings import DEFAULT_MODEL, Settings, resolve_model
-from engine.tokenizer import Tokenizer
-from loadtest.sweep import Server
+from dspark.engine.model import load_model
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import DEFAULT_MODEL, Settings, resolve_model
+from dspark.engine.tokenizer import Tokenizer
+from dspark.loadtest.sweep import Server
 
 try:
     GGUF = resolve_model(DEFAULT_MODEL)
@@ -24,7 +24,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "In 1969, 3 astron
 def hf():
     """transformers' GGUF path: its dequantization, its tokenizer converter."""
     pytest.importorskip("transformers")
-    from loadtest.bench import hf_load
+    from dspark.loadtest.bench import hf_load
 
     return hf_load(str(GGUF))
 
@@ -62,7 +62,7 @@ def test_chat_template_and_stop_token_from_the_file(ours):
 
 def test_greedy_answer_equals_transformers(hf):
     """The same chat answer from the engine on the GGUF and from transformers' generate() (greedy)."""
-    from engine.llm_engine import LLMEngine
+    from dspark.engine.llm_engine import LLMEngine
 
     eng = LLMEngine(Settings(model=str(GGUF), speculative="none"))
     msgs = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]

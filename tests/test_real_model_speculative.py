@@ -9,10 +9,10 @@ import pytest
 from conftest import cheap_drafting
 from test_lossless import Case, L, assert_multi_token_rounds, exact_joint, tv, tv_bound
 
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from engine.settings import DEFAULT_MODEL, Settings, resolve_model
-from engine.training.eval_drafter import heldout_prompts
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import DEFAULT_MODEL, Settings, resolve_model
+from dspark.engine.training.eval_drafter import heldout_prompts
 
 try:
     GGUF = resolve_model(DEFAULT_MODEL)

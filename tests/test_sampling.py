@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, draw, filter_logits, index_at, make_generator, penalize, sample
+from dspark.engine.sampling import SamplingParams, draw, filter_logits, index_at, make_generator, penalize, sample
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -83,7 +83,7 @@ def test_top_p_looks_for_the_nucleus_among_the_likeliest_tokens_first(monkeypatc
     """Top-p without top-k over a partial sort of TOP_P_WIDTH tokens (8 of 40 here) gives the definition's result:
     rows whose nucleus fits, rows with no filter beside them (all tokens kept), and a row whose nucleus does not
     fit, which alone is sorted whole."""
-    from engine import sampling
+    from dspark.engine import sampling
 
     monkeypatch.setattr(sampling, "TOP_P_WIDTH", 8)
     g = torch.Generator().manual_seed(1)

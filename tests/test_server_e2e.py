@@ -82,7 +82,7 @@ def test_penalties_and_logit_bias_reach_the_engine(server, client):
     (extra_body) are accepted and keep greedy decoding deterministic."""
     from conftest import TEST_MODEL
 
-    from engine.tokenizer import Tokenizer
+    from dspark.engine.tokenizer import Tokenizer
 
     kw = dict(model=server.name, prompt="def main():\n    ", max_tokens=6, temperature=0)
     plain = client.completions.create(**kw).choices[0].text

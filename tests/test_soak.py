@@ -1,6 +1,6 @@
 """A short soak in CI (the same mode runs for hours by hand): nothing lost, nothing leaked, answers unchanged."""
 
-from loadtest.soak import run_soak
+from dspark.loadtest.soak import run_soak
 
 
 def test_soak_mixed_traffic(model_dir):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import TEST_MODEL, cheap_drafting
 
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams, make_generator
-from engine.settings import Settings
-from engine.training.corpus import math_problem
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams, make_generator
+from dspark.engine.settings import Settings
+from dspark.engine.training.corpus import math_problem
 
 METHODS = ("dspark", "dflash", "eagle3")
 
@@ -112,8 +112,8 @@ def test_adaptive_policy_greedy_identical(method, reference):
 def test_factored_markov_head_goes_through_the_targets_embedding_and_lm_head(base, tmp_path):
     """bias(prev) = W_lm B A E[prev]: only A and B are stored (no vocabulary-sized tensor), the save/load round
     trip keeps it, and a greedy draft is argmax(base + bias) over the whole vocabulary."""
-    from engine.drafters import DrafterConfig, build_drafter, load_drafter, save_drafter, target_fingerprint
-    from engine.drafters.vocab import DraftVocab
+    from dspark.engine.drafters import DrafterConfig, build_drafter, load_drafter, save_drafter, target_fingerprint
+    from dspark.engine.drafters.vocab import DraftVocab
 
     model = base.model
     cfg = DrafterConfig(method="dspark", target_layer_ids=[0, 1], num_layers=1, intermediate_size=64,
@@ -164,7 +164,7 @@ def test_batched_propose_equals_each_request_alone(base, method):
     """One drafting round for a batch (contexts of different lengths, greedy and sampled requests with their own
     temperature / top-k / top-p and seeds, different draft lengths, a confidence cut) drafts exactly what each
     request drafts alone: padding, per-row filters and per-request uniforms do not leak across rows."""
-    from engine.drafters import load_drafter
+    from dspark.engine.drafters import load_drafter
 
     model = base.model
     drafter = load_drafter(TEST_MODEL / "drafters" / method, model)

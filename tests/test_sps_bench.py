@@ -5,7 +5,7 @@ term, counts the embedding table or mixes up units fails here, not silently in a
 
 import pytest
 
-from loadtest.sps import TINY, busy_us, sps_curve, write_sps
+from dspark.loadtest.sps import TINY, busy_us, sps_curve, write_sps
 
 # TINY in bf16: per layer q/o 64x64, k/v 64x32, gate/up 64x128, down 128x64, two 64 norms, two 16 q/k norms;
 # 2 layers + the final norm + the 512x64 LM head; the input embedding is read by row, so not counted.

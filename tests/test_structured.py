@@ -9,10 +9,10 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from engine.grammar import GrammarError
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from engine.settings import Settings
+from dspark.engine.grammar import GrammarError
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
 
 S = {"type": "string", "maxLength": 6}
 # Bounded everywhere (strings, arrays, numbers; no additional properties, as OpenAI's strict mode requires), so a

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai import OpenAI
 
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
-from engine.settings import Settings
-from server.protocol import ChatCompletionRequest
-from server.tools import ToolCallParser, chat_messages, parse_tool_calls, tool_choice, tool_grammar
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
+from dspark.server.protocol import ChatCompletionRequest
+from dspark.server.tools import ToolCallParser, chat_messages, parse_tool_calls, tool_choice, tool_grammar
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",

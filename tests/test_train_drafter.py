@@ -4,9 +4,9 @@ import pytest
 from conftest import TEST_MODEL
 from safetensors.torch import load_file
 
-from engine.drafters import load_drafter
-from engine.model import load_model
-from engine.training.train_drafter import generate_data, train_drafter
+from dspark.engine.drafters import load_drafter
+from dspark.engine.model import load_model
+from dspark.engine.training.train_drafter import generate_data, train_drafter
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,10 @@ def test_reduced_vocabulary_loss(method, data_cache, monkeypatch):
     logits are -inf: the same CE on labels inside it, the L1 plus the target's mass outside it."""
     import torch
 
-    import engine.training.train_drafter as td
-    from engine.drafters import DrafterConfig, build_drafter
-    from engine.drafters.vocab import DraftVocab, token_ranking
-    from engine.training.train_drafter import drafter_loss, eagle3_loss, make_batch, sample_anchors
+    import dspark.engine.training.train_drafter as td
+    from dspark.engine.drafters import DrafterConfig, build_drafter
+    from dspark.engine.drafters.vocab import DraftVocab, token_ranking
+    from dspark.engine.training.train_drafter import drafter_loss, eagle3_loss, make_batch, sample_anchors
 
     torch.manual_seed(0)
     target = load_model(TEST_MODEL)
@@ -121,9 +121,9 @@ def test_eagle3_slot_attention_equals_the_masked_attention(n_kv):
     with and without GQA."""
     import torch
 
-    from engine.drafters.config import DrafterConfig
-    from engine.drafters.eagle3 import Eagle3Drafter
-    from engine.model_config import ModelConfig
+    from dspark.engine.drafters.config import DrafterConfig
+    from dspark.engine.drafters.eagle3 import Eagle3Drafter
+    from dspark.engine.model_config import ModelConfig
 
     tcfg = ModelConfig("LlamaForCausalLM", 100, 72, 96, 4, 9, n_kv, 8)
     drafter = Eagle3Drafter(DrafterConfig(method="eagle3", target_layer_ids=[0, 1], block_size=4), tcfg)
@@ -151,8 +151,8 @@ def test_eagle3_loss_equals_the_dense_unroll(data_cache):
     training-time test is defined: every slot at every step through the layer, attention under the full mask."""
     import torch
 
-    import engine.training.train_drafter as td
-    from engine.drafters import DrafterConfig, build_drafter
+    import dspark.engine.training.train_drafter as td
+    from dspark.engine.drafters import DrafterConfig, build_drafter
 
     torch.manual_seed(0)
     target = load_model(TEST_MODEL)
@@ -193,7 +193,7 @@ def test_eagle3_loss_equals_the_dense_unroll(data_cache):
 
 def test_a_longer_gen_limit_starts_from_the_shorter_runs_answers(tmp_path):
     """--gen-limit 2400 after --gen-limit 1280 (same draw) answers only the 1120 prompts not yet answered."""
-    from engine.training.train_drafter import resume_from_shorter
+    from dspark.engine.training.train_drafter import resume_from_shorter
 
     stem = "drafter-data-m.gguf-2400-192-0"
     for n, text in ((640, "a"), (1280, "b"), (3000, "c")):
@@ -212,7 +212,7 @@ def test_a_longer_gen_limit_starts_from_the_shorter_runs_answers(tmp_path):
 def test_a_recipe_runs_its_phases_in_order_and_resumes_inside_any(data_cache, tmp_path):
     """`train-drafter --recipe`: phase 2 starts from phase 1's weights; a run stopped inside either phase and
     started again ends with the same weights as the uninterrupted one; another method cannot reuse its --out."""
-    from engine.training.recipe import train_recipe
+    from dspark.engine.training.recipe import train_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("common: {num_layers: 1, taps: 3, batch: 2, anchors: 4, seed: 3}\n"

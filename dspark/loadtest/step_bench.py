@@ -1,0 +1,81 @@
+"""Engine step time at 1..64 requests while every request speculates and samples, and what a step copies to the host.
+
+    python -m dspark.loadtest.step_bench --requests 1 8 32 64 [--draft-len 3] [--temperature 1.0] [--top-k 50]
+        [--top-p 1.0]
+
+Each request gets a distinct 64-token prompt; after the prefill, `--steps` decode steps are timed one by one (the
+median is reported), with the dspark drafter at a fixed draft length and sampled requests (the path where
+verification did the most per-request work). `bytes_to_host` is the engine's own count (`stats["bytes_to_host"]`,
+also exported as `dspark_step_bytes_to_host`); a checkout without it reports "-". `--label` names the code under
+test, so that two checkouts can be run in turn and written side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
+from dspark.loadtest.decode_profile import make_prompts
+
+
+def step_times(requests: list[int], draft_len: int, temperature: float, steps: int, model: str | None,
+               top_k: int = 50, top_p: float = 1.0) -> list[dict]:
+    kw = {"model": model} if model else {}
+    eng = LLMEngine(Settings(speculative="dspark", draft_policy="fixed", draft_len=draft_len,
+                             max_num_seqs=max(requests), max_num_batched_tokens=8192, **kw))
+    rows = []
+    for r in requests:
+        params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=i, ignore_eos=True,
+                                 max_tokens=(steps + 4) * (draft_len + 1)) for i in range(r)]
+        seqs = [eng.add_request(f"step-{r}-{i}", p, sp) for i, (p, sp) in enumerate(zip(make_prompts(eng, r, 64),
+                                                                                       params))]
+        while any(s.num_output == 0 for s in seqs):
+            eng.step()
+        before = eng.stats.get("bytes_to_host")
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            eng.step()
+            times.append(time.perf_counter() - t0)
+        copied = None if before is None else (eng.stats["bytes_to_host"] - before) / steps
+        for s in seqs:
+            eng.abort_request(s.request_id)
+        rows.append({"requests": r, "step_ms": 1e3 * statistics.median(times), "bytes_to_host": copied})
+        print(f"R={r:>3}: {rows[-1]['step_ms']:8.1f} ms/step  "
+              f"{'-' if copied is None else f'{copied:.0f}'} B to host per step", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--requests", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--draft-len", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--label", default="this checkout")
+    ap.add_argument("--json", default=None, help="append this run's rows, labelled, to a JSON file")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    rows = step_times(a.requests, a.draft_len, a.temperature, a.steps, a.model, a.top_k, a.top_p)
+    if a.json:
+        import json
+        from pathlib import Path
+
+        path = Path(a.json)
+        runs = json.loads(path.read_text()) if path.exists() else {}
+        runs[a.label] = rows
+        path.write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()
