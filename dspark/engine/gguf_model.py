@@ -34,7 +34,7 @@ PRE_TOKENIZERS = {  # name -> (split digits one by one first, main regex)
     "llama3": (False, _LLAMA3), "llama-bpe": (False, _LLAMA3), "smaug-bpe": (False, _LLAMA3),
     "qwen2": (False, _QWEN2), "qwen35": (False, _QWEN2),
 }
-CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values for special / added tokens
+CONTROL, USER_DEFINED, BYTE = 3, 4, 6  # tokenizer.ggml.token_type values: special, added, byte-fallback tokens
 
 
 def find_gguf(path: str | Path) -> Path | None:

@@ -50,9 +50,11 @@ class Tokenizer:
             self.tok = build_tokenizer(ckpt)
             tokens = ckpt.meta["tokenizer.ggml.tokens"]
             bos = ckpt.meta.get("tokenizer.ggml.bos_token_id")
+            # llama.cpp adds BOS to a SentencePiece ("llama") vocabulary whose file does not say otherwise
+            spm = ckpt.meta.get("tokenizer.ggml.model") == "llama"
             self.config = {"chat_template": ckpt.meta.get("tokenizer.chat_template"),
                            "bos_token": tokens[bos] if bos is not None else None,
-                           "add_bos_token": ckpt.meta.get("tokenizer.ggml.add_bos_token", False)}
+                           "add_bos_token": ckpt.meta.get("tokenizer.ggml.add_bos_token", spm)}
             eos_ids = ckpt.eos_ids()
         else:
             self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
