@@ -6,6 +6,7 @@ import torch
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
+from dspark.server.outputs import RequestState
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n", "class Stack:\n    def push(self, item):",
            "The answer is", "for i in range(10):\n   ", "x", "# Parse the command line\nimport argparse\n",
@@ -57,14 +58,30 @@ def test_preemption_under_a_tiny_kv_pool(model_dir, solo):
     eng.block_manager.check()
 
 
+def front_end_text(engine, ids: list[int], params: SamplingParams) -> tuple[RequestState, str]:
+    """A request run as the server runs it: the core's token-id outputs through the front end's RequestState
+    (text, stop strings); a stop string ends it there and the front end aborts it in the core."""
+    state, text = RequestState(engine.tokenizer, "fe", ids, params), ""
+    engine.add_request("fe", ids, params)
+    while not state.finished:
+        for out in engine.step():
+            if out.request_id == "fe":
+                text += state.process(out).text
+    engine.abort_request("fe")
+    return state, text
+
+
 def test_stop_string_and_stop_token(engine, solo):
     tok = engine.tokenizer
     ids = tok.encode(PROMPTS[0])
-    full = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].text
+    _, full = front_end_text(engine, ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert full == tok.decode(solo[0][:24])
     stop = full[len(full) // 2: len(full) // 2 + 3]
     assert stop.strip(), f"degenerate output {full!r}"
-    s = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
-    assert s.finish_reason == "stop" and s.text == full[: full.index(stop)]
+    state, text = front_end_text(engine, ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                             stop=[stop]))
+    assert state.finish_reason == "stop" and text == full[: full.index(stop)] and state.num_output < 24
+    assert not engine.seqs and engine.block_manager.num_free == engine.block_manager.num_blocks
     s = engine.generate([ids], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
                                               stop_token_ids=[solo[0][3]]))[0]
     assert s.finish_reason == "stop" and s.output_ids == solo[0][: solo[0].index(solo[0][3]) + 1]

