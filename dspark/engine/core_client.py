@@ -65,10 +65,10 @@ class ThreadCore:
         def run() -> None:
             try:
                 self.core.run(receive, lambda batch: loop.call_soon_threadsafe(on_outputs, batch))
-            except BaseException as e:
+            except BaseException as e:  # reported (logged, and to every request in flight), not re-raised
                 log.exception("engine core thread died")
                 loop.call_soon_threadsafe(on_dead, f"engine core thread died: {e!r}")
-                raise
+                return
             if not self._stopping:
                 loop.call_soon_threadsafe(on_dead, "engine core thread stopped")
 
