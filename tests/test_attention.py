@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from dspark.kernels.attention import AttentionMetadata, TorchPagedAttention
+from dspark.kernels.base import AttentionMetadata
+from dspark.kernels.torch_backend import TorchPagedAttention
 
 
 def dense(q, k, v, scale):

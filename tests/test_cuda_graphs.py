@@ -3,7 +3,7 @@ the
 scratch block, the fixed input buffers, and the engine's tokens through padded steps equal to the eager path's.
 
 The padded steps run eagerly (capture=False) with the torch reference under the graph backends' contract
-(kernels.attention.TorchGraphAttention: rows past the planned ones come out NaN, so padding that reached a real
+(kernels.torch_backend.TorchGraphAttention: rows past the planned ones come out NaN, so padding that reached a real
 row would show). Capture and replay themselves are tested on a GPU host (tests/gpu/test_cuda.py)."""
 
 import random
@@ -17,7 +17,7 @@ from dspark.engine.cuda_graphs import Bucket, batch_sizes, pick_bucket, plan_buc
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
-from dspark.kernels.attention import TorchGraphAttention
+from dspark.kernels.torch_backend import TorchGraphAttention
 
 
 def test_buckets_cover_every_step_up_to_the_limits():

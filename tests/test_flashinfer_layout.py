@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_attention import dense, make_case
 
-from dspark.kernels.attention import make_backend
+from dspark.kernels import make_backend
 from dspark.kernels.flashinfer_backend import paged_kv_layout, token_rows
 
 

@@ -7,7 +7,7 @@ import logging
 import httpx
 from conftest import ServerProcess, wait_for
 
-from dspark.server.logs import JsonFormatter, TextFormatter
+from dspark.logs import JsonFormatter, TextFormatter
 
 KEY = "sk-log-test-5f1d2c"
 PROMPT = "zebra quartz lantern"

@@ -35,7 +35,7 @@ def test_wheel_has_one_top_level_import_name(wheel):
     for part in ("server", "engine", "scheduler", "kernels", "loadtest"):
         assert f"dspark/{part}/__init__.py" in names, f"dspark.{part} is not in the wheel"
     entry = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-    assert "dspark = dspark.server.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
+    assert "dspark = dspark.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
 
 
 def test_no_generic_import_name_at_the_top_of_the_checkout():
@@ -48,7 +48,7 @@ IMPORT_BOTH = """
 import kernels, transformers
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config, MistralConfig
 from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
-import dspark, dspark.kernels.attention, dspark.engine.model, dspark.server.app
+import dspark, dspark.kernels.torch_backend, dspark.engine.model, dspark.server.app
 assert hasattr(kernels, "CUDAProperties"), kernels.__file__  # Hugging Face's, the name transformers imports
 print(dspark.__file__)
 print(kernels.__file__)

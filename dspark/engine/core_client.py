@@ -93,7 +93,7 @@ def run_core_process(settings: dict, in_addr: str, out_addr: str) -> None:
     from dspark.engine.core import EngineCore
     from dspark.engine.llm_engine import LLMEngine
     from dspark.engine.settings import Settings
-    from dspark.server.logs import setup_logging
+    from dspark.logs import setup_logging
 
     cfg = Settings(**settings)
     setup_logging(cfg.log_level, cfg.log_format)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.engine.model import CausalLM
-from dspark.kernels.attention import AttentionMetadata
+from dspark.kernels.base import AttentionMetadata
 
 log = logging.getLogger("dspark.graphs")
 

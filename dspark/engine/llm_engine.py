@@ -25,7 +25,7 @@ from dspark.engine.sequence import SeqStatus, Sequence
 from dspark.engine.settings import Settings
 from dspark.engine.tokenizer import Tokenizer
 from dspark.engine.verify import Verify, verify_step
-from dspark.kernels.attention import make_backend
+from dspark.kernels import make_backend
 from dspark.scheduler.cost_model import StepCostModel
 from dspark.scheduler.draft_policy import DraftPolicy
 from dspark.scheduler.scheduler import Scheduler

@@ -20,7 +20,7 @@ from torch import nn
 
 from dspark.engine.gguf_model import find_gguf, open_gguf
 from dspark.engine.model_config import ModelConfig
-from dspark.kernels.attention import AttentionBackend
+from dspark.kernels.base import AttentionBackend
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from dspark.engine.block_manager import BlockManager
 from dspark.engine.cuda_graphs import GraphAttentionFactory, StepGraphs
 from dspark.engine.model import CausalLM
-from dspark.kernels.attention import AttentionBackend, AttentionMetadata
+from dspark.kernels.base import AttentionBackend, AttentionMetadata
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:

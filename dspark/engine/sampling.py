@@ -165,36 +165,3 @@ def index_at_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # u * total rounded onto (or u was) the total: the last index with mass
     last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(-1)
     return torch.where(i >= probs.shape[-1], last, i)
-
-
-@dataclass
-class SampleResult:
-    token_ids: list[int]
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen lp, top-k [(id, lp)]) per row
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> SampleResult:
-    """One token per row of `logits` [N, V] (float32)."""
-    n = logits.shape[0]
-    tokens = logits.argmax(-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        sub = logits[rows]
-        temps = torch.tensor([params[i].temperature for i in rows], dtype=sub.dtype)
-        ks = torch.tensor([max(params[i].top_k, 0) for i in rows])
-        ps = torch.tensor([params[i].top_p for i in rows], dtype=sub.dtype)
-        probs = filter_logits(sub, temps, ks, ps)
-        for j, i in enumerate(rows):
-            tokens[i] = draw(probs[j], generators[i])
-    token_list = tokens.tolist()
-    lps: list = [None] * n
-    want = [i for i, p in enumerate(params) if p.logprobs is not None]
-    if want:
-        logp = torch.log_softmax(logits[want], dim=-1)
-        kmax = max(params[i].logprobs for i in want)
-        top_v, top_i = logp.topk(max(kmax, 1), dim=-1) if kmax else (None, None)
-        for j, i in enumerate(want):
-            k = params[i].logprobs
-            top = list(zip(top_i[j, :k].tolist(), top_v[j, :k].tolist())) if k else []
-            lps[i] = (float(logp[j, token_list[i]]), top)
-    return SampleResult(token_list, lps)

@@ -12,35 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.engine.sampling import SamplingParams, draw, filter_logits, index_at_rows, penalize
-
-
-def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:
-    """Longest prefix where the draft equals the target's argmax, then the target's own next token."""
-    n = 0
-    while n < len(draft) and draft[n] == target_argmax[n]:
-        n += 1
-    return [*draft[:n], target_argmax[n]]
-
-
-def accept_sampled(draft: list[int], q: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> list[int]:
-    """Rejection sampling. q: [k, V] drafter probs (one-hot for a greedy drafter), p: [k+1, V] target probs."""
-    k = len(draft)
-    if k:
-        idx = torch.tensor(draft)
-        rows = torch.arange(k)
-        px, qx = p[rows, idx], q[rows, idx]
-        u = torch.rand(k, generator=gen)
-        # accept with prob P(u < p/q) = min(1, p/q) for u in [0, 1); q(x) > 0 since x was drawn from q, and a
-        # token the target rules out (p(x) = 0) is never accepted, even at u = 0
-        ok = (u * qx < px).tolist()
-        for i in range(k):
-            if not ok[i]:
-                residual = (p[i] - q[i]).clamp_min(0)  # draw() normalises
-                # p == q makes the residual empty; then rejection had probability 0 and cannot be here,
-                # except through rounding: fall back to p.
-                return [*draft[:i], draw(residual if residual.sum() > 0 else p[i], gen)]
-    return [*draft, draw(p[k], gen)]
+from dspark.engine.sampling import SamplingParams, filter_logits, index_at_rows, penalize
 
 
 # -- the whole step at once, where the logits are -----------------------------------------------------------------

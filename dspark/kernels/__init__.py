@@ -1,0 +1,23 @@
+"""Attention kernels: the contract (base.py), one module per backend (torch_backend.py, flashinfer_backend.py),
+and `make_backend`, the one place that picks one by name."""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.kernels.base import AttentionBackend, AttentionMetadata
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "make_backend"]
+
+
+def make_backend(name: str, num_qo_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, device: str = "cuda",
+                 dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:
+    if name == "torch":
+        from dspark.kernels.torch_backend import TorchPagedAttention
+
+        return TorchPagedAttention()
+    if name == "flashinfer":
+        from dspark.kernels.flashinfer_backend import FlashInferAttention  # CUDA only, imported only when asked for
+
+        return FlashInferAttention(num_qo_heads, num_kv_heads, head_dim, device, dtype)
+    raise ValueError(f"unknown attention backend {name!r} (choose torch or flashinfer)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.attention import AttentionMetadata
+from dspark.kernels.base import AttentionMetadata
 
 WORKSPACE_BYTES = 256 * 2**20
 

@@ -8,7 +8,7 @@ set -u
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 sps() {
   echo "--- $(date +%T) bench --sps qwen3-8b $*"
-  timeout 150 python3 -m dspark.server.cli bench --sps qwen3-8b --device cuda --dtype bfloat16 --attention-backend flashinfer \
+  timeout 150 python3 -m dspark bench --sps qwen3-8b --device cuda --dtype bfloat16 --attention-backend flashinfer \
     --write docs/benchmarks.md "$@" 2>&1 | grep -v -i warn | tail -10
   cp docs/benchmarks.md "${OUT:-/tmp}/benchmarks.md" 2>/dev/null
 }

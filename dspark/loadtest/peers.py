@@ -266,7 +266,7 @@ def measure(server: Server, prompts: list[dict], users: list[int], requests: int
 
 
 def start(s: System, log_dir: Path) -> Server:
-    if s.kind == "dspark":  # sweep's helper: `python -m dspark.server.cli serve` (= dspark serve), /health polled
+    if s.kind == "dspark":  # sweep's helper: `python -m dspark serve` (= dspark serve), /health polled
         return Server(s.flags, log_dir=log_dir, ready_timeout=600)
     return PeerServer(s.argv, s.env, log_dir / (re.sub(r"[^a-z0-9]+", "-", s.name.lower()).strip("-") + ".log"))
 

@@ -27,8 +27,8 @@ def test_flashinfer_equals_torch_reference(seed, head_dim):
     """Prefill chunks, plain decodes and drafts to verify in one ragged batch."""
     from test_attention import make_case
 
-    from dspark.kernels.attention import TorchPagedAttention
     from dspark.kernels.flashinfer_backend import FlashInferAttention
+    from dspark.kernels.torch_backend import TorchPagedAttention
 
     g = torch.Generator().manual_seed(seed)
     b = int(torch.randint(2, 9, (1,), generator=g))

@@ -28,7 +28,7 @@ def cmd_serve(args) -> None:
     from dspark.server.app import create_app
     from dspark.server.async_llm import AsyncLLM
     from dspark.server.drain import serve
-    from dspark.server.logs import setup_logging
+    from dspark.logs import setup_logging
 
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_format)

@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache: the backend interface and the plain-torch reference.
+"""The plain-torch attention backend: the reference every other backend is checked against (eager, and under a
+CUDA-graph bucket's fixed shapes).
 
 The KV cache of one layer is a pair (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]
 (FlashInfer's NHD paged layout), so a CUDA backend can take the same tensors and the block manager's tables.
@@ -8,28 +9,10 @@ draft to verify) and attends causally to kv_lens[r] keys, the new ones included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AttentionMetadata:
-    q_lens: list[int]  # new tokens per request, in the flat token order
-    kv_lens: list[int]  # keys per request after this step's writes
-    block_tables: torch.Tensor  # [B, max_blocks] int64, physical block ids (padding: 0)
-    slot_mapping: torch.Tensor  # [T] int64, flat cache slot each new token's K/V goes to
-    block_size: int
-
-
-class AttentionBackend(Protocol):
-    def plan(self, meta: AttentionMetadata) -> None:
-        """Build per-step index structures once; reused by every layer."""
-
-    def forward(self, layer_idx: int, q, k, v, kv_cache: tuple[torch.Tensor, torch.Tensor], scale: float):
-        """Write k/v [T, Hkv, D] into the cache, then attend q [T, H, D]; return [T, H, D]."""
+from dspark.kernels.base import AttentionMetadata
 
 
 class TorchPagedAttention:
@@ -193,14 +176,3 @@ class TorchGraphAttention:
         n = self.rows  # the reference writes those rows' K/V again, to the same slots
         out[:n] = self.ref.forward(layer_idx, q[:n], k[:n], v[:n], kv_cache, scale)
         return out
-
-
-def make_backend(name: str, num_qo_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, device: str = "cuda",
-                 dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:
-    if name == "torch":
-        return TorchPagedAttention()
-    if name == "flashinfer":
-        from dspark.kernels.flashinfer_backend import FlashInferAttention  # CUDA only, imported only when asked for
-
-        return FlashInferAttention(num_qo_heads, num_kv_heads, head_dim, device, dtype)
-    raise ValueError(f"unknown attention backend {name!r} (choose torch or flashinfer)")

@@ -1,0 +1,124 @@
+"""What HTTP costs: the server's streamed decode speed against the same engine's in-process decode speed.
+
+    python -m dspark.loadtest.http_overhead --model models/tiny-qwen3-5m --users 1 32 --tokens 256 --prompt-len 60
+        [--dtype bfloat16] [--engine-core thread process] [--repeats 1]
+
+In-process: decode_profile's figure (the engine stepped directly; decode only, after every request's first
+token). Over HTTP: `dspark serve` per engine-core mode, a plain httpx client streaming N completions at once
+(token-id prompts of the same shapes, greedy, `ignore_eos`, no speculation), each SSE chunk one token. At 1 user
+the figure is that user's decode tokens/s (first to last token); at N users the total tokens/s while all N decode
+(the chunks that arrive between the last first token and the last token, over that window). The ratio is HTTP
+over in-process. TTFT is the client's, from sending to the first chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from dspark.engine.report import replace_section
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def in_process(model: str | None, dtype: str, users: list[int], tokens: int, prompt_len: int, repeats: int,
+               threads: int) -> tuple[dict[int, float], list[list[int]]]:
+    import torch
+
+    from dspark.engine.llm_engine import LLMEngine
+    from dspark.engine.settings import Settings
+    from dspark.loadtest.decode_profile import bench, make_prompts
+
+    torch.set_num_threads(threads)
+    kw = {"model": model} if model else {}
+    eng = LLMEngine(Settings(**kw, dtype=dtype, speculative="none", threads=threads,
+                             max_num_seqs=max(64, max(users))))
+    out = {n: bench(eng, n, tokens, prompt_len, repeats)["decode_tps"] for n in users}
+    return out, make_prompts(eng, max(users), prompt_len)
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    t0, times = time.perf_counter(), []
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    times.append(time.perf_counter())
+    return {"start": t0, "times": times}
+
+
+async def over_http(url: str, model: str, prompts: list[list[int]], tokens: int) -> dict:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts) + 4)) as client:
+        await stream_one(client, url, model, prompts[0], 8)  # warm-up
+        runs = await asyncio.gather(*(stream_one(client, url, model, p, tokens) for p in prompts))
+    firsts = [r["times"][0] for r in runs]
+    lasts = [r["times"][-1] for r in runs]
+    t0, t1 = max(firsts), max(lasts)
+    window = sum(1 for r in runs for t in r["times"] if t0 < t <= t1)
+    one = runs[0]["times"]
+    return {"per_user": (len(one) - 1) / (one[-1] - one[0]), "total": window / (t1 - t0) if t1 > t0 else 0.0,
+            "ttft_ms": statistics.median(1e3 * (r["times"][0] - r["start"]) for r in runs),
+            "ttft_max_ms": max(1e3 * (r["times"][0] - r["start"]) for r in runs),
+            "chunks": statistics.median(len(r["times"]) for r in runs)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--users", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine-core", nargs="+", default=["thread", "process"], choices=["thread", "process"])
+    ap.add_argument("--host-label", default="", help="names the machine in the report (e.g. its CPU and dtype)")
+    ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    args = ap.parse_args(argv)
+    from dspark.loadtest.sweep import Server
+
+    base, prompts = in_process(args.model, args.dtype, args.users, args.tokens, args.prompt_len, args.repeats,
+                               args.threads)
+    print("in-process decode tok/s: " + ", ".join(f"{n} requests {v:.0f}" for n, v in base.items()))
+    rows = []
+    for mode in args.engine_core:
+        flags = ["--engine-core", mode, "--dtype", args.dtype, "--speculative", "none", "--threads",
+                 str(args.threads), "--max-num-seqs", str(max(64, max(args.users)))]
+        server = Server(flags + (["--model", args.model] if args.model else []))
+        try:
+            for n in args.users:
+                r = asyncio.run(over_http(server.url, server.model, prompts[:n], args.tokens))
+                http = r["per_user"] if n == 1 else r["total"]
+                rows.append((mode, n, base[n], http, http / base[n], r["ttft_ms"], r["ttft_max_ms"]))
+                print(f"{mode:>7} {n:>3} users: in-process {base[n]:7.0f} tok/s, over HTTP {http:7.0f} tok/s "
+                      f"({'per user' if n == 1 else 'total'}), ratio {http / base[n]:.2f}x, TTFT p50 "
+                      f"{r['ttft_ms']:.0f} ms, max {r['ttft_max_ms']:.0f} ms")
+        finally:
+            server.stop()
+    cmd = ("python -m dspark.loadtest.http_overhead " + (f"--model {args.model} " if args.model else "")
+           + f"--users {' '.join(map(str, args.users))} --tokens {args.tokens} --prompt-len {args.prompt_len} "
+           f"--dtype {args.dtype} --engine-core {' '.join(args.engine_core)} --repeats {args.repeats}")
+    lines = ["<!-- bench:http-overhead -->", "## What HTTP costs: streamed decode over the in-process engine (CPU)", "",
+             f"Command: `{cmd}`" + (f", on {args.host_label}" if args.host_label else "") + f", {args.threads} "
+             "torch threads. In-process: the engine stepped directly (decode only). Over HTTP: a plain httpx "
+             "client streaming from `dspark serve` on the same machine; 1 user: that user's decode tokens/s; N "
+             "users: total tokens/s while all N decode. One run each.", "",
+             "| engine core | users | in-process tok/s | over HTTP tok/s | ratio | TTFT p50 / max (ms) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {n} | {b:.0f} | {h:.0f} ({'per user' if n == 1 else 'total'}) | {x:.2f}x | {t:.0f} / {tm:.0f} |"
+              for m, n, b, h, x, t, tm in rows]
+    lines.append("<!-- /bench:http-overhead -->")
+    replace_section(Path(args.out), "http-overhead", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
