@@ -25,10 +25,10 @@ def _settings(args) -> Settings:
 
 
 def cmd_serve(args) -> None:
+    from dspark.logs import setup_logging
     from dspark.server.app import create_app
     from dspark.server.async_llm import AsyncLLM
     from dspark.server.drain import serve
-    from dspark.logs import setup_logging
 
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_format)

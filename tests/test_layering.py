@@ -3,7 +3,6 @@ the CLI or the benchmarks; the server never imports the benchmarks; the schedule
 (no tokenizer, no model). Every `dspark.*` import counts, module-level or inside a function."""
 
 import ast
-from pathlib import Path
 
 from conftest import REPO
 

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     # server
-    engine_core: str = Field("thread", description="where the engine core runs: process (its own process, reached "
+    engine_core: str = Field("process", description="where the engine core runs: process (its own process, reached "
                              "over ZMQ; the API process does HTTP and text beside it) | thread (a thread of the API "
                              "process)")
     host: str = "127.0.0.1"

@@ -8,7 +8,8 @@ token). Over HTTP: `dspark serve` per engine-core mode, a plain httpx client str
 (token-id prompts of the same shapes, greedy, `ignore_eos`, no speculation), each SSE chunk one token. At 1 user
 the figure is that user's decode tokens/s (first to last token); at N users the total tokens/s while all N decode
 (the chunks that arrive between the last first token and the last token, over that window). The ratio is HTTP
-over in-process. TTFT is the client's, from sending to the first chunk.
+over in-process. TTFT is the client's, from sending to the first chunk. Each figure is the median of `--repeats`
+runs (in-process and over HTTP alike).
 """
 
 from __future__ import annotations
@@ -79,10 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--engine-core", nargs="+", default=["thread", "process"], choices=["thread", "process"])
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process engine")
+    ap.add_argument("--server-threads", type=int, nargs="+", default=[0],
+                    help="the servers' --threads, one run each (0: the server's default)")
+    ap.add_argument("--engine-core", nargs="+", default=["thread", "process"], choices=["thread", "process", "default"],
+                    help="engine-core modes to serve with; `default` passes no flag (a checkout from before it)")
     ap.add_argument("--host-label", default="", help="names the machine in the report (e.g. its CPU and dtype)")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    ap.add_argument("--section", default="http-overhead", help="the report section to write (one per setting)")
     args = ap.parse_args(argv)
     from dspark.loadtest.sweep import Server
 
@@ -90,34 +95,44 @@ def main(argv: list[str] | None = None) -> None:
                                args.threads)
     print("in-process decode tok/s: " + ", ".join(f"{n} requests {v:.0f}" for n, v in base.items()))
     rows = []
-    for mode in args.engine_core:
-        flags = ["--engine-core", mode, "--dtype", args.dtype, "--speculative", "none", "--threads",
-                 str(args.threads), "--max-num-seqs", str(max(64, max(args.users)))]
+    for mode, threads in [(m, n) for m in args.engine_core for n in args.server_threads]:
+        flags = ([] if mode == "default" else ["--engine-core", mode]) + [
+            "--dtype", args.dtype, "--speculative", "none", "--max-num-seqs", str(max(64, max(args.users)))]
+        flags += ["--threads", str(threads)] if threads else []
         server = Server(flags + (["--model", args.model] if args.model else []))
+        mode = f"{mode}, {threads or 'default'} threads"
         try:
             for n in args.users:
-                r = asyncio.run(over_http(server.url, server.model, prompts[:n], args.tokens))
+                runs = [asyncio.run(over_http(server.url, server.model, prompts[:n], args.tokens))
+                        for _ in range(args.repeats)]
+                r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
                 http = r["per_user"] if n == 1 else r["total"]
                 rows.append((mode, n, base[n], http, http / base[n], r["ttft_ms"], r["ttft_max_ms"]))
-                print(f"{mode:>7} {n:>3} users: in-process {base[n]:7.0f} tok/s, over HTTP {http:7.0f} tok/s "
+                print(f"{mode} {n:>3} users: in-process {base[n]:7.0f} tok/s, over HTTP {http:7.0f} tok/s "
                       f"({'per user' if n == 1 else 'total'}), ratio {http / base[n]:.2f}x, TTFT p50 "
                       f"{r['ttft_ms']:.0f} ms, max {r['ttft_max_ms']:.0f} ms")
         finally:
             server.stop()
     cmd = ("python -m dspark.loadtest.http_overhead " + (f"--model {args.model} " if args.model else "")
            + f"--users {' '.join(map(str, args.users))} --tokens {args.tokens} --prompt-len {args.prompt_len} "
-           f"--dtype {args.dtype} --engine-core {' '.join(args.engine_core)} --repeats {args.repeats}")
-    lines = ["<!-- bench:http-overhead -->", "## What HTTP costs: streamed decode over the in-process engine (CPU)", "",
-             f"Command: `{cmd}`" + (f", on {args.host_label}" if args.host_label else "") + f", {args.threads} "
-             "torch threads. In-process: the engine stepped directly (decode only). Over HTTP: a plain httpx "
-             "client streaming from `dspark serve` on the same machine; 1 user: that user's decode tokens/s; N "
-             "users: total tokens/s while all N decode. One run each.", "",
-             "| engine core | users | in-process tok/s | over HTTP tok/s | ratio | TTFT p50 / max (ms) |",
-             "|---|---|---|---|---|---|"]
+           f"--dtype {args.dtype} --engine-core {' '.join(args.engine_core)} --repeats {args.repeats} --threads "
+           f"{args.threads} --server-threads {' '.join(map(str, args.server_threads))}")
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "?"
+    name = args.section
+    lines = [f"<!-- bench:{name} -->", f"## What HTTP costs: streamed decode over the in-process engine ({name}, CPU)",
+             "", f"Command: `{cmd}` at {commit}" + (f", on {args.host_label}" if args.host_label else "")
+             + ". In-process: the engine stepped directly (decode only). Over HTTP: a plain httpx client streaming "
+             "from `dspark serve` on the same machine; 1 user: that user's decode tokens/s; N users: total tokens/s "
+             "while all N decode. Medians of the repeats.", "",
+             "| server (engine core, torch threads) | users | in-process tok/s | over HTTP tok/s | ratio | TTFT p50 / "
+             "max (ms) |", "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {n} | {b:.0f} | {h:.0f} ({'per user' if n == 1 else 'total'}) | {x:.2f}x | {t:.0f} / {tm:.0f} |"
               for m, n, b, h, x, t, tm in rows]
-    lines.append("<!-- /bench:http-overhead -->")
-    replace_section(Path(args.out), "http-overhead", "\n".join(lines))
+    lines.append(f"<!-- /bench:{name} -->")
+    replace_section(Path(args.out), name, "\n".join(lines))
 
 
 if __name__ == "__main__":
