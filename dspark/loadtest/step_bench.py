@@ -7,7 +7,9 @@ Each request gets a distinct 64-token prompt; after the prefill, `--steps` decod
 median is reported), with the dspark drafter at a fixed draft length and sampled requests (the path where
 verification did the most per-request work). `bytes_to_host` is the engine's own count (`stats["bytes_to_host"]`,
 also exported as `dspark_step_bytes_to_host`); a checkout without it reports "-". `--label` names the code under
-test, so that two checkouts can be run in turn and written side by side.
+test, so that two checkouts can be run in turn and written side by side. Each step's time outside the target's
+forward and the drafter's (propose, folding features into its context) is the engine's host work (`--plain`:
+decode steps without speculation).
 """
 
 from __future__ import annotations
@@ -24,11 +26,37 @@ from dspark.engine.settings import Settings
 from dspark.loadtest.decode_profile import make_prompts
 
 
+def time_forwards(eng: LLMEngine) -> dict[str, float]:
+    """Wrap the target's and the drafter's forwards (propose, and folding features into the drafter's context) so
+    that their seconds add up here: the rest of a step is the engine's host work."""
+    spent = {"s": 0.0}
+
+    def timed(obj, name):
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent["s"] += time.perf_counter() - t0
+
+        setattr(obj, name, wrapper)
+
+    timed(eng.runner, "forward")
+    if eng.drafter is not None:
+        timed(eng.drafter, "propose")
+        timed(eng.drafter, "extend_contexts")
+    return spent
+
+
 def step_times(requests: list[int], draft_len: int, temperature: float, steps: int, model: str | None,
-               top_k: int = 50, top_p: float = 1.0) -> list[dict]:
+               top_k: int = 50, top_p: float = 1.0, plain: bool = False) -> list[dict]:
     kw = {"model": model} if model else {}
-    eng = LLMEngine(Settings(speculative="dspark", draft_policy="fixed", draft_len=draft_len,
-                             max_num_seqs=max(requests), max_num_batched_tokens=8192, **kw))
+    spec = {"speculative": "none"} if plain else {"speculative": "dspark", "draft_policy": "fixed",
+                                                  "draft_len": draft_len}
+    eng = LLMEngine(Settings(**spec, max_num_seqs=max(requests), max_num_batched_tokens=8192, **kw))
+    forwards = time_forwards(eng)
     rows = []
     for r in requests:
         params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=i, ignore_eos=True,
@@ -38,17 +66,21 @@ def step_times(requests: list[int], draft_len: int, temperature: float, steps: i
         while any(s.num_output == 0 for s in seqs):
             eng.step()
         before = eng.stats.get("bytes_to_host")
-        times = []
+        times, host = [], []
         for _ in range(steps):
+            forwards["s"] = 0.0
             t0 = time.perf_counter()
             eng.step()
             times.append(time.perf_counter() - t0)
+            host.append(times[-1] - forwards["s"])
         copied = None if before is None else (eng.stats["bytes_to_host"] - before) / steps
         for s in seqs:
             eng.abort_request(s.request_id)
-        rows.append({"requests": r, "step_ms": 1e3 * statistics.median(times), "bytes_to_host": copied})
-        print(f"R={r:>3}: {rows[-1]['step_ms']:8.1f} ms/step  "
-              f"{'-' if copied is None else f'{copied:.0f}'} B to host per step", flush=True)
+        rows.append({"requests": r, "step_ms": 1e3 * statistics.median(times), "bytes_to_host": copied,
+                     "host_ms": 1e3 * statistics.median(host)})
+        print(f"R={r:>3}: {rows[-1]['step_ms']:8.1f} ms/step, {rows[-1]['host_ms']:6.1f} ms of it outside the "
+              f"target's and the drafter's forwards, {'-' if copied is None else f'{copied:.0f}'} B to host per step",
+              flush=True)
     return rows
 
 
@@ -62,11 +94,12 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--plain", action="store_true", help="no speculation: plain decode steps")
     ap.add_argument("--label", default="this checkout")
     ap.add_argument("--json", default=None, help="append this run's rows, labelled, to a JSON file")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    rows = step_times(a.requests, a.draft_len, a.temperature, a.steps, a.model, a.top_k, a.top_p)
+    rows = step_times(a.requests, a.draft_len, a.temperature, a.steps, a.model, a.top_k, a.top_p, a.plain)
     if a.json:
         import json
         from pathlib import Path
