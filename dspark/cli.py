@@ -1,4 +1,4 @@
-"""`dspark` console script: serve, train-target, bench."""
+"""The `dspark` command (also `python -m dspark`): serve, train-target, train-drafter, eval-drafter, bench, loadtest."""
 
 from __future__ import annotations
 
