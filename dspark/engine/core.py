@@ -9,7 +9,6 @@ end turns into metrics, and the gauges leave as one message.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +40,7 @@ class EngineCore:
     def ready(self) -> CoreReady:
         eng = self.engine
         return CoreReady(eng.max_model_len, eng.model_config.vocab_size, eng.block_manager.num_blocks,
-                         eng.settings.speculative_method, os.getpid())
+                         eng.settings.speculative_method)
 
     def apply(self, msg: CoreInput, outputs: list[EngineCoreOutput]) -> bool:
         """Apply one input between steps; False on Shutdown."""

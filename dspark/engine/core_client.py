@@ -143,6 +143,10 @@ class ProcessCore:
             target=run_core_process, args=(settings.model_dump(), in_addr, out_addr), name="dspark-engine-core",
             daemon=True)
         self.proc.start()
+        # what the API process waits on, at start-up and then on the reader thread: outputs, or the core's exit
+        self._poller = zmq.Poller()
+        self._poller.register(self._out, zmq.POLLIN)
+        self._poller.register(self.proc.sentinel, zmq.POLLIN)
         self._stopping = False
         self._reader: threading.Thread | None = None
         try:
@@ -152,10 +156,7 @@ class ProcessCore:
             raise
 
     def _wait_ready(self, timeout_s: float) -> CoreReady:
-        poller = zmq.Poller()
-        poller.register(self._out, zmq.POLLIN)
-        poller.register(self.proc.sentinel, zmq.POLLIN)
-        events = dict(poller.poll(timeout_s * 1000))
+        events = dict(self._poller.poll(timeout_s * 1000))
         if self._out in events:
             msg = self._dec.decode(self._out.recv())
             if isinstance(msg, CoreReady):
@@ -174,11 +175,8 @@ class ProcessCore:
         loop = asyncio.get_running_loop()
 
         def read() -> None:
-            poller = zmq.Poller()
-            poller.register(self._out, zmq.POLLIN)
-            poller.register(self.proc.sentinel, zmq.POLLIN)
             while True:
-                events = dict(poller.poll())
+                events = dict(self._poller.poll())
                 while True:  # outputs first: what the core sent before it died still reaches its requests
                     try:
                         msg = self._dec.decode(self._out.recv(zmq.NOBLOCK))

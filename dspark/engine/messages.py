@@ -88,7 +88,6 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     vocab_size: int
     num_kv_blocks: int
     speculative_method: str
-    pid: int
 
 
 class CoreFailed(msgspec.Struct, tag="failed", array_like=True):

@@ -24,8 +24,7 @@ from pathlib import Path
 import httpx
 
 from dspark.engine.report import replace_section
-
-REPO = Path(__file__).resolve().parents[2]
+from dspark.loadtest.sweep import REPO, Server
 
 
 def in_process(model: str | None, dtype: str, users: list[int], tokens: int, prompt_len: int, repeats: int,
@@ -89,8 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument("--section", default="http-overhead", help="the report section to write (one per setting)")
     args = ap.parse_args(argv)
-    from dspark.loadtest.sweep import Server
-
     base, prompts = in_process(args.model, args.dtype, args.users, args.tokens, args.prompt_len, args.repeats,
                                args.threads)
     print("in-process decode tok/s: " + ", ".join(f"{n} requests {v:.0f}" for n, v in base.items()))
