@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dspark.engine.block_manager import BlockManager
+from dspark.scheduler.block_manager import BlockManager
 
 
 def test_allocate_grow_rollback_free():

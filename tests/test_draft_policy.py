@@ -92,10 +92,10 @@ def test_survival_is_recalibrated_online():
 def test_scheduler_admits_and_decodes_requests_behind_their_slo_first():
     import time
 
-    from dspark.engine.block_manager import BlockManager
     from dspark.engine.sampling import SamplingParams, make_generator
-    from dspark.engine.sequence import Sequence
+    from dspark.scheduler.block_manager import BlockManager
     from dspark.scheduler.scheduler import Scheduler
+    from dspark.scheduler.sequence import Sequence
 
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=64, slo_tokens_per_s=50)
     fresh = Sequence("fresh", [1, 2, 3], SamplingParams(max_tokens=50), make_generator(0), None)

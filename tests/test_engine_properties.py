@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.sampling import SamplingParams
-from dspark.engine.sequence import SeqStatus
 from dspark.engine.settings import Settings
+from dspark.scheduler.sequence import SeqStatus
 
 VOCAB = 8192
 

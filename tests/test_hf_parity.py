@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from dspark.engine.block_manager import BlockManager  # noqa: E402
 from dspark.engine.model import load_model  # noqa: E402
 from dspark.engine.runner import ModelRunner  # noqa: E402
 from dspark.kernels.torch_backend import TorchPagedAttention  # noqa: E402
+from dspark.scheduler.block_manager import BlockManager  # noqa: E402
 
 COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)

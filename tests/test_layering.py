@@ -57,6 +57,17 @@ def test_the_scheduler_knows_no_tokenizer_and_no_model():
         assert not bad, f"{mod} reaches {sorted(bad)}"
 
 
+def test_request_state_lives_in_the_scheduler():
+    """The scheduler owns the requests' token state and KV blocks: it reaches into the engine only for the message
+    types and the sampling parameters (and a grammar state's type), never for the engine loop or the runner."""
+    graph = import_graph()
+    allowed = {"dspark.engine.messages", "dspark.engine.sampling", "dspark.engine.grammar"}
+    for mod in [m for m in graph if inside(m, "dspark.scheduler")]:
+        bad = {d for d in graph[mod] if inside(d, "dspark.engine") and d not in allowed}
+        assert not bad, f"{mod} imports {sorted(bad)}"
+    assert "dspark.scheduler.sequence" in graph and "dspark.scheduler.block_manager" in graph
+
+
 def test_the_graph_is_read():
     """The checks above see real edges (a parser that found none would pass them vacuously)."""
     graph = import_graph()

@@ -11,9 +11,9 @@ from test_engine_properties import drain
 
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.sampling import SamplingParams
-from dspark.engine.sequence import SeqStatus
 from dspark.engine.settings import Settings
 from dspark.engine.tokenizer import Tokenizer
+from dspark.scheduler.sequence import SeqStatus
 
 # 9 full blocks of 4 and one token of code, which the tiny model and its drafters know
 SYSTEM = Tokenizer(TEST_MODEL).encode("import os\nimport sys\n\n\ndef read_file(path):\n    \"\"\"Return the "

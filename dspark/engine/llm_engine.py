@@ -12,7 +12,6 @@ from collections import deque
 
 import torch
 
-from dspark.engine.block_manager import BlockManager
 from dspark.engine.drafters import load_drafter
 from dspark.engine.drafters.vocab import DraftVocab
 from dspark.engine.grammar import GrammarCompiler
@@ -21,14 +20,15 @@ from dspark.engine.model import load_model
 from dspark.engine.model_config import ModelConfig
 from dspark.engine.runner import ModelRunner, kv_bytes_per_token
 from dspark.engine.sampling import SamplingParams, make_generator
-from dspark.engine.sequence import SeqStatus, Sequence
 from dspark.engine.settings import Settings
 from dspark.engine.tokenizer import Tokenizer
 from dspark.engine.verify import Verify, verify_step
 from dspark.kernels import make_backend
+from dspark.scheduler.block_manager import BlockManager
 from dspark.scheduler.cost_model import StepCostModel
 from dspark.scheduler.draft_policy import DraftPolicy
 from dspark.scheduler.scheduler import Scheduler
+from dspark.scheduler.sequence import SeqStatus, Sequence
 
 log = logging.getLogger("dspark.engine")
 

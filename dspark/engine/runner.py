@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dspark.engine.block_manager import BlockManager
 from dspark.engine.cuda_graphs import GraphAttentionFactory, StepGraphs
 from dspark.engine.model import CausalLM
 from dspark.kernels.base import AttentionBackend, AttentionMetadata
+from dspark.scheduler.block_manager import BlockManager
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:

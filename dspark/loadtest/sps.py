@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from dspark.engine.block_manager import BlockManager
 from dspark.engine.model import CausalLM, rope_inv_freq
 from dspark.engine.model_config import ModelConfig
 from dspark.engine.runner import ModelRunner, kv_bytes_per_token
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.verify import Verify, verify_step
 from dspark.kernels import make_backend
+from dspark.scheduler.block_manager import BlockManager
 
 QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=4096, intermediate_size=12288,
                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,

@@ -14,9 +14,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from dspark.engine.block_manager import BlockManager
-from dspark.engine.sequence import SeqStatus, Sequence
+from dspark.scheduler.block_manager import BlockManager
 from dspark.scheduler.draft_policy import DraftPolicy
+from dspark.scheduler.sequence import SeqStatus, Sequence
 
 
 @dataclass
