@@ -110,10 +110,8 @@ def test_abort_frees_blocks_and_bad_requests_are_refused(engine):
     assert engine.block_manager.num_free == free0 and not engine.has_unfinished()
     with pytest.raises(ValueError, match="context length"):
         engine.add_request("big", [1] * 10, SamplingParams(max_tokens=10**6))
-    with pytest.raises(ValueError, match="top_p"):
-        engine.add_request("bad", [1], SamplingParams(top_p=0))
-    with pytest.raises(ValueError, match="token ids"):
-        engine.add_request("oov", [10**7], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", [], SamplingParams())
 
 
 def test_top_k_1_equals_greedy(engine, solo):

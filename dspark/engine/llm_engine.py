@@ -107,7 +107,9 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        params.validate()
+        """Queue a request. Its parameters and token ids are trusted: the API boundary validated them (the
+        pydantic models and `server/app.py`'s checks). Only what depends on the core's own state is checked here:
+        an empty prompt, a request id already running, a request longer than this core's context."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if request_id in self.seqs:
@@ -115,11 +117,6 @@ class LLMEngine:
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context length {self.max_model_len}")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if any(t < 0 or t >= vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_ids), params, make_generator(params.seed))
         if params.grammar is not None:
             seq.constraint = self.grammars.constraint(params.grammar)

@@ -41,27 +41,6 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the parameter; the server turns it into a 400."""
-        checks = [
-            (self.temperature >= 0, "temperature", "must be >= 0"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.top_k >= -1, "top_k", "must be -1, 0 or positive"),
-            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
-            (self.slo_tokens_per_s is None or self.slo_tokens_per_s >= 0, "slo_tokens_per_s", "must be >= 0"),
-            (self.deadline_s is None or self.deadline_s > 0, "deadline_s", "must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10]"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias", "values must be in [-100, 100]"),
-            (len(self.logit_bias) <= 300, "logit_bias", "may hold at most 300 tokens"),
-        ]
-        for ok, name, msg in checks:
-            if not ok:
-                raise ValueError(f"{name} {msg}")
-
 
 def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
