@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.engine.sampling import SamplingParams, filter_logits, index_at_rows, penalize
+from dspark.engine.sampling import TOP_P_WIDTH, SamplingParams, filter_logits, index_at_rows, penalize
 
 
 # -- the whole step at once, where the logits are -----------------------------------------------------------------
@@ -73,7 +73,7 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk_rows: int | None
     pass over arrays that do not, and each chunk's own overhead counts too: on a 2-core EPYC, top-p 0.95 over a
     49k vocabulary, chunks of 2 / 4 / 8 / 64 requests took 903 / 850 / 913 / 1190 ms at 64 requests x 4 rows
     and 426 / 440 / 507 / 540 ms at 16 x 8; 512 requests of top-k 4 went 34 -> 25 s from 2 to 8 a chunk)."""
-    dev, (m, vocab) = logits.device, logits.shape
+    dev, m = logits.device, logits.shape[0]
     n = [len(r.draft) for r in reqs]
     starts = [0]
     for k in n[:-1]:
@@ -112,33 +112,27 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk_rows: int | None
         acc, final, _ = _rounds(x == am, [n[i] for i in greedy])
         idx = torch.tensor(greedy, device=dev)
         accepted[idx], tokens[idx] = acc, am[final]
-    chunks: list[list[int]] = []
-    filled = chunk_rows  # rows in the last chunk: full, so the first sampled request opens one
-    for i, r in enumerate(reqs):
-        if not r.params.greedy:
+    # Sampled requests, in chunks of whole requests: those whose filter keeps at most TOP_P_WIDTH tokens (a top-k)
+    # are verified over their kept tokens only; the others over the whole vocabulary. Each request draws its own
+    # uniforms, so neither the grouping nor the order changes what it samples.
+    narrow = [i for i, r in enumerate(reqs) if not r.params.greedy and _narrow(r.params)]
+    wide = [i for i, r in enumerate(reqs) if not r.params.greedy and not _narrow(r.params)]
+    for group, sample in ((narrow, _sample_kept), (wide, _sample_full)):
+        chunks: list[list[int]] = []
+        filled = chunk_rows  # rows in the last chunk: full, so the first request opens one
+        for i in group:
             if filled >= chunk_rows:
                 chunks.append([])
                 filled = 0
             chunks[-1].append(i)
             filled += n[i] + 1
-    for ids in chunks:
-        sp = [reqs[i].params for i in ids for _ in range(n[i] + 1)]
-        p = filter_logits(take(rows_of(ids)), torch.tensor([s.temperature for s in sp], device=dev),
-                          torch.tensor([max(s.top_k, 0) for s in sp], device=dev),
-                          torch.tensor([s.top_p for s in sp], device=dev),
-                          torch.tensor([s.min_p for s in sp], device=dev))
-        zero = torch.zeros(1, vocab, device=dev)  # q of a bonus row: nothing drafted there
-        q = torch.cat([t for i in ids for t in ((reqs[i].q.to(dev, torch.float32), zero) if n[i] else (zero,))])
-        u = torch.cat([torch.rand(n[i] + 1, generator=reqs[i].generator, dtype=torch.float64) for i in ids]).to(dev)
-        x, pos = scored(ids)
-        xs = x.clamp_min(0)[:, None]
-        ok = ratio_test(p.gather(1, xs)[:, 0], q.gather(1, xs)[:, 0], u, pos) & (x >= 0)
-        acc, final, bonus = _rounds(ok, [n[i] for i in ids])
-        dist = correction(p[final], q[final])
-        dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p[final])  # p == q: rejection only by rounding
-        # the round's last uniform (its bonus row's): the one that rejected x_j is not uniform any more
-        idx = torch.tensor(ids, device=dev)
-        accepted[idx], tokens[idx] = acc, index_at_rows(dist, u[bonus])
+        for ids in chunks:
+            x, pos = scored(ids)
+            u = torch.cat([torch.rand(n[i] + 1, generator=reqs[i].generator, dtype=torch.float64)
+                           for i in ids]).to(dev)
+            acc, tok = sample(take(rows_of(ids)), [reqs[i] for i in ids], x, pos, u)
+            idx = torch.tensor(ids, device=dev)
+            accepted[idx], tokens[idx] = acc, tok
     packed = torch.stack([accepted, tokens]).cpu()
     copied = packed.numel() * packed.element_size()
     acc, fin = packed.tolist()
@@ -164,3 +158,72 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk_rows: int | None
                 lps[i].append((chosen_lp[row], alts))
                 row += 1
     return StepResult(out, lps, copied)
+
+
+def _narrow(params: SamplingParams) -> bool:
+    """Its filtered distribution lives on at most TOP_P_WIDTH tokens known before any sort: a top-k (min-p, which
+    cuts relative to the whole row's maximum before top-k, is left to the full path)."""
+    return 0 < params.top_k <= TOP_P_WIDTH and not params.min_p
+
+
+def _filters(reqs: list[Verify], dev) -> tuple[torch.Tensor, ...]:
+    """Per-row temperature, top-k, top-p and min-p of the requests' consecutive rows."""
+    sp = [r.params for r in reqs for _ in range(len(r.draft) + 1)]
+    return (torch.tensor([s.temperature for s in sp], device=dev), torch.tensor([max(s.top_k, 0) for s in sp],
+            device=dev), torch.tensor([s.top_p for s in sp], device=dev), torch.tensor([s.min_p for s in sp],
+            device=dev))
+
+
+def _sample_full(logits: torch.Tensor, reqs: list[Verify], x: torch.Tensor, pos: torch.Tensor,
+                 u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ratio tests, then the residual (or bonus) draw, over the whole vocabulary: (accepted, final token) per
+    request. x: the token each row scores (-1 on bonus rows), u: each row's uniform."""
+    dev, vocab = logits.device, logits.shape[-1]
+    p = filter_logits(logits, *_filters(reqs, dev))
+    zero = torch.zeros(1, vocab, device=dev)  # q of a bonus row: nothing drafted there
+    q = torch.cat([t for r in reqs for t in ((r.q.to(dev, torch.float32), zero) if r.draft else (zero,))])
+    xs = x.clamp_min(0)[:, None]
+    ok = ratio_test(p.gather(1, xs)[:, 0], q.gather(1, xs)[:, 0], u, pos) & (x >= 0)
+    acc, final, bonus = _rounds(ok, [len(r.draft) for r in reqs])
+    dist = correction(p[final], q[final])
+    dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p[final])  # p == q: rejection only by rounding
+    # the round's last uniform (its bonus row's): the one that rejected x_j is not uniform any more
+    return acc, index_at_rows(dist, u[bonus])
+
+
+def _sample_kept(logits: torch.Tensor, reqs: list[Verify], x: torch.Tensor, pos: torch.Tensor,
+                 u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_sample_full over each row's top-k tokens only: the target's p is zero elsewhere, so are the residual
+    (p - q)+ and the bonus distribution, and the ratio test reads p and q at the draft token alone. One top-k
+    pass over the vocabulary (and a logsumexp where a top-p cut needs the row's whole mass); the rest works on
+    [rows, k]. The kept tokens are put in vocabulary order, so the inverse-CDF draw picks the token the full
+    path picks from the same uniform."""
+    dev = logits.device
+    temps, ks, top_ps, _ = _filters(reqs, dev)
+    vals, idx = logits.topk(int(ks.max()), dim=-1)  # descending; temperature keeps the order
+    vals = vals / temps[:, None]
+    cut = torch.arange(vals.shape[-1], device=dev)[None, :] >= ks[:, None]
+    if bool((top_ps < 1).any()):
+        lse = (logits / temps[:, None]).logsumexp(-1, keepdim=True)
+        probs = (vals - lse).exp()
+        cut |= ((probs.cumsum(-1) - probs) >= top_ps[:, None]) & (top_ps[:, None] < 1)
+    p = vals.masked_fill(cut, float("-inf")).softmax(-1)
+    idx, order = idx.sort(-1)
+    p = p.gather(1, order)
+    px = (p * (idx == x[:, None])).sum(-1)  # 0 on bonus rows (x = -1)
+    # q at the draft token and over each row's kept tokens: one gather per drafting request; 0 on bonus rows
+    qk = torch.zeros_like(p)
+    qx = torch.zeros_like(px)
+    start = 0
+    for r in reqs:
+        k = len(r.draft)
+        if k:
+            got = r.q.to(dev, torch.float32).gather(1, torch.cat([idx[start : start + k], x[start : start + k, None]],
+                                                                  1))
+            qk[start : start + k], qx[start : start + k] = got[:, :-1], got[:, -1]
+        start += k + 1
+    ok = ratio_test(px, qx, u, pos) & (x >= 0)
+    acc, final, bonus = _rounds(ok, [len(r.draft) for r in reqs])
+    dist = correction(p[final], qk[final])
+    dist = torch.where(dist.sum(-1, keepdim=True) > 0, dist, p[final])
+    return acc, idx[final].gather(1, index_at_rows(dist, u[bonus])[:, None])[:, 0]
