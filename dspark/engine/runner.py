@@ -80,13 +80,12 @@ class ModelRunner:
                        seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """chunks: (token ids to run, KV length before them) per request -> flat ids, positions, metadata.
 
-        Per request on the host (its token list, its block table); per token only tensor arithmetic: positions
-        and cache slots come from one repeat_interleave over the step, then one copy each to the device."""
+        The block tables are one row gather from the block manager's slot array (kept in step with every
+        allocation, no per-step pad); per token only tensor arithmetic: positions and cache slots come from one
+        repeat_interleave over the step, then one copy each to the device."""
         q_lens = [len(tokens) for tokens, _ in chunks]
         kv_lens = [start + q for (_, start), q in zip(chunks, q_lens)]
-        tables = [bm.table(sid) for sid in seq_ids]
-        width = max(len(t) for t in tables)
-        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        bt = torch.from_numpy(bm.block_tables(seq_ids))  # one gather from the block manager's slot array
         q_t = torch.tensor(q_lens)
         req = torch.repeat_interleave(torch.arange(len(chunks)), q_t)  # each token's request
         first = torch.repeat_interleave(torch.tensor([start for _, start in chunks]) - (q_t.cumsum(0) - q_t), q_t)

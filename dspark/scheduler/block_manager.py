@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+import numpy as np
+
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, namespace: str = ""):
@@ -27,6 +29,11 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))  # nobody holds them, nothing cached in them
         self._cached: OrderedDict[int, None] = OrderedDict()  # nobody holds them, contents kept; LRU first
         self._tables: dict[int, list[int]] = {}
+        # The same tables as one slot-indexed array (entries past a table's length are 0), kept in step with
+        # every change: a step's block tables are one row gather (`block_tables`), never a Python pad.
+        self._slot: dict[int, int] = {}
+        self._free_slots: list[int] = []
+        self._array = np.zeros((8, 16), dtype=np.int64)
         self._ref = [0] * num_blocks
         # block -> (key, parent key, its tokens), for blocks whose contents are cached; and key -> block
         self._entry: dict[int, tuple[int, int | None, tuple[int, ...]]] = {}
@@ -86,7 +93,10 @@ class BlockManager:
         if need > self.num_free:
             raise MemoryError(f"KV cache: need {need} blocks, {self.num_free} free")
         table = self._tables.setdefault(seq_id, [])
-        table.extend(self._take() for _ in range(need))
+        if need:
+            start = len(table)
+            table.extend(self._take() for _ in range(need))
+            self._write(seq_id, start, table[start:])
         return table
 
     def rollback(self, seq_id: int, num_tokens: int) -> None:
@@ -95,8 +105,10 @@ class BlockManager:
         uncaches it, since its contents are about to be rewritten; a shared block cannot be rewritten."""
         table = self._tables.get(seq_id, [])
         keep = self.blocks_for(num_tokens)
-        while len(table) > keep:
-            self._release(table.pop())
+        if len(table) > keep:
+            while len(table) > keep:
+                self._release(table.pop())
+            self._write(seq_id, keep, [])
         keys = self._seq_keys.get(seq_id, [])
         for block in table[num_tokens // self.block_size : len(keys)]:
             assert self._ref[block] == 1, "rollback into a KV block shared with another sequence"
@@ -106,10 +118,42 @@ class BlockManager:
     def free(self, seq_id: int) -> None:
         for block in reversed(self._tables.pop(seq_id, [])):
             self._release(block)
+        self._drop_slot(seq_id)
         self._seq_keys.pop(seq_id, None)
 
     def table(self, seq_id: int) -> list[int]:
         return self._tables.get(seq_id, [])
+
+    def block_tables(self, seq_ids: list[int]) -> np.ndarray:
+        """The sequences' tables [len(seq_ids), longest], 0-padded, from the slot array (one gather)."""
+        width = max(len(self._tables.get(s, ())) for s in seq_ids)
+        return self._array[[self._slot_of(s) for s in seq_ids], :width]
+
+    def _slot_of(self, seq_id: int) -> int:
+        slot = self._slot.get(seq_id)
+        if slot is None:
+            if not self._free_slots:
+                old = len(self._array)
+                self._array = np.concatenate([self._array, np.zeros_like(self._array)])
+                self._free_slots = list(range(2 * old - 1, old - 1, -1))
+            slot = self._slot[seq_id] = self._free_slots.pop()
+        return slot
+
+    def _write(self, seq_id: int, start: int, blocks: list[int]) -> None:
+        """Mirror table[start:] = blocks into the slot array (and zero what the table dropped past them)."""
+        slot, end = self._slot_of(seq_id), start + len(blocks)
+        if end > self._array.shape[1]:
+            self._array = np.pad(self._array, ((0, 0), (0, max(end, 2 * self._array.shape[1]) -
+                                                        self._array.shape[1])))
+        row = self._array[slot]
+        row[start:end] = blocks
+        row[end:][row[end:] != 0] = 0
+
+    def _drop_slot(self, seq_id: int) -> None:
+        slot = self._slot.pop(seq_id, None)
+        if slot is not None:
+            self._array[slot] = 0
+            self._free_slots.append(slot)
 
     # -- prefix caching -----------------------------------------------------------------------------------------
     def _chain(self, parent: int | None, tokens: tuple[int, ...]) -> int:
@@ -138,6 +182,8 @@ class BlockManager:
             self._ref[block] += 1
         self._tables[seq_id] = table
         self._seq_keys[seq_id] = keys
+        if table:
+            self._write(seq_id, 0, table)
         return len(table) * bs
 
     def count_lookup(self, num_tokens: int, hit: int) -> None:
@@ -187,3 +233,8 @@ class BlockManager:
         assert all(b in self._entry for b, n in held.items() if n > 1), "KV block shared but writable"
         assert all(b in self._entry for b in self._cached) and not any(b in self._entry for b in self._free)
         assert all(self._entry[b][0] == k for k, b in self._by_key.items()), "KV block key index stale"
+        for sid, slot in self._slot.items():  # the slot array mirrors the tables, zeros past each one's end
+            t = self._tables.get(sid, [])
+            assert self._array[slot, : len(t)].tolist() == t and not self._array[slot, len(t) :].any(), \
+                "block table array out of step"
+        assert not set(self._tables) - {s for s, t in self._tables.items() if not t} - set(self._slot)
