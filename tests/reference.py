@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.engine.sampling import SamplingParams, draw, filter_logits
+from dspark.engine.sampling import Rng, SamplingParams, draw, filter_logits, uniforms
 
 
 @dataclass
@@ -19,7 +19,7 @@ class SampleResult:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen lp, top-k [(id, lp)]) per row
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> SampleResult:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[Rng]) -> SampleResult:
     """One token per row of `logits` [N, V] (float32)."""
     n = logits.shape[0]
     tokens = logits.argmax(-1)
@@ -54,14 +54,14 @@ def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:
     return [*draft[:n], target_argmax[n]]
 
 
-def accept_sampled(draft: list[int], q: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> list[int]:
+def accept_sampled(draft: list[int], q: torch.Tensor, p: torch.Tensor, gen: Rng) -> list[int]:
     """Rejection sampling. q: [k, V] drafter probs (one-hot for a greedy drafter), p: [k+1, V] target probs."""
     k = len(draft)
     if k:
         idx = torch.tensor(draft)
         rows = torch.arange(k)
         px, qx = p[rows, idx], q[rows, idx]
-        u = torch.rand(k, generator=gen)
+        u = uniforms([gen], [k])
         # accept with prob P(u < p/q) = min(1, p/q) for u in [0, 1); q(x) > 0 since x was drawn from q, and a
         # token the target rules out (p(x) = 0) is never accepted, even at u = 0
         ok = (u * qx < px).tolist()

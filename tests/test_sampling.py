@@ -4,7 +4,15 @@ import pytest
 import torch
 from reference import sample
 
-from dspark.engine.sampling import SamplingParams, draw, filter_logits, index_at, make_generator, penalize
+from dspark.engine.sampling import (
+    SamplingParams,
+    draw,
+    filter_logits,
+    index_at,
+    make_generator,
+    penalize,
+    uniforms,
+)
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -159,9 +167,29 @@ def test_index_at_the_cdf_edges():
 
 def test_draw_is_one_float64_uniform_from_the_requests_generator():
     probs = torch.full((1000,), 1e-3)
-    g, twin = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    g, twin = make_generator(8), make_generator(8)
     for _ in range(50):
-        assert draw(probs, g) == index_at(probs, float(torch.rand(1, generator=twin, dtype=torch.float64)))
+        assert draw(probs, g) == index_at(probs, float(uniforms([twin], [1])[0]))
+    assert g.offset == twin.offset == 50
+
+
+def test_uniforms_are_uniform_counter_based_and_batch_free():
+    """A request's numbers depend on its seed and how many it has used, never on who else drew in the call."""
+    a, b, c = make_generator(1), make_generator(2**64 - 5), make_generator(7)
+    u = uniforms([a, b, c], [3, 0, 200_000])
+    assert u.dtype == torch.float64 and [a.offset, b.offset, c.offset] == [3, 0, 200_000]
+    assert u[:3].tolist() == uniforms([make_generator(1)], [3]).tolist()
+    solo = make_generator(7)
+    assert uniforms([solo], [5]).tolist() == u[3:8].tolist()
+    assert uniforms([solo], [2]).tolist() == u[8:10].tolist()  # the counter goes on where it stopped
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    # 20 equal bins of 200k draws: chi-square with 19 degrees of freedom is < 50 with probability 1 - 1e-4
+    counts = torch.histc(u[3:].float(), bins=20, min=0, max=1)
+    assert float(((counts - 10_000) ** 2 / 10_000).sum()) < 50
+    # consecutive draws uncorrelated, and different seeds give different streams
+    x = u[3:]
+    assert abs(float(torch.corrcoef(torch.stack([x[:-1], x[1:]]))[0, 1])) < 0.01
+    assert uniforms([make_generator(8)], [3]).tolist() != uniforms([make_generator(7)], [3]).tolist()
 
 
 def test_seeded_sampling_ignores_the_global_rng():

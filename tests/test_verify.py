@@ -10,7 +10,14 @@ import pytest
 import torch
 from reference import accept_greedy, accept_sampled
 
-from dspark.engine.sampling import SamplingParams, filter_logits, index_at, index_at_rows, make_generator
+from dspark.engine.sampling import (
+    SamplingParams,
+    filter_logits,
+    index_at,
+    index_at_rows,
+    make_generator,
+    uniforms,
+)
 from dspark.engine.verify import Verify, verify_step
 
 
@@ -33,14 +40,14 @@ def exact_pairs() -> torch.Tensor:
 
 
 def empirical(rule, n=40000, seed=0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g, rng = torch.Generator().manual_seed(seed), make_generator(seed)
     counts = torch.zeros(V * V)
     for _ in range(n):
         x1 = int(torch.multinomial(Q1, 1, generator=g))
         x2 = int(torch.multinomial(Q2, 1, generator=g))
         q = torch.stack([Q1, Q2])
         p = torch.stack([P1, P2[x1], P2[x2]])
-        out = rule([x1, x2], q, p, g)
+        out = rule([x1, x2], q, p, rng)
         if len(out) == 1:  # first token was rejected: the second comes from the target given the first
             out = out + [int(torch.multinomial(P2[out[0]], 1, generator=g))]
         counts[out[0] * V + out[1]] += 1
@@ -67,7 +74,7 @@ def test_broken_rule_is_caught():
 
 
 def test_greedy_drafter_one_hot_q():
-    g = torch.Generator().manual_seed(1)
+    g = make_generator(1)
     counts = torch.zeros(V)
     for _ in range(20000):
         out = accept_sampled([0], torch.eye(V)[[0]], torch.stack([P1, P1]), g)
@@ -76,7 +83,7 @@ def test_greedy_drafter_one_hot_q():
 
 
 def test_all_draft_positions_reachable():
-    g = torch.Generator().manual_seed(2)
+    g = make_generator(2)
     lengths = set()
     for _ in itertools.repeat(None, 300):
         lengths.add(len(accept_sampled([3, 1], torch.stack([Q1, Q2]), torch.stack([P1, P2[3], P2[1]]), g)))
@@ -89,13 +96,13 @@ def test_seeded_acceptance_ignores_the_global_rng():
     runs = []
     for global_seed in (0, 1):
         torch.manual_seed(global_seed)
-        g = torch.Generator().manual_seed(9)
+        g = make_generator(9)
         runs.append([tuple(accept_sampled([3, 1], q, p, g)) for _ in range(200)])
     assert runs[0] == runs[1]
 
 
 def test_a_token_the_target_rules_out_is_never_accepted():
-    g = torch.Generator().manual_seed(4)
+    g = make_generator(4)
     p = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.25] * 4])
     q = torch.tensor([[0.97, 0.01, 0.01, 0.01]])
     for _ in range(2000):
@@ -149,7 +156,7 @@ def test_verify_step_equals_the_per_request_rules():
         start = 0
         for r, toks, lps in zip(reqs, res.tokens, res.logprobs):
             rows = logits[start : start + len(r.draft) + 1]
-            u = torch.rand(len(r.draft) + 1, generator=make_generator(r.params.seed), dtype=torch.float64)
+            u = uniforms([make_generator(r.params.seed)], [len(r.draft) + 1])
             assert toks == reference_round(r.draft, r.q, rows, r.params, u), (seed, r)
             accepted_past_first += len(toks) >= 3
             if r.params.logprobs is None:

@@ -42,10 +42,60 @@ class SamplingParams:
                     or self.logit_bias)
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
-    return g
+class Rng:
+    """A request's random numbers, counter-based (as Philox is): uniform number i of seed s is a hash of (s, i),
+    so one call (`uniforms`) draws a whole step's numbers for every request, and a seeded request gets the same
+    numbers whatever shares its batch. `offset` counts the numbers the request has used."""
+
+    __slots__ = ("seed", "offset")
+
+    def __init__(self, seed: int):
+        self.seed, self.offset = seed % 2**64, 0
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+
+def make_generator(seed: int | None) -> Rng:
+    """The request's random numbers: from its seed, or from a fresh 62-bit seed of torch's global RNG."""
+    return Rng(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for 32-bit x in int64 (in 16-bit halves of c: no int64 overflow on any device)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finalizer: a bijection of 32-bit values that spreads every input bit over the output."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def uniforms(rngs: list[Rng], counts: list[int], device=None) -> torch.Tensor:
+    """float64 uniforms in [0, 1), counts[i] of them from rngs[i] (which advance past them), one after another,
+    computed in one batch of integer hashes (53 random bits each) on `device`."""
+    c = torch.tensor(counts, dtype=torch.long)
+    total = int(c.sum()) if len(counts) else 0
+    seeds = torch.tensor([r.seed - 2**64 if r.seed >= 2**63 else r.seed for r in rngs], dtype=torch.long)
+    offsets = torch.tensor([r.offset for r in rngs], dtype=torch.long)
+    for r, n in zip(rngs, counts):
+        r.offset += n
+    owner = torch.repeat_interleave(torch.arange(len(counts)), c)
+    counter = (offsets - (c.cumsum(0) - c))[owner] + torch.arange(total)
+    seed, counter = seeds[owner].to(device), counter.to(device)
+    s_lo, s_hi = seed & _M32, (seed >> 32) & _M32
+    key = _mix32(_mix32(_mix32(s_lo ^ 0x9E3779B9) ^ s_hi) ^ ((counter >> 32) & _M32))
+    lo = counter & _M32
+    a = _mix32(key ^ _mix32(lo))
+    b = _mix32(a ^ _mix32(lo ^ 0x5BD1E995) ^ 0x2545F491)
+    return ((a << 21) | (b >> 11)).double() * 2.0**-53
 
 
 def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
@@ -124,12 +174,12 @@ def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tenso
     return logits.softmax(-1)
 
 
-def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
+def draw(probs: torch.Tensor, gen: Rng) -> int:
     """One index from an (unnormalised) probability vector by inverse CDF: one uniform from `gen`.
 
     torch.multinomial draws an exponential per vocabulary entry; this is a cumsum and a binary search, in float64
     so that tail tokens keep their probability over a 150k vocabulary."""
-    return index_at(probs, float(torch.rand(1, generator=gen, dtype=torch.float64)))
+    return index_at(probs, float(uniforms([gen], [1])[0]))
 
 
 def index_at(probs: torch.Tensor, u: float) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.engine.sampling import TOP_P_WIDTH, SamplingParams, filter_logits, index_at_rows, penalize
+from dspark.engine.sampling import TOP_P_WIDTH, Rng, SamplingParams, filter_logits, index_at_rows, penalize, uniforms
 
 
 # -- the whole step at once, where the logits are -----------------------------------------------------------------
@@ -26,7 +26,7 @@ class Verify:
 
     draft: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    generator: Rng
     q: torch.Tensor | None = None
     prompt: list[int] = ()
     output: list[int] = ()
@@ -65,8 +65,8 @@ def _rounds(ok: torch.Tensor, n: list[int]) -> tuple[torch.Tensor, torch.Tensor,
 def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk_rows: int | None = None) -> StepResult:
     """Greedy matching and rejection sampling for every request of a step over its logits [M, V] (on whatever
     device they are), then one small copy to the host: accepted counts and final tokens (and the logprobs asked
-    for). The uniforms come from each request's own generator on the host (a fixed number per round:
-    len(draft) + 1), so a seeded request draws the same tokens whatever else is in the batch.
+    for). The uniforms come from each request's own counter-based stream, all of the step's in one call (a fixed
+    number per round: len(draft) + 1), so a seeded request draws the same tokens whatever else is in the batch.
 
     Sampled requests are processed in chunks of whole requests with at least `chunk_rows` logits rows (default:
     all at once on a GPU; 16 on a CPU, where passes over [rows, vocabulary] arrays that stay in cache beat one
@@ -115,8 +115,13 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk_rows: int | None
     # Sampled requests, in chunks of whole requests: those whose filter keeps at most TOP_P_WIDTH tokens (a top-k)
     # are verified over their kept tokens only; the others over the whole vocabulary. Each request draws its own
     # uniforms, so neither the grouping nor the order changes what it samples.
-    narrow = [i for i, r in enumerate(reqs) if not r.params.greedy and _narrow(r.params)]
-    wide = [i for i, r in enumerate(reqs) if not r.params.greedy and not _narrow(r.params)]
+    sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    narrow = [i for i in sampled if _narrow(reqs[i].params)]
+    wide = [i for i in sampled if not _narrow(reqs[i].params)]
+    u_all = uniforms([reqs[i].generator for i in sampled], [n[i] + 1 for i in sampled], dev) if sampled else None
+    u_at, at = {}, 0  # request -> its first uniform's index in u_all
+    for i in sampled:
+        u_at[i], at = at, at + n[i] + 1
     for group, sample in ((narrow, _sample_kept), (wide, _sample_full)):
         chunks: list[list[int]] = []
         filled = chunk_rows  # rows in the last chunk: full, so the first request opens one
@@ -128,8 +133,7 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk_rows: int | None
             filled += n[i] + 1
         for ids in chunks:
             x, pos = scored(ids)
-            u = torch.cat([torch.rand(n[i] + 1, generator=reqs[i].generator, dtype=torch.float64)
-                           for i in ids]).to(dev)
+            u = u_all[torch.tensor([u_at[i] + j for i in ids for j in range(n[i] + 1)], device=dev)]
             acc, tok = sample(take(rows_of(ids)), [reqs[i] for i in ids], x, pos, u)
             idx = torch.tensor(ids, device=dev)
             accepted[idx], tokens[idx] = acc, tok

@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-import torch
-
 from dspark.engine.messages import EngineCoreOutput
-from dspark.engine.sampling import SamplingParams
+from dspark.engine.sampling import Rng, SamplingParams
 
 if TYPE_CHECKING:
     from dspark.engine.grammar import Constraint
@@ -32,7 +30,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    generator: Rng  # its random numbers (counter-based: engine.sampling.uniforms)
     seq_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
     status: SeqStatus = SeqStatus.WAITING

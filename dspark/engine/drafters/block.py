@@ -18,7 +18,7 @@ from dspark.engine.drafters.config import DrafterConfig
 from dspark.engine.drafters.vocab import DraftVocab
 from dspark.engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from dspark.engine.model_config import ModelConfig
-from dspark.engine.sampling import SamplingParams, filter_logits, index_at_rows
+from dspark.engine.sampling import Rng, SamplingParams, filter_logits, index_at_rows, uniforms
 
 
 def _version(t: torch.Tensor) -> int:
@@ -89,14 +89,15 @@ class DraftSampler:
     greedy requests, an inverse-CDF draw from the filtered distribution (temperature / top-k / top-p, as the
     target's is filtered at verification) for sampled ones, whose q rows are kept for rejection sampling.
 
-    Each sampled request's uniforms for the round come from its own generator in one call, `steps` of them
+    Each sampled request's uniforms for the round come from its own counter-based stream (all requests' in one
+    call), `steps` of them
     whatever the draft's final length, so a seeded request drafts the same tokens whatever shares the batch.
 
     A structured-output request drafts within its grammar: its logits are masked by the grammar's state after
     the tokens drafted so far (its matcher advances over them, then rolls back), which costs one host read of
     those requests' tokens per position; without it almost every draft token would be rejected."""
 
-    def __init__(self, params: list[SamplingParams], gens: list[torch.Generator], steps: int, device,
+    def __init__(self, params: list[SamplingParams], gens: list[Rng], steps: int, device,
                  constraints: list | None = None, vocab: DraftVocab | None = None):
         self.vocab = vocab  # logits come over its K tokens: draws map back to token ids, q spreads back to V
         self.rows = [r for r, p in enumerate(params) if not p.greedy]
@@ -111,8 +112,7 @@ class DraftSampler:
                             torch.tensor([max(p.top_k, 0) for p in sp], device=device),
                             torch.tensor([p.top_p for p in sp], device=device),
                             torch.tensor([p.min_p for p in sp], device=device))
-            self.u = torch.stack([torch.rand(steps, generator=gens[r], dtype=torch.float64)
-                                  for r in self.rows]).to(device)
+            self.u = uniforms([gens[r] for r in self.rows], [steps] * len(self.rows), device).view(-1, steps)
 
     def __call__(self, logits: torch.Tensor, i: int) -> torch.Tensor:
         """Tokens [B] at position i from the drafter's logits [B, V], or [B, K] over the reduced vocabulary
@@ -292,7 +292,7 @@ class BlockDrafter(nn.Module):
 
     @torch.inference_mode()
     def propose(self, embed: nn.Embedding, lm_head: nn.Linear, anchors: list[int], ctx: list[tuple],
-                ks: list[int], params: list[SamplingParams], gens: list[torch.Generator],
+                ks: list[int], params: list[SamplingParams], gens: list[Rng],
                 threshold: float = 0.0, constraints: list | None = None) -> list[Draft]:
         """Draft up to ks[b] tokens after each anchor. ctx[b] = (per-layer context K/V list, context length);
         constraints[b]: the request's grammar (engine.grammar.Constraint) or None.

@@ -19,7 +19,7 @@ from dspark.engine.drafters.config import DrafterConfig
 from dspark.engine.drafters.vocab import DraftVocab
 from dspark.engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from dspark.engine.model_config import ModelConfig
-from dspark.engine.sampling import SamplingParams
+from dspark.engine.sampling import Rng, SamplingParams
 
 
 class Eagle3Drafter(nn.Module):
@@ -136,7 +136,7 @@ class Eagle3Drafter(nn.Module):
 
     @torch.inference_mode()
     def propose(self, embed: nn.Embedding, lm_head: nn.Linear, anchors: list[int], ctx: list[tuple],
-                ks: list[int], params: list[SamplingParams], gens: list[torch.Generator],
+                ks: list[int], params: list[SamplingParams], gens: list[Rng],
                 threshold: float = 0.0, constraints: list | None = None) -> list[Draft]:
         """Autoregressive drafting: the last context slot's output gives token 1, each step feeds its hidden back;
         batch tensors throughout, one copy to the host at the end."""
