@@ -242,8 +242,8 @@ def test_broken_engines_are_detected(mutant, monkeypatch):
     assert tv(counts, joint, case.n) > tv_bound(joint, case.n)
 
 
-def ignore_temperature(filter_logits):
-    return lambda logits, temps, ks, ps, min_ps=None: filter_logits(logits, torch.ones_like(temps), ks, ps, min_ps)
+def ignore_temperature(filter_fn):
+    return lambda logits, temps, ks, ps, *min_ps: filter_fn(logits, torch.ones_like(temps), ks, ps, *min_ps)
 
 
 def test_reference_filter_matches_definition():

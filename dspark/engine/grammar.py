@@ -20,6 +20,17 @@ import torch
 MAX_SCHEMA_BYTES = 64_000
 
 
+def allows(bitmask: np.ndarray, token: int) -> bool:
+    """Is `token` allowed by a packed mask row?"""
+    return bool((int(bitmask[token >> 5]) >> (token & 31)) & 1)
+
+
+def unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Packed masks [R, words] (int32, on any device) -> allowed tokens [R, vocab] (bool), in one batched op."""
+    bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32, device=bitmask.device)) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
 class GrammarError(ValueError):
     """The request's grammar cannot be used (invalid, too large, or not compilable): a 400."""
 
@@ -100,25 +111,30 @@ class Constraint:
         # not roll back), and what follows it is never committed.
         self.eos = set(eos_ids)
 
+    def bitmask(self) -> np.ndarray:
+        """Allowed tokens in the current state, packed: token t is bit t % 32 of int32 word t // 32 (llguidance's
+        layout; `unpack` spreads a batch of them on the logits' device)."""
+        return np.frombuffer(self.matcher.compute_bitmask(), dtype=np.int32)
+
     def mask(self) -> torch.Tensor:
         """Allowed tokens [V] (bool) in the current state."""
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        return torch.from_numpy(np.unpackbits(bits, bitorder="little")[: self.vocab].astype(bool))
+        return unpack(torch.from_numpy(self.bitmask())[None], self.vocab)[0]
 
-    def masks(self, draft: list[int]) -> torch.Tensor:
-        """Allowed tokens [len(draft) + 1, V] for the rows that score draft[0..] and the bonus: row j after the
-        draft's first j tokens. Rows past a token the grammar forbids repeat the last mask (they are never used:
-        that token is rejected)."""
-        rows = [self.mask()]
+    def masks(self, draft: list[int]) -> np.ndarray:
+        """Packed allowed tokens [len(draft) + 1, words] for the rows that score draft[0..] and the bonus: row j
+        after the draft's first j tokens. Rows past a token the grammar forbids repeat the last mask (they are
+        never used: that token is rejected)."""
+        rows = [self.bitmask()]
         consumed = 0
         for t in draft:
-            if consumed == len(rows) - 1 and t not in self.eos and rows[-1][t] and self.matcher.consume_token(t):
+            if consumed == len(rows) - 1 and t not in self.eos and allows(rows[-1], t) and \
+                    self.matcher.consume_token(t):
                 consumed += 1
-                rows.append(self.mask())
+                rows.append(self.bitmask())
             else:
                 rows.append(rows[-1])
         self.rollback(consumed)
-        return torch.stack(rows)
+        return np.stack(rows)
 
     def try_consume(self, token: int, allowed: torch.Tensor) -> bool:
         """Advance over a drafted token if `allowed` (its state's mask) permits it (rolled back after drafting)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -61,41 +62,31 @@ def make_generator(seed: int | None) -> Rng:
     return Rng(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
 
 
-_M32 = 0xFFFFFFFF
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2**32 for 32-bit x in int64 (in 16-bit halves of c: no int64 overflow on any device)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's finalizer: a bijection of 32-bit values that spreads every input bit over the output."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer (uint64, wrapping): a bijection that spreads every input bit over the output."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def uniforms(rngs: list[Rng], counts: list[int], device=None) -> torch.Tensor:
-    """float64 uniforms in [0, 1), counts[i] of them from rngs[i] (which advance past them), one after another,
-    computed in one batch of integer hashes (53 random bits each) on `device`."""
-    c = torch.tensor(counts, dtype=torch.long)
-    total = int(c.sum()) if len(counts) else 0
-    seeds = torch.tensor([r.seed - 2**64 if r.seed >= 2**63 else r.seed for r in rngs], dtype=torch.long)
-    offsets = torch.tensor([r.offset for r in rngs], dtype=torch.long)
+    """float64 uniforms in [0, 1), counts[i] of them from rngs[i] (which advance past them), one after another:
+    number i of seed s is SplitMix64 at (mix(s), i), 53 bits of it, computed for the whole batch in one pass of
+    uint64 array arithmetic on the host (a few microseconds), then one copy to `device`."""
+    c = np.asarray(counts, dtype=np.int64)
+    keys = _mix64(np.fromiter((r.seed for r in rngs), dtype=np.uint64, count=len(rngs)))
+    offsets = np.fromiter((r.offset for r in rngs), dtype=np.int64, count=len(rngs))
     for r, n in zip(rngs, counts):
         r.offset += n
-    owner = torch.repeat_interleave(torch.arange(len(counts)), c)
-    counter = (offsets - (c.cumsum(0) - c))[owner] + torch.arange(total)
-    seed, counter = seeds[owner].to(device), counter.to(device)
-    s_lo, s_hi = seed & _M32, (seed >> 32) & _M32
-    key = _mix32(_mix32(_mix32(s_lo ^ 0x9E3779B9) ^ s_hi) ^ ((counter >> 32) & _M32))
-    lo = counter & _M32
-    a = _mix32(key ^ _mix32(lo))
-    b = _mix32(a ^ _mix32(lo ^ 0x5BD1E995) ^ 0x2545F491)
-    return ((a << 21) | (b >> 11)).double() * 2.0**-53
+    owner = np.repeat(np.arange(len(c)), c)
+    counter = (offsets - (np.cumsum(c) - c))[owner] + np.arange(owner.size)
+    with np.errstate(over="ignore"):
+        z = _mix64(keys[owner] + (counter.astype(np.uint64) + np.uint64(1)) * _GOLDEN)
+    u = torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+    return u if device is None else u.to(device)
 
 
 def penalize(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
@@ -172,6 +163,24 @@ def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tenso
             kept[rest] = _keep(sub, lse[rest], top, k[rest], top_ps[rest])
         logits = kept
     return logits.softmax(-1)
+
+
+def filter_top_k(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor,
+                 top_ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """filter_logits for rows that all have a top-k (1 <= k), returned sparse: (probabilities [N, K], their token
+    ids [N, K]) over each row's K = max(top_ks) largest logits, in vocabulary order (0 past a row's own cut).
+    One top-k pass over the vocabulary, and a logsumexp where a row's top-p cut needs its whole mass."""
+    dev = logits.device
+    vals, idx = logits.topk(int(top_ks.max()), dim=-1)  # descending; temperature keeps the order
+    vals = vals / temps[:, None]
+    cut = torch.arange(vals.shape[-1], device=dev)[None, :] >= top_ks[:, None]
+    if bool((top_ps < 1).any()):
+        lse = (logits / temps[:, None]).logsumexp(-1, keepdim=True)
+        probs = (vals - lse).exp()
+        cut |= ((probs.cumsum(-1) - probs) >= top_ps[:, None]) & (top_ps[:, None] < 1)
+    p = vals.masked_fill(cut, float("-inf")).softmax(-1)
+    idx, order = idx.sort(-1)
+    return p.gather(1, order), idx
 
 
 def draw(probs: torch.Tensor, gen: Rng) -> int:

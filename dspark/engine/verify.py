@@ -10,9 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from dspark.engine.sampling import TOP_P_WIDTH, Rng, SamplingParams, filter_logits, index_at_rows, penalize, uniforms
+from dspark.engine.grammar import unpack
+from dspark.engine.sampling import (
+    TOP_P_WIDTH,
+    Rng,
+    SamplingParams,
+    filter_logits,
+    filter_top_k,
+    index_at_rows,
+    penalize,
+    uniforms,
+)
 
 
 # -- the whole step at once, where the logits are -----------------------------------------------------------------
@@ -22,7 +33,8 @@ class Verify:
     last row gives the bonus token). A request that did not draft has one row: its next token is sampled.
     q: the drafter's [len(draft), V] distributions for a sampled request that drafted, else None.
     prompt / output: its tokens so far, for penalties (only read when params.penalized).
-    mask: the tokens its grammar allows on each of its rows [len(draft) + 1, V], or None."""
+    mask: the tokens its grammar allows on each of its rows, packed [len(draft) + 1, words] int32
+    (engine.grammar's layout), or None."""
 
     draft: list[int]
     params: SamplingParams
@@ -30,7 +42,7 @@ class Verify:
     q: torch.Tensor | None = None
     prompt: list[int] = ()
     output: list[int] = ()
-    mask: torch.Tensor | None = None
+    mask: np.ndarray | None = None
 
 
 @dataclass
@@ -81,15 +93,17 @@ def verify_step(logits: torch.Tensor, reqs: list[Verify], chunk_rows: int | None
     assert starts[-1] + n[-1] + 1 == m, "logits rows do not match the requests' drafts"
     chunk_rows = chunk_rows or (m if dev.type == "cuda" else 16)
     raw = logits  # requested logprobs are the model's own (before penalties and sampling filters), as vLLM's
-    adjusted = [i for i, r in enumerate(reqs) if r.params.penalized or r.mask is not None]
-    if adjusted:  # penalties, then the grammar's mask: the distribution sampling and verification both use
+    penalized = [i for i, r in enumerate(reqs) if r.params.penalized]
+    masked = [i for i, r in enumerate(reqs) if r.mask is not None]
+    if penalized or masked:  # penalties, then the grammar's mask: the distribution sampling and verification use
         logits = logits.clone()
-        for i in adjusted:
-            r, rows = reqs[i], slice(starts[i], starts[i] + n[i] + 1)
-            if r.params.penalized:
-                logits[rows] = penalize(raw[rows], r.params, r.prompt, r.output, r.draft)
-            if r.mask is not None:
-                logits[rows] = logits[rows].masked_fill(~r.mask.to(dev), float("-inf"))
+        for i in penalized:
+            rows = slice(starts[i], starts[i] + n[i] + 1)
+            logits[rows] = penalize(raw[rows], reqs[i].params, reqs[i].prompt, reqs[i].output, reqs[i].draft)
+        if masked:  # every grammar row of the step in one batched bitmask, unpacked where the logits are
+            rows = torch.tensor([starts[i] + j for i in masked for j in range(n[i] + 1)], device=dev)
+            bits = torch.from_numpy(np.concatenate([reqs[i].mask for i in masked])).to(dev, non_blocking=True)
+            logits[rows] = logits[rows].masked_fill(~unpack(bits, logits.shape[-1]), float("-inf"))
     accepted = torch.zeros(len(reqs), dtype=torch.long, device=dev)
     tokens = torch.zeros(len(reqs), dtype=torch.long, device=dev)
 
@@ -200,20 +214,11 @@ def _sample_kept(logits: torch.Tensor, reqs: list[Verify], x: torch.Tensor, pos:
     """_sample_full over each row's top-k tokens only: the target's p is zero elsewhere, so are the residual
     (p - q)+ and the bonus distribution, and the ratio test reads p and q at the draft token alone. One top-k
     pass over the vocabulary (and a logsumexp where a top-p cut needs the row's whole mass); the rest works on
-    [rows, k]. The kept tokens are put in vocabulary order, so the inverse-CDF draw picks the token the full
-    path picks from the same uniform."""
+    [rows, k]. The kept tokens come in vocabulary order, so the inverse-CDF draw picks the token the full path
+    picks from the same uniform."""
     dev = logits.device
     temps, ks, top_ps, _ = _filters(reqs, dev)
-    vals, idx = logits.topk(int(ks.max()), dim=-1)  # descending; temperature keeps the order
-    vals = vals / temps[:, None]
-    cut = torch.arange(vals.shape[-1], device=dev)[None, :] >= ks[:, None]
-    if bool((top_ps < 1).any()):
-        lse = (logits / temps[:, None]).logsumexp(-1, keepdim=True)
-        probs = (vals - lse).exp()
-        cut |= ((probs.cumsum(-1) - probs) >= top_ps[:, None]) & (top_ps[:, None] < 1)
-    p = vals.masked_fill(cut, float("-inf")).softmax(-1)
-    idx, order = idx.sort(-1)
-    p = p.gather(1, order)
+    p, idx = filter_top_k(logits, temps, ks, top_ps)
     px = (p * (idx == x[:, None])).sum(-1)  # 0 on bonus rows (x = -1)
     # q at the draft token and over each row's kept tokens: one gather per drafting request; 0 on bonus rows
     qk = torch.zeros_like(p)

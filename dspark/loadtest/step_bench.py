@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from dspark.engine import llm_engine
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
@@ -28,10 +29,11 @@ from dspark.loadtest.decode_profile import make_prompts
 
 def time_forwards(eng: LLMEngine) -> dict[str, float]:
     """Wrap the target's and the drafter's forwards (propose, and folding features into the drafter's context) so
-    that their seconds add up here: the rest of a step is the engine's host work."""
-    spent = {"s": 0.0}
+    that their seconds add up in "s": the rest of a step is the engine's host work. Verification (acceptance and
+    sampling over the logits: on a GPU device work, on a CPU host work) adds up in "verify"."""
+    spent = {"s": 0.0, "verify": 0.0}
 
-    def timed(obj, name):
+    def timed(obj, name, key="s"):
         fn = getattr(obj, name)
 
         def wrapper(*a, **k):
@@ -39,7 +41,7 @@ def time_forwards(eng: LLMEngine) -> dict[str, float]:
             try:
                 return fn(*a, **k)
             finally:
-                spent["s"] += time.perf_counter() - t0
+                spent[key] += time.perf_counter() - t0
 
         setattr(obj, name, wrapper)
 
@@ -47,6 +49,7 @@ def time_forwards(eng: LLMEngine) -> dict[str, float]:
     if eng.drafter is not None:
         timed(eng.drafter, "propose")
         timed(eng.drafter, "extend_contexts")
+    timed(llm_engine, "verify_step", "verify")
     return spent
 
 
@@ -66,20 +69,24 @@ def step_times(requests: list[int], draft_len: int, temperature: float, steps: i
         while any(s.num_output == 0 for s in seqs):
             eng.step()
         before = eng.stats.get("bytes_to_host")
-        times, host = [], []
+        times, host, verify = [], [], []
         for _ in range(steps):
-            forwards["s"] = 0.0
+            forwards["s"] = forwards["verify"] = 0.0
             t0 = time.perf_counter()
             eng.step()
             times.append(time.perf_counter() - t0)
             host.append(times[-1] - forwards["s"])
+            verify.append(forwards["verify"])
         copied = None if before is None else (eng.stats["bytes_to_host"] - before) / steps
         for s in seqs:
             eng.abort_request(s.request_id)
         rows.append({"requests": r, "step_ms": 1e3 * statistics.median(times), "bytes_to_host": copied,
-                     "host_ms": 1e3 * statistics.median(host)})
-        print(f"R={r:>3}: {rows[-1]['step_ms']:8.1f} ms/step, {rows[-1]['host_ms']:6.1f} ms of it outside the "
-              f"target's and the drafter's forwards, {'-' if copied is None else f'{copied:.0f}'} B to host per step",
+                     "host_ms": 1e3 * statistics.median(host), "verify_ms": 1e3 * statistics.median(verify),
+                     "rest_ms": 1e3 * statistics.median([h - v for h, v in zip(host, verify)])})
+        row = rows[-1]
+        print(f"R={r:>3}: {row['step_ms']:8.1f} ms/step, {row['host_ms']:6.1f} ms of it outside the target's and "
+              f"the drafter's forwards ({row['verify_ms']:.1f} ms verification, {row['rest_ms']:.1f} ms the rest), "
+              f"{'-' if copied is None else f'{copied:.0f}'} B to host per step",
               flush=True)
     return rows
 

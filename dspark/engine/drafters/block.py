@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dspark.engine.drafters.config import DrafterConfig
 from dspark.engine.drafters.vocab import DraftVocab
+from dspark.engine.grammar import unpack
 from dspark.engine.model import MLP, RMSNorm, RotaryEmbedding, apply_rope
 from dspark.engine.model_config import ModelConfig
 from dspark.engine.sampling import Rng, SamplingParams, filter_logits, index_at_rows, uniforms
@@ -121,7 +123,7 @@ class DraftSampler:
         live = [(r, c) for r, c in self.constrained if r not in self.off_grammar]
         if live:
             rows = torch.tensor([r for r, _ in live], device=logits.device)
-            allowed = torch.stack([c.mask() for _, c in live])
+            allowed = unpack(torch.from_numpy(np.stack([c.bitmask() for _, c in live])), live[0][1].vocab)
             sub = allowed if vocab is None else allowed[:, vocab.host_ids]
             # none allowed (a finished grammar, or nothing of the subset): all, and the token is rejected
             masks = (sub | ~sub.any(-1, keepdim=True)).to(logits.device)
