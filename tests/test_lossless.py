@@ -232,6 +232,7 @@ def test_broken_engines_are_detected(mutant, monkeypatch):
         case = Case("dspark", "fixed", 0.7, top_k=3)
         for mod in (sampling, verify, block):  # block: the drafters' DraftSampler
             monkeypatch.setattr(mod, "filter_logits", ignore_temperature(mod.filter_logits))
+        monkeypatch.setattr(verify, "filter_top_k", ignore_temperature(verify.filter_top_k))  # top-k rows
     else:
         monkeypatch.setattr(verify, *MUTANTS[mutant])
     if mutant == "grammar_only_on_row_0":  # the engine's own check catches the off-grammar token it committed
