@@ -151,3 +151,35 @@ def test_incomplete_character_is_flushed_at_the_end(engine):
     out = "".join(det.add(t) for t in ids[:-1])  # stop inside the character
     assert out == "a " and "\ufffd" not in out  # the incomplete character is held back
     assert det.flush() != ""  # ... and not lost at the end
+
+
+TEXTS = ["Hello, streaming world! ✓ naïve 日本語 🎉🎉 x\n\tdef f(a, b):\n        return a  -> b",
+         " leading space, 'quotes', and ümlauts…"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("broken", [False, True])
+def test_incremental_text_equals_the_whole_decode(engine, text, broken):
+    """Token by token, after a prompt (whose last tokens prime the decoder), the deltas add up to the text the
+    whole sequence decodes to, leading spaces included; no delta carries a replacement character."""
+    from dspark.engine.tokenizer import IncrementalDetokenizer
+
+    tok = engine.tokenizer
+    prompt, ids = tok.encode("Say it:"), tok.encode(text)
+    det = IncrementalDetokenizer(tok, prompt)
+    if broken:  # the streaming decoder fails at the third token: window decoding takes over from there
+        stream, calls = det.stream, []
+
+        class Flaky:
+            def step(self, tk, t):
+                calls.append(t)
+                if len(calls) == 3:
+                    raise RuntimeError("invalid prefix")
+                return stream.step(tk, t)
+
+        det.stream = Flaky()
+    pieces = [det.add(t) for t in ids]
+    assert not any("\ufffd" in p for p in pieces)
+    want = tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+    assert "".join(pieces) + det.flush() == want
+    assert (det.stream is None) == broken
