@@ -101,11 +101,15 @@ def test_speculative_bench_interleaves_methods_and_writes_its_table(tmp_path):
     from dspark.loadtest.bench import bench_speculative
 
     out = tmp_path / "b.md"
-    rows = bench_speculative(Settings(), ["none", "dspark:fixed"], tokens=8, write=str(out), per_group=2)
-    assert len(rows) == 2 * 2 * 3  # methods x temperatures x groups
+    rows = bench_speculative(Settings(), ["none", "dspark:fixed", "ngram"], tokens=8, write=str(out), per_group=2)
+    assert len(rows) == 3 * 2 * 4  # methods x temperatures x groups (code, chat, math, edit)
+    assert {r["group"] for r in rows} == {"code", "chat", "math", "edit"}
     for r in rows:
         assert 0 < r["tokens"] <= 2 * 8
-        assert (r["tau"] >= 1.0) if r["method"] == "dspark:fixed" else r["tau"] != r["tau"]
+        if r["method"] == "dspark:fixed":
+            assert r["tau"] >= 1.0
+        elif r["method"] == "none":
+            assert r["tau"] != r["tau"]  # no drafting: nan
         if r["method"] == "none":
             assert r["speedup"] == 1.0
     text = out.read_text()

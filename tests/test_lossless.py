@@ -51,10 +51,12 @@ class Case:
     extra: tuple = ()  # more SamplingParams fields, as (name, value) pairs; logit_bias as ((token, bias), ...)
     schema: str = ""  # a JSON schema the output must follow (structured output), as JSON text
     reduced_vocab: bool = False  # draft from a vocabulary without a likely token (FR-Spec)
+    prompt: str = PROMPT
 
     def __str__(self) -> str:
         more = "".join(f"-{k}" for k, _ in self.extra) + ("-schema" if self.schema else "")
         more += "-reduced_vocab" if self.reduced_vocab else ""
+        more += "-own_prompt" if self.prompt != PROMPT else ""
         return f"{self.method}-{self.policy}-T{self.temperature}-k{self.top_k}-p{self.top_p}-c{self.threshold}{more}"
 
     def grammar(self, eng: LLMEngine) -> str | None:
@@ -103,6 +105,9 @@ CASES = [
     Case("dspark", "fixed", 1.0, top_k=3, schema=json.dumps({"type": "string", "pattern": "^(ab|cd|ef)(gh|ij)kl$"})),
     # a token the drafter can never propose (q = 0) must still come out as often as the target says
     Case("dspark", "fixed", 0.7, top_k=3, reduced_vocab=True),
+    # model-free prompt lookup: its drafts are point masses (q = 1 on the token); a prompt that repeats, so that
+    # the lookup (from 1-token suffixes here) proposes in most rounds
+    Case("ngram", "fixed", 1.0, top_k=3, prompt="1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"),
 ]
 
 
@@ -166,10 +171,10 @@ def run_case(c: Case, n: int | None = None) -> tuple[dict, dict, LLMEngine]:
     # 16 in flight under the adaptive policy: with 512, one more draft token would not pay for itself and few draft
     eng = LLMEngine(Settings(max_num_seqs=16 if c.policy == "adaptive" else 512, max_num_batched_tokens=8192,
                              speculative=c.method, draft_len=L - 1, confidence_threshold=c.threshold,
-                             draft_policy=c.policy))
+                             draft_policy=c.policy, ngram_min=1))
     if c.policy == "adaptive":
         cheap_drafting(eng)
-    ids = eng.tokenizer.encode(PROMPT)
+    ids = eng.tokenizer.encode(c.prompt)
     if c.reduced_vocab:  # without the likeliest token at the first drafted position (after the greedy first token)
         with torch.inference_mode():
             first = int(eng.model.logits(eng.model(torch.tensor([ids]))[0])[0, -1].argmax())

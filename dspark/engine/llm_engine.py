@@ -13,6 +13,7 @@ from collections import deque
 import torch
 
 from dspark.engine.drafters import load_drafter
+from dspark.engine.drafters.ngram import NgramProposer
 from dspark.engine.drafters.vocab import DraftVocab
 from dspark.engine.grammar import GrammarCompiler
 from dspark.engine.messages import EngineCoreOutput
@@ -47,7 +48,10 @@ class LLMEngine:
         self.model = load_model(settings.model, dtype=dtype, device=settings.device)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
-        if settings.drafter_path is not None:
+        if settings.speculative_method == "ngram":  # model-free: no weights, no target features
+            self.drafter = NgramProposer(self.model_config.vocab_size, settings.device, settings.ngram_min,
+                                         settings.ngram_max)
+        elif settings.drafter_path is not None:
             self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
             if self.drafter.cfg.method != settings.speculative_method:
                 raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, "
@@ -74,7 +78,8 @@ class LLMEngine:
         # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
         # eval-drafter reads it whole
         self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
-        draft_len = min(settings.draft_len, self.drafter.cfg.block_size) if self.drafter is not None else 0
+        draft_len = 0 if self.drafter is None else settings.draft_len if self.model_free else \
+            min(settings.draft_len, self.drafter.cfg.block_size)
         if settings.draft_policy not in ("adaptive", "fixed"):
             raise ValueError(f"draft_policy must be adaptive or fixed, not {settings.draft_policy!r}")
         self.cost = StepCostModel(settings.max_num_batched_tokens, settings.max_num_seqs)
@@ -83,7 +88,8 @@ class LLMEngine:
             policy = DraftPolicy(self.cost, draft_len, settings.min_draft_len, settings.draft_policy == "adaptive")
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
                                    draft_len, self.max_model_len, policy,
-                                   has_confidence=bool(self.drafter and self.drafter.cfg.confidence_head),
+                                   has_confidence=bool(self.drafter and not self.model_free
+                                                       and self.drafter.cfg.confidence_head),
                                    slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
         c = self.model_config
         backend = make_backend(attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
@@ -161,8 +167,16 @@ class LLMEngine:
         finally:
             self.block_manager.free(sid)
 
+    @property
+    def model_free(self) -> bool:
+        """The drafter proposes from token ids alone (n-gram lookup): no features, no context state."""
+        return getattr(self.drafter, "model_free", False)
+
     def _scratch_context(self, context: int = 64):
-        """Drafter context state for `context` zero features, for the start-up profile."""
+        """Drafter context state for `context` zero features (for a model-free drafter, token ids that repeat),
+        for the start-up profile."""
+        if self.model_free:
+            return [1, 2, 3, 4] * (context // 4)
         taps = torch.zeros(context, len(self.tap_layers) * self.model_config.hidden_size,
                            dtype=self.model.lm_head.weight.dtype, device=self.settings.device)
         return self.drafter.extend_context(None, taps, 0, [0] * context)
@@ -170,6 +184,9 @@ class LLMEngine:
     def _profile_draft(self, r: int, ctx) -> None:
         """One greedy drafting round for r requests over `ctx` (start-up profile of the drafter; the steps' own
         measurements, which replace it online, also count folding in each round's new features)."""
+        if self.model_free:
+            self.drafter.propose([ctx] * r, [self.scheduler.draft_len] * r, [SamplingParams(temperature=0)] * r)
+            return
         self.drafter.propose(self.model.model.embed_tokens, self.model.lm_head, [0] * r, [ctx] * r,
                              [self.scheduler.draft_len] * r, [SamplingParams(temperature=0)] * r,
                              [make_generator(0)] * r, self.settings.confidence_threshold)
@@ -276,16 +293,23 @@ class LLMEngine:
         if not items:
             return {}
         seqs = [it.seq for it in items]
-        drafts = self.drafter.propose(
-            self.model.model.embed_tokens, self.model.lm_head, [s.token_ids[-1] for s in seqs],
-            [self.draft_ctx[s.seq_id][0] for s in seqs], [it.num_draft for it in items], [s.params for s in seqs],
-            [s.generator for s in seqs], self.settings.confidence_threshold, [s.constraint for s in seqs])
+        if self.model_free:
+            drafts = self.drafter.propose([s.token_ids for s in seqs], [it.num_draft for it in items],
+                                          [s.params for s in seqs])
+        else:
+            drafts = self.drafter.propose(
+                self.model.model.embed_tokens, self.model.lm_head, [s.token_ids[-1] for s in seqs],
+                [self.draft_ctx[s.seq_id][0] for s in seqs], [it.num_draft for it in items],
+                [s.params for s in seqs], [s.generator for s in seqs], self.settings.confidence_threshold,
+                [s.constraint for s in seqs])
         self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
         return {s.seq_id: d for s, d in zip(seqs, drafts)}
 
     def _fold_features(self, seqs: list[Sequence]) -> None:
         """Fold the target features of the requests' computed tokens not yet in their drafter contexts into them,
         from the tap cache, in one pass for the step (done lazily: only drafting needs it)."""
+        if self.model_free:
+            return
         todo = []
         for seq in seqs:
             entry = self.draft_ctx.setdefault(seq.seq_id, [None, 0])

@@ -66,7 +66,10 @@ class Settings(BaseSettings):
     max_graph_batch: int = Field(64, description="CUDA graphs: largest batch (requests) captured")
     max_graph_tokens: int = Field(512, description="CUDA graphs: most rows (batch tokens) of a captured step")
     # speculative decoding
-    speculative: str = Field("none", description="none | dspark | dflash | eagle3 | auto (dspark if shipped)")
+    speculative: str = Field("none", description="none | dspark | dflash | eagle3 | ngram (prompt lookup, "
+                             "model-free) | auto (dspark if shipped)")
+    ngram_min: int = Field(2, description="ngram drafting: shortest suffix of a request's tokens looked up")
+    ngram_max: int = Field(4, description="ngram drafting: longest suffix looked up (the longest match wins)")
     drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
     draft_len: int = Field(7, description="most draft tokens per request per step")
     draft_vocab_size: int = Field(8192, description="the drafter proposes only the target's this many most "
@@ -184,7 +187,7 @@ class Settings(BaseSettings):
     @property
     def drafter_path(self) -> Path | None:
         method = self.speculative_method
-        if method == "none":
+        if method in ("none", "ngram"):  # ngram drafting has no weights
             return None
         return Path(self.drafter) if self.drafter else self.drafters_dir / method
 

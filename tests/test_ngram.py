@@ -1,0 +1,62 @@
+"""Prompt-lookup (n-gram) drafting: the lookup itself, its point-mass q, and the engine's greedy output unchanged
+with it (its sampled distribution is checked exactly in test_lossless.py)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import cheap_drafting
+
+from dspark.engine.drafters.ngram import NgramProposer, lookup
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
+
+
+def test_lookup_takes_the_longest_suffix_and_its_latest_occurrence():
+    t = np.array([1, 2, 3, 9, 2, 3, 7, 7, 1, 2, 3])
+    # suffix [1, 2, 3] occurred at 0 (followed by 9, 2, ...); [2, 3] also at 4, but the longest match wins
+    assert lookup(t, 3, 1, 3) == [9, 2, 3]
+    assert lookup(t, 3, 1, 2) == [7, 7, 1]  # [2, 3]: its latest earlier occurrence is at 4
+    assert lookup(t, 10, 1, 2) == [7, 7, 1, 2, 3]  # as many as follow
+    assert lookup(np.array([5, 6, 7, 8]), 3, 1, 3) == []  # nothing repeats
+    assert lookup(np.array([4, 5, 4]), 2, 1, 2) == [5, 4]
+    assert lookup(np.array([4, 5, 4]), 2, 2, 2) == []  # a 1-token match is below min_n
+    assert lookup(np.array([4]), 2, 1, 2) == []
+
+
+def test_sampled_drafts_are_point_masses_and_greedy_ones_have_no_q():
+    prop = NgramProposer(vocab_size=10, min_n=1, max_n=2)
+    hist = [1, 2, 3, 1, 2]
+    greedy, sampled, off = prop.propose([hist] * 3, [2, 2, 0], [SamplingParams(temperature=0),
+                                                                  SamplingParams(temperature=1.0), SamplingParams()])
+    assert greedy.tokens == sampled.tokens == [3, 1] and greedy.q is None and off.tokens == []
+    assert torch.equal(sampled.q, torch.nn.functional.one_hot(torch.tensor([3, 1]), 10).float())
+    with pytest.raises(ValueError):
+        NgramProposer(10, min_n=3, max_n=2)
+
+
+PROMPTS = ["1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "x = 1\ny = 2\nx = 1\ny = 2\n",
+           "def add(a, b):\n    return a + b\n\n# the same function again\ndef add(a, b):\n",
+           "Explain lists in Python."]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    eng = LLMEngine(Settings(max_num_seqs=16, block_size=8))
+    ps = [eng.tokenizer.encode(p) for p in PROMPTS]
+    return ps, [s.output_ids for s in eng.generate(ps, SamplingParams(temperature=0, max_tokens=32,
+                                                                        ignore_eos=True))]
+
+
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+def test_greedy_output_is_the_targets(reference, policy):
+    ps, ref = reference
+    eng = LLMEngine(Settings(max_num_seqs=16, block_size=8, speculative="ngram", draft_len=5, draft_policy=policy,
+                             ngram_min=1))
+    if policy == "adaptive":
+        cheap_drafting(eng)
+    seqs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    assert [s.output_ids for s in seqs] == ref
+    assert eng.stats["accepted_tokens"] > 0  # drafts were verified and kept
+    assert eng.block_manager.num_free == eng.block_manager.num_blocks
+    eng.block_manager.check()
