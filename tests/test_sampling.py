@@ -265,3 +265,15 @@ def test_min_p_drops_tokens_below_its_share_of_the_top_one():
         row = torch.randn(40, generator=torch.Generator().manual_seed(2)) * 2
         got = filter_logits(row[None], torch.tensor([t]), torch.tensor([k]), torch.tensor([p]), torch.tensor([m]))
         torch.testing.assert_close(got[0].double(), reference_filter(row, t, k, p, m))
+
+
+def test_a_request_can_opt_out_of_speculation():
+    """`"speculative": false` in the body is `num_speculative_tokens: 0`: that request never drafts."""
+    from dspark.server.app import _sampling_params
+    from dspark.server.protocol import CompletionRequest
+
+    def k(**body):
+        return _sampling_params(CompletionRequest(model="m", prompt="x", **body), 16, None, 4).num_speculative_tokens
+
+    assert k(speculative=False) == 0 and k(speculative=False, num_speculative_tokens=5) == 0
+    assert k() is None and k(speculative=True) is None and k(speculative=True, num_speculative_tokens=3) == 3
