@@ -108,6 +108,8 @@ CASES = [
     # model-free prompt lookup: its drafts are point masses (q = 1 on the token); a prompt that repeats, so that
     # the lookup (from 1-token suffixes here) proposes in most rounds
     Case("ngram", "fixed", 1.0, top_k=3, prompt="1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"),
+    # the hybrid: lookup's point masses and the DSpark drafter's q in the same runs (and batches)
+    Case("dspark+ngram", "fixed", 0.7, top_k=3, prompt="1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"),
 ]
 
 

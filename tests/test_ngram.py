@@ -48,15 +48,22 @@ def reference():
                                                                         ignore_eos=True))]
 
 
+@pytest.mark.parametrize("method", ["ngram", "dspark+ngram"])
 @pytest.mark.parametrize("policy", ["fixed", "adaptive"])
-def test_greedy_output_is_the_targets(reference, policy):
+def test_greedy_output_is_the_targets(reference, method, policy):
     ps, ref = reference
-    eng = LLMEngine(Settings(max_num_seqs=16, block_size=8, speculative="ngram", draft_len=5, draft_policy=policy,
+    eng = LLMEngine(Settings(max_num_seqs=16, block_size=8, speculative=method, draft_len=5, draft_policy=policy,
                              ngram_min=1))
     if policy == "adaptive":
         cheap_drafting(eng)
+    model_rounds = []
+    if method == "dspark+ngram":  # count the model drafter's proposals
+        real = eng.drafter.propose
+        eng.drafter.propose = lambda *a, **k: model_rounds.append(len(a[2])) or real(*a, **k)
     seqs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     assert [s.output_ids for s in seqs] == ref
     assert eng.stats["accepted_tokens"] > 0  # drafts were verified and kept
+    if method == "dspark+ngram":  # both proposers drafted
+        assert eng.stats["lookup_rounds"] > 0 and sum(model_rounds) > 0
     assert eng.block_manager.num_free == eng.block_manager.num_blocks
     eng.block_manager.check()

@@ -48,14 +48,16 @@ class LLMEngine:
         self.model = load_model(settings.model, dtype=dtype, device=settings.device)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
-        if settings.speculative_method == "ngram":  # model-free: no weights, no target features
-            self.drafter = NgramProposer(self.model_config.vocab_size, settings.device, settings.ngram_min,
-                                         settings.ngram_max)
+        method, _, also = settings.speculative_method.partition("+")  # "dspark+ngram": the hybrid
+        # prompt lookup: the drafter itself (ngram), or tried first for every drafting request (a hybrid)
+        self.lookup = NgramProposer(self.model_config.vocab_size, settings.device, settings.ngram_min,
+                                    settings.ngram_max) if "ngram" in (method, also) else None
+        if method == "ngram":  # model-free: no weights, no target features
+            self.drafter = self.lookup
         elif settings.drafter_path is not None:
             self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
-            if self.drafter.cfg.method != settings.speculative_method:
-                raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, "
-                                 f"not {settings.speculative_method}")
+            if self.drafter.cfg.method != method:
+                raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, not {method}")
             self.tap_layers = tuple(self.drafter.cfg.target_layer_ids)
             self.drafter.vocab = DraftVocab.load(settings.drafter_path, settings.draft_vocab_size,
                                                  self.model_config.vocab_size,
@@ -74,7 +76,8 @@ class LLMEngine:
         # it decodes plainly cost nothing.
         self.draft_ctx: dict[int, list] = {}
         self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
-                      "scheduler_seconds": 0.0, "steps": 0, "bytes_to_host": 0}
+                      "scheduler_seconds": 0.0, "steps": 0, "bytes_to_host": 0,
+                      "lookup_rounds": 0}
         # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
         # eval-drafter reads it whole
         self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
@@ -204,7 +207,6 @@ class LLMEngine:
             return expired
         drafting = [it for it in plan.items if it.num_draft]
         t1 = time.perf_counter()  # the drafter's cost includes folding in the features it has not seen yet
-        self._fold_features([it.seq for it in drafting])
         drafts = self._propose(drafting)
         t2 = time.perf_counter()
         if drafting:
@@ -290,18 +292,30 @@ class LLMEngine:
 
     # -- speculation ------------------------------------------------------------------------------------------
     def _propose(self, items) -> dict:
+        """Every drafting item's draft. A hybrid (`dspark+ngram`) takes prompt lookup's draft where it found a
+        continuation of at least min(k, 2) tokens, and runs the model drafter for the others only."""
         if not items:
             return {}
         seqs = [it.seq for it in items]
+        ks = [it.num_draft for it in items]
         if self.model_free:
-            drafts = self.drafter.propose([s.token_ids for s in seqs], [it.num_draft for it in items],
-                                          [s.params for s in seqs])
+            drafts = self.drafter.propose([s.token_ids for s in seqs], ks, [s.params for s in seqs])
         else:
-            drafts = self.drafter.propose(
-                self.model.model.embed_tokens, self.model.lm_head, [s.token_ids[-1] for s in seqs],
-                [self.draft_ctx[s.seq_id][0] for s in seqs], [it.num_draft for it in items],
-                [s.params for s in seqs], [s.generator for s in seqs], self.settings.confidence_threshold,
-                [s.constraint for s in seqs])
+            drafts = [None] * len(items)
+            if self.lookup is not None:
+                found = self.lookup.propose([s.token_ids for s in seqs], ks, [s.params for s in seqs])
+                drafts = [d if len(d.tokens) >= min(k, 2) else None for d, k in zip(found, ks)]
+                self.stats["lookup_rounds"] += sum(d is not None for d in drafts)
+            rest = [i for i, d in enumerate(drafts) if d is None]
+            self._fold_features([seqs[i] for i in rest])
+            if rest:
+                model = self.drafter.propose(
+                    self.model.model.embed_tokens, self.model.lm_head, [seqs[i].token_ids[-1] for i in rest],
+                    [self.draft_ctx[seqs[i].seq_id][0] for i in rest], [ks[i] for i in rest],
+                    [seqs[i].params for i in rest], [seqs[i].generator for i in rest],
+                    self.settings.confidence_threshold, [seqs[i].constraint for i in rest])
+                for i, d in zip(rest, model):
+                    drafts[i] = d
         self.stats["draft_tokens"] += sum(len(d.tokens) for d in drafts)
         return {s.seq_id: d for s, d in zip(seqs, drafts)}
 

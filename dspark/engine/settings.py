@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     max_graph_tokens: int = Field(512, description="CUDA graphs: most rows (batch tokens) of a captured step")
     # speculative decoding
     speculative: str = Field("none", description="none | dspark | dflash | eagle3 | ngram (prompt lookup, "
-                             "model-free) | auto (dspark if shipped)")
+                             "model-free) | dspark+ngram (prompt lookup where it finds a continuation, dspark "
+                             "elsewhere; also dflash+ngram, eagle3+ngram) | auto (dspark if shipped)")
     ngram_min: int = Field(2, description="ngram drafting: shortest suffix of a request's tokens looked up")
     ngram_max: int = Field(4, description="ngram drafting: longest suffix looked up (the longest match wins)")
     drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
@@ -186,7 +187,7 @@ class Settings(BaseSettings):
 
     @property
     def drafter_path(self) -> Path | None:
-        method = self.speculative_method
+        method = self.speculative_method.partition("+")[0]  # dspark+ngram: dspark's weights
         if method in ("none", "ngram"):  # ngram drafting has no weights
             return None
         return Path(self.drafter) if self.drafter else self.drafters_dir / method
