@@ -260,6 +260,20 @@ def test_speculating_server_gives_the_same_greedy_answers(server, client):
             assert sc.completions.create(**kw).choices[0].text == want
             assert "".join(c.choices[0].text for c in sc.completions.create(**kw, stream=True)) == want
         assert spec.metric('dspark_spec_accepted_tokens_total{drafter="dspark"}') > 0
+        # per-request drafting in the usage block, when asked (plain, streamed, and n=2 summed over choices)
+        kw = dict(model=server.name, prompt=CODE_PROMPTS[0], max_tokens=24, temperature=0)
+        assert "speculation" not in sc.completions.create(**kw).usage.model_extra
+        st = sc.completions.create(**kw, extra_body={"speculation_stats": True}).usage.model_extra["speculation"]
+        assert 0 < st["rounds"] and 0 <= st["accepted_tokens"] <= st["draft_tokens"] <= 5 * st["rounds"]
+        assert st["tau"] == pytest.approx((st["rounds"] + st["accepted_tokens"]) / st["rounds"])
+        chunks = list(sc.completions.create(**kw, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"speculation_stats": True}))
+        assert chunks[-1].usage.model_extra["speculation"] == st  # greedy: the same rounds
+        two = sc.completions.create(**kw, n=2, extra_body={"speculation_stats": True}).usage.model_extra
+        assert two["speculation"]["rounds"] == 2 * st["rounds"]
+        chat = sc.chat.completions.create(model=server.name, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=16, temperature=0, extra_body={"speculation_stats": True})
+        assert chat.usage.model_extra["speculation"]["draft_tokens"] >= 0
         # per-user SLOs: one request asks for what it surely gets, one for what it cannot
         for target in (1, 1e6):
             sc.completions.create(model=server.name, prompt=CODE_PROMPTS[0], max_tokens=16, temperature=0,

@@ -40,6 +40,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
     finish_reason: str | None = None  # stop | length | deadline | abort | error
     error: str | None = None  # why the core refused or failed it (finish_reason "error")
+    spec: tuple[int, int, int] | None = None  # so far: (drafting rounds, draft tokens verified, accepted)
 
     @property
     def finished(self) -> bool:

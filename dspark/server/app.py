@@ -340,7 +340,7 @@ def create_app(engine: AsyncLLM, settings) -> FastAPI:
                             "finish_reason": r["finish_reason"]})
         metrics.REQUESTS.labels("/v1/chat/completions", "200").inc()
         return {"id": rid, "object": "chat.completion", "created": created, "model": srv.model_name,
-                "choices": choices, "usage": usage(len(prompt_ids), results)}
+                "choices": choices, "usage": usage(len(prompt_ids), results, req.speculation_stats)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -377,7 +377,7 @@ def create_app(engine: AsyncLLM, settings) -> FastAPI:
             prompt_tokens += len(ids)
         metrics.REQUESTS.labels("/v1/completions", "200").inc()
         return {"id": rid, "object": "text_completion", "created": created, "model": srv.model_name,
-                "choices": choices, "usage": usage(prompt_tokens, results)}
+                "choices": choices, "usage": usage(prompt_tokens, results, req.speculation_stats)}
 
     return app
 
@@ -402,9 +402,15 @@ def normalize_prompts(srv: OpenAIServer, prompt) -> list[list[int]]:
     return out
 
 
-def usage(prompt_tokens: int, results: list[dict]) -> dict:
+def usage(prompt_tokens: int, results: list[dict], stats: bool = False) -> dict:
+    """OpenAI's usage block; with `speculation_stats`, the response's drafting summed over its choices."""
     completion = sum(r["completion_tokens"] for r in results)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    if stats:
+        rounds, drafted, accepted = (sum(r["spec"][k] for r in results if r.get("spec")) for k in range(3))
+        out["speculation"] = {"rounds": rounds, "draft_tokens": drafted, "accepted_tokens": accepted,
+                              "tau": (rounds + accepted) / rounds if rounds else None}
+    return out
 
 
 class Timing:
@@ -442,6 +448,7 @@ async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]
             r["text"] += out.text
             r["logprobs"] += out.logprobs
             r["completion_tokens"] = out.completion_tokens
+            r["spec"] = out.spec or r.get("spec")
             timing.tokens(len(out.token_ids))
             if out.finished:
                 r["finish_reason"] = out.finish_reason
@@ -498,6 +505,7 @@ class ChunkMaker:
     def __init__(self, srv, req: SamplingFields, rid: str, created: int, obj: str, prompt_tokens: int):
         self.base = {"id": rid, "object": obj, "created": created, "model": srv.model_name}
         self.with_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.stats = req.speculation_stats
         self.prompt_tokens = prompt_tokens
 
     def __call__(self, choices: list[dict], usage_: dict | None = None) -> dict:
@@ -506,13 +514,11 @@ class ChunkMaker:
             c["usage"] = usage_
         return c
 
-    def usage(self, completion: list[int]) -> dict | None:
+    def usage(self, results: list[dict]) -> dict | None:
         """The final usage chunk, or None when the client did not ask for it."""
         if not self.with_usage:
             return None
-        total = sum(completion)
-        return self([], {"prompt_tokens": self.prompt_tokens, "completion_tokens": total,
-                         "total_tokens": self.prompt_tokens + total})
+        return self([], usage(self.prompt_tokens, results, self.stats))
 
 
 class ToolUse:
@@ -531,7 +537,7 @@ async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt
                       ) -> AsyncIterator[dict]:
     chunk = ChunkMaker(srv, req, rid, created, "chat.completion.chunk", prompt_tokens)
 
-    completion = [0] * req.n
+    tally = [{"completion_tokens": 0} for _ in range(req.n)]
     parsers = [ToolCallParser() if tools.parse else None for _ in range(req.n)]
     timing = Timing()
     for i in range(req.n):
@@ -539,7 +545,7 @@ async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt
                       "finish_reason": None}])
     try:
         async for i, out in gen:
-            completion[i] = out.completion_tokens
+            tally[i]["completion_tokens"], tally[i]["spec"] = out.completion_tokens, out.spec or tally[i].get("spec")
             timing.tokens(len(out.token_ids))
             lp = {"content": srv.chat_logprobs(out.logprobs)} if req.logprobs and out.logprobs else None
             parser = parsers[i]
@@ -564,7 +570,7 @@ async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt
     finally:
         await gen.aclose()
     timing.done()
-    if (final := chunk.usage(completion)) is not None:
+    if (final := chunk.usage(tally)) is not None:
         yield final
 
 
@@ -572,7 +578,7 @@ async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prom
                             prompt_text: str = "") -> AsyncIterator[dict]:
     chunk = ChunkMaker(srv, req, rid, created, "text_completion", prompt_tokens)
 
-    completion = [0] * req.n
+    tally = [{"completion_tokens": 0} for _ in range(req.n)]
     offsets = [0] * req.n
     timing = Timing()
     if req.echo:
@@ -581,7 +587,7 @@ async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prom
             offsets[i] = len(prompt_text)
     try:
         async for i, out in gen:
-            completion[i] = out.completion_tokens
+            tally[i]["completion_tokens"], tally[i]["spec"] = out.completion_tokens, out.spec or tally[i].get("spec")
             timing.tokens(len(out.token_ids))
             lp = None
             if req.logprobs is not None:
@@ -593,5 +599,5 @@ async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prom
     finally:
         await gen.aclose()
     timing.done()
-    if (final := chunk.usage(completion)) is not None:
+    if (final := chunk.usage(tally)) is not None:
         yield final

@@ -27,6 +27,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    spec: tuple[int, int, int] | None = None  # so far: (drafting rounds, draft tokens verified, accepted)
 
 
 class RequestState:
@@ -69,7 +70,7 @@ class RequestState:
             self.finish_reason = out.finish_reason
         end = len(self.text) if self.finished else max(self.emitted, len(self.text) - self.holdback)
         delta = RequestOutput(self.request_id, ids, self.text[self.emitted : end], lps, self.finished,
-                              self.finish_reason, self.num_prompt, self.num_output)
+                              self.finish_reason, self.num_prompt, self.num_output, out.spec)
         self.emitted = end
         return delta
 

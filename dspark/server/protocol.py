@@ -128,6 +128,8 @@ class SamplingFields(OpenAIModel):
     num_speculative_tokens: int | None = Field(None, ge=0, description="cap on draft tokens per step; 0 = off")
     speculative: bool | None = Field(None, description="false: this request never drafts (the same as "
                                      "num_speculative_tokens 0)")
+    speculation_stats: bool = Field(False, description="add usage.speculation: drafting rounds, draft tokens "
+                                    "verified, accepted, and tau (tokens per round, the bonus included)")
     slo_tokens_per_s: float | None = Field(None, ge=0, description="this user's speed target in tokens/s; requests "
                                            "behind it get priority and draft budget (0 = none)")
     deadline_s: float | None = Field(None, gt=0, description="end the request this many seconds after it arrives, "
