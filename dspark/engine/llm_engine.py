@@ -81,8 +81,12 @@ class LLMEngine:
         # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
         # eval-drafter reads it whole
         self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
-        draft_len = 0 if self.drafter is None else settings.draft_len if self.model_free else \
-            min(settings.draft_len, self.drafter.cfg.block_size)
+        if self.drafter is None:
+            draft_len = 0
+        elif self.model_free:  # no block: lookup proposes as many as the continuation it finds
+            draft_len = settings.draft_len
+        else:
+            draft_len = min(settings.draft_len, self.drafter.cfg.block_size)
         if settings.draft_policy not in ("adaptive", "fixed"):
             raise ValueError(f"draft_policy must be adaptive or fixed, not {settings.draft_policy!r}")
         self.cost = StepCostModel(settings.max_num_batched_tokens, settings.max_num_seqs)
@@ -322,8 +326,6 @@ class LLMEngine:
     def _fold_features(self, seqs: list[Sequence]) -> None:
         """Fold the target features of the requests' computed tokens not yet in their drafter contexts into them,
         from the tap cache, in one pass for the step (done lazily: only drafting needs it)."""
-        if self.model_free:
-            return
         todo = []
         for seq in seqs:
             entry = self.draft_ctx.setdefault(seq.seq_id, [None, 0])

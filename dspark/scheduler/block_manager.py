@@ -147,7 +147,7 @@ class BlockManager:
                                                         self._array.shape[1])))
         row = self._array[slot]
         row[start:end] = blocks
-        row[end:][row[end:] != 0] = 0
+        row[end:] = 0
 
     def _drop_slot(self, seq_id: int) -> None:
         slot = self._slot.pop(seq_id, None)
@@ -237,4 +237,4 @@ class BlockManager:
             t = self._tables.get(sid, [])
             assert self._array[slot, : len(t)].tolist() == t and not self._array[slot, len(t) :].any(), \
                 "block table array out of step"
-        assert not set(self._tables) - {s for s, t in self._tables.items() if not t} - set(self._slot)
+        assert all(sid in self._slot for sid, t in self._tables.items() if t), "a block table without a slot"
