@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--out", default="runs/loadtest.json")
     q.set_defaults(fn=cmd_loadtest_run)
     q = lsub.add_parser("sweep", help="start the server per mode and sweep concurrencies; chart + table to docs/")
-    q.add_argument("--modes", default="none,k=1,k=4,k=7,dspark adaptive")
+    q.add_argument("--modes", default="none,k=1,k=4,k=7,dspark adaptive",
+                   help="comma-separated, of: none, k=1, k=4, k=7, dspark adaptive, ngram, dspark+ngram")
     q.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     q.add_argument("--requests", type=int, default=32, help="requests per point (at least 2 per user)")
     q.add_argument("--repeats", type=int, default=1,

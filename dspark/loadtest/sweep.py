@@ -30,6 +30,8 @@ MODES = {
     "k=4": ["--speculative", "dspark", "--draft-policy", "fixed", "--draft-len", "4"],
     "k=7": ["--speculative", "dspark", "--draft-policy", "fixed", "--draft-len", "7"],
     "dspark adaptive": ["--speculative", "dspark", "--draft-policy", "adaptive"],
+    "ngram": ["--speculative", "ngram"],
+    "dspark+ngram": ["--speculative", "dspark+ngram", "--draft-policy", "adaptive"],
 }
 
 
