@@ -30,9 +30,25 @@ def test_sampled_drafts_are_point_masses_and_greedy_ones_have_no_q():
     greedy, sampled, off = prop.propose([hist] * 3, [2, 2, 0], [SamplingParams(temperature=0),
                                                                   SamplingParams(temperature=1.0), SamplingParams()])
     assert greedy.tokens == sampled.tokens == [3, 1] and greedy.q is None and off.tokens == []
+    assert greedy.source == "lookup" and greedy.confidence == [0.5, 0.5]  # the prior, before any round
     assert torch.equal(sampled.q, torch.nn.functional.one_hot(torch.tensor([3, 1]), 10).float())
     with pytest.raises(ValueError):
         NgramProposer(10, min_n=3, max_n=2)
+
+
+def test_lookup_confidence_follows_its_verified_rounds():
+    """Its drafts' confidence is the rate at which a looked-up token survived, given the ones before it."""
+    prop = NgramProposer(vocab_size=10, min_n=1, max_n=2)
+    for _ in range(300):
+        prop.observe(4, 4)  # every token kept
+    assert prop.survival > 0.95
+    for _ in range(600):
+        prop.observe(4, 0)  # the first token rejected each time (the decayed counts forget the kept ones)
+    assert prop.survival < 0.05
+    for _ in range(600):
+        prop.observe(4, 1)  # one kept, the next rejected: a token survives half the time
+    assert abs(prop.survival - 0.5) < 0.02
+    assert prop.propose([[1, 2, 1]], [1], [SamplingParams(temperature=0)])[0].confidence == [prop.survival]
 
 
 PROMPTS = ["1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,", "x = 1\ny = 2\nx = 1\ny = 2\n",

@@ -364,6 +364,8 @@ class LLMEngine:
             if d is None:
                 continue
             s = it.seq
+            if d.source == "lookup":
+                self.lookup.observe(len(d.tokens), len(toks) - 1)
             s.spec_rounds, s.spec_drafted = s.spec_rounds + 1, s.spec_drafted + len(d.tokens)
             s.spec_accepted += len(toks) - 1
             self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)

@@ -78,12 +78,13 @@ class Draft:
     tokens: list[int]
     q: torch.Tensor | None  # [k, V] distribution each token was drawn from (None when greedy)
     confidence: list[float]  # calibrated survival probability of each drafted token, given the ones before
+    source: str = "model"  # or "lookup": prompt lookup's (its verified rounds refine its confidence)
 
     def truncate(self, n: int) -> Draft:
         """The first n tokens (the scheduler verifies a prefix of what was drafted)."""
         if n >= len(self.tokens):
             return self
-        return Draft(self.tokens[:n], None if self.q is None else self.q[:n], self.confidence[:n])
+        return Draft(self.tokens[:n], None if self.q is None else self.q[:n], self.confidence[:n], self.source)
 
 
 class DraftSampler:

@@ -41,6 +41,18 @@ class NgramProposer:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"ngram drafting needs 1 <= min_n <= max_n, not {min_n}, {max_n}")
         self.vocab_size, self.device, self.min_n, self.max_n = vocab_size, torch.device(device), min_n, max_n
+        # how often a looked-up token was accepted once the ones before it were (decayed counts, a 1-in-2 prior):
+        # every draft's confidence, so that the adaptive policy trims lookup's drafts under load as DSpark's
+        self.kept, self.tested = 1.0, 2.0
+
+    @property
+    def survival(self) -> float:
+        return self.kept / self.tested
+
+    def observe(self, verified: int, accepted: int, decay: float = 0.99) -> None:
+        """A verified round of one of its drafts: `accepted` of its first `verified` tokens were kept."""
+        self.kept = decay * self.kept + accepted
+        self.tested = decay * self.tested + accepted + (accepted < verified)
 
     def propose(self, histories: list[list[int]], ks: list[int], params: list[SamplingParams]) -> list[Draft]:
         """A draft of up to ks[b] tokens for each request from its token ids so far (prompt + output)."""
@@ -51,5 +63,5 @@ class NgramProposer:
             if found and not p.greedy:  # the point mass each token was "drawn" from
                 q = torch.zeros(len(found), self.vocab_size, device=self.device)
                 q[torch.arange(len(found)), torch.tensor(found)] = 1.0
-            drafts.append(Draft(found, q, [1.0] * len(found)))
+            drafts.append(Draft(found, q, [self.survival] * len(found), "lookup"))
         return drafts
