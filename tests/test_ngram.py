@@ -32,6 +32,9 @@ def test_sampled_drafts_are_point_masses_and_greedy_ones_have_no_q():
     assert greedy.tokens == sampled.tokens == [3, 1] and greedy.q is None and off.tokens == []
     assert greedy.source == "lookup" and greedy.confidence == [0.5, 0.5]  # the prior, before any round
     assert torch.equal(sampled.q, torch.nn.functional.one_hot(torch.tensor([3, 1]), 10).float())
+    short = prop.propose([[3, 3]] * 2, [2, 2], [SamplingParams(temperature=1.0)] * 2, min_len=2)[0]
+    assert short.tokens == [] and short.q is None  # one token found, two wanted: no draft, no q built
+    assert prop.propose([[3, 3]], [2], [SamplingParams(temperature=1.0)])[0].tokens == [3]
     with pytest.raises(ValueError):
         NgramProposer(10, min_n=3, max_n=2)
 

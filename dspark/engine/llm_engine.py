@@ -307,8 +307,8 @@ class LLMEngine:
         else:
             drafts = [None] * len(items)
             if self.lookup is not None:
-                found = self.lookup.propose([s.token_ids for s in seqs], ks, [s.params for s in seqs])
-                drafts = [d if len(d.tokens) >= min(k, 2) else None for d, k in zip(found, ks)]
+                found = self.lookup.propose([s.token_ids for s in seqs], ks, [s.params for s in seqs], min_len=2)
+                drafts = [d if d.tokens else None for d in found]
                 self.stats["lookup_rounds"] += sum(d is not None for d in drafts)
             rest = [i for i, d in enumerate(drafts) if d is None]
             self._fold_features([seqs[i] for i in rest])

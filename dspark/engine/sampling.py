@@ -125,10 +125,19 @@ def _keep(logits: torch.Tensor, lse: torch.Tensor, top: tuple[torch.Tensor, torc
     """logits with -inf outside each row's top-k and top-p, from its largest logits `top` (values, indices, in
     descending order, as many as its cuts can reach) and the full logsumexp `lse`."""
     sorted_logits, idx = top
-    cut = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :] >= k[:, None]
-    probs = (sorted_logits - lse).exp()
-    cut |= (probs.cumsum(-1) - probs) >= top_ps[:, None]  # keep the smallest prefix reaching top_p
+    cut = _cut(sorted_logits, k, top_ps, lse)
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits.masked_fill(cut, float("-inf")))
+
+
+def _cut(sorted_logits: torch.Tensor, k: torch.Tensor, top_ps: torch.Tensor, lse: torch.Tensor | None
+         ) -> torch.Tensor:
+    """Which of each row's largest logits (descending) its top-k and top-p drop; without the row's full
+    logsumexp `lse`, its top-k alone (for rows whose top_p is 1)."""
+    cut = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)[None, :] >= k[:, None]
+    if lse is not None:
+        probs = (sorted_logits - lse).exp()
+        cut |= (probs.cumsum(-1) - probs) >= top_ps[:, None]  # keep the smallest prefix reaching top_p
+    return cut
 
 
 def filter_logits(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
@@ -170,15 +179,10 @@ def filter_top_k(logits: torch.Tensor, temps: torch.Tensor, top_ks: torch.Tensor
     """filter_logits for rows that all have a top-k (1 <= k), returned sparse: (probabilities [N, K], their token
     ids [N, K]) over each row's K = max(top_ks) largest logits, in vocabulary order (0 past a row's own cut).
     One top-k pass over the vocabulary, and a logsumexp where a row's top-p cut needs its whole mass."""
-    dev = logits.device
     vals, idx = logits.topk(int(top_ks.max()), dim=-1)  # descending; temperature keeps the order
     vals = vals / temps[:, None]
-    cut = torch.arange(vals.shape[-1], device=dev)[None, :] >= top_ks[:, None]
-    if bool((top_ps < 1).any()):
-        lse = (logits / temps[:, None]).logsumexp(-1, keepdim=True)
-        probs = (vals - lse).exp()
-        cut |= ((probs.cumsum(-1) - probs) >= top_ps[:, None]) & (top_ps[:, None] < 1)
-    p = vals.masked_fill(cut, float("-inf")).softmax(-1)
+    lse = (logits / temps[:, None]).logsumexp(-1, keepdim=True) if bool((top_ps < 1).any()) else None
+    p = vals.masked_fill(_cut(vals, top_ks, top_ps, lse), float("-inf")).softmax(-1)
     idx, order = idx.sort(-1)
     return p.gather(1, order), idx
 

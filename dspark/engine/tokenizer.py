@@ -148,11 +148,13 @@ class IncrementalDetokenizer:
                 return self.stream.step(self.tok.tok, token_id)
             except Exception:
                 self.stream = None
+        text = self._window([*self.pending, token_id])
+        return text if text and not text.endswith("\ufffd") else None
+
+    def _window(self, ids: list[int]) -> str:
+        """The text `ids` add after the tokens given out last (window decoding)."""
         prefix = self.tok.decode(self.recent, self.skip)
-        full = self.tok.decode([*self.recent, *self.pending, token_id], self.skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            return full[len(prefix) :]
-        return None
+        return self.tok.decode([*self.recent, *ids], self.skip)[len(prefix) :]
 
     def add(self, token_id: int) -> str:
         chunk = self._step(token_id)
@@ -167,7 +169,6 @@ class IncrementalDetokenizer:
         """At the end of a sequence: whatever is still pending (an incomplete character decodes as U+FFFD)."""
         if not self.pending:
             return ""
-        prefix = self.tok.decode(self.recent, self.skip)
-        full = self.tok.decode([*self.recent, *self.pending], self.skip)
+        text = self._window(self.pending)
         self.recent, self.pending = [*self.recent, *self.pending][-self.CONTEXT :], []
-        return full[len(prefix) :]
+        return text

@@ -35,7 +35,6 @@ class NgramProposer:
     """The drafter interface the engine calls (`propose`), over each request's token ids instead of features."""
 
     model_free = True
-    has_confidence = False
 
     def __init__(self, vocab_size: int, device: str | torch.device = "cpu", min_n: int = 2, max_n: int = 4):
         if not 1 <= min_n <= max_n:
@@ -54,11 +53,15 @@ class NgramProposer:
         self.kept = decay * self.kept + accepted
         self.tested = decay * self.tested + accepted + (accepted < verified)
 
-    def propose(self, histories: list[list[int]], ks: list[int], params: list[SamplingParams]) -> list[Draft]:
-        """A draft of up to ks[b] tokens for each request from its token ids so far (prompt + output)."""
+    def propose(self, histories: list[list[int]], ks: list[int], params: list[SamplingParams],
+                min_len: int = 1) -> list[Draft]:
+        """A draft of up to ks[b] tokens for each request from its token ids so far (prompt + output); empty where
+        the continuation found is shorter than min(ks[b], min_len)."""
         drafts = []
         for tokens, k, p in zip(histories, ks, params):
             found = lookup(np.asarray(tokens, dtype=np.int64), k, self.min_n, self.max_n) if k else []
+            if len(found) < min(k, min_len):
+                found = []
             q = None
             if found and not p.greedy:  # the point mass each token was "drawn" from
                 q = torch.zeros(len(found), self.vocab_size, device=self.device)
