@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,7 @@ class GGUFCheckpoint:
     arch: str
     meta: dict  # every metadata key -> its value
     tensors: dict  # GGUF tensor name -> gguf ReaderTensor (memory-mapped)
+    _name_map: object = field(default=None, repr=False)  # the gguf library's HF -> GGUF name table, made once
 
     def get(self, key: str, default=None):
         return self.meta.get(f"{self.arch}.{key}", default)
@@ -113,24 +114,49 @@ class GGUFCheckpoint:
                              f"library cannot dequantize") from e
         return data.reshape(tuple(int(d) for d in reversed(t.shape)))
 
-    def state_dict(self, names: list[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
-        """HF-named tensors for `names` (the model's parameter names), dequantized into `dtype`."""
+    def gguf_name(self, hf: str) -> str:
+        """The file's tensor name for an HF parameter name (through the gguf library's own name table)."""
         from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
 
-        arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == self.arch)
-        layers = self.get("block_count")
-        name_map = get_tensor_name_map(MODEL_ARCH(arch), layers)
-        cfg = self.hf_config()
+        if self._name_map is None:
+            arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == self.arch)
+            self._name_map = get_tensor_name_map(MODEL_ARCH(arch), self.get("block_count"))
+        gname = self._name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if gname is None or gname not in self.tensors:
+            raise ValueError(f"{self.path.name}: no tensor for {hf} (looked for {gname})")
+        return gname
+
+    def _unpermute(self, gname: str, w: torch.Tensor) -> torch.Tensor:
+        if self.arch in PERMUTED_QK and gname.endswith((".attn_q.weight", ".attn_k.weight")):
+            cfg = self.hf_config()
+            return unpermute_qk(w, cfg["num_attention_heads"] if ".attn_q." in gname else cfg["num_key_value_heads"])
+        return w
+
+    def stores_q4(self, hf: str) -> bool:
+        """Whether the file stores this weight as Q4_0 / Q4_1 (int4 codes `int4_codes` reads as they are)."""
+        return self.tensors[self.gguf_name(hf)].tensor_type.name in ("Q4_0", "Q4_1")
+
+    def int4_codes(self, hf: str):
+        """A weight's int4 codes as the file stores them (Q4_0 / Q4_1: dspark/engine/quantization.py), rows in
+        HF's order; None for any other type."""
+        from dspark.engine.quantization import gguf_q4_codes
+
+        try:
+            gname = self.gguf_name(hf)
+        except ValueError:  # e.g. a tied LM head: the file has no tensor of its own
+            return None
+        t = self.tensors[gname]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        codes = gguf_q4_codes(t.data, t.tensor_type.name, shape) if len(shape) == 2 else None
+        return None if codes is None else tuple(self._unpermute(gname, c) for c in codes)
+
+    def state_dict(self, names: list[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """HF-named tensors for `names` (the model's parameter names), dequantized into `dtype`."""
         out = {}
         for hf in names:
-            gname = name_map.get_name(hf, try_suffixes=(".weight", ".bias"))
-            if gname is None or gname not in self.tensors:
-                raise ValueError(f"{self.path.name}: no tensor for {hf} (looked for {gname})")
+            gname = self.gguf_name(hf)
             w = torch.from_numpy(np.array(self.dequantize(gname), dtype=np.float32))  # a copy: the file is read-only
-            if self.arch in PERMUTED_QK and gname.endswith((".attn_q.weight", ".attn_k.weight")):
-                n = cfg["num_attention_heads"] if ".attn_q." in gname else cfg["num_key_value_heads"]
-                w = unpermute_qk(w, n)
-            out[hf] = w.to(device=device, dtype=dtype)
+            out[hf] = self._unpermute(gname, w).to(device=device, dtype=dtype)
         return out
 
 
@@ -154,10 +180,10 @@ def _open_gguf(path: Path, _mtime_ns: int, _size: int) -> GGUFCheckpoint:
 
     reader = GGUFReader(path)
     meta = {}
-    for key, field in reader.fields.items():
+    for key, value in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        meta[key] = field.contents()
+        meta[key] = value.contents()
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path.name}: architecture {arch!r} is not supported; supported: "

@@ -45,7 +45,9 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(settings.model)
         self.tokenizer = Tokenizer(settings.model)  # its vocabulary only: EOS ids, and llguidance's token view
         self.grammars = GrammarCompiler(self.tokenizer)
-        self.model = load_model(settings.model, dtype=dtype, device=settings.device)
+        self.quantization = settings.quantization_scheme
+        self.model = load_model(settings.model, dtype=dtype, device=settings.device, quantization=self.quantization,
+                                group_size=settings.quantization_group_size)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
         method, _, also = settings.speculative_method.partition("+")  # "dspark+ngram": the hybrid
@@ -114,9 +116,20 @@ class LLMEngine:
         self.last_step_tokens = 0
         self.last_step_bytes_to_host = 0  # what the last step copied from the logits' device (ids, counts, logprobs)
         log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d), "
-                 "%s on %s %s, CUDA graphs %s", settings.model, num_blocks, bs, self.max_model_len,
-                 settings.speculative_method, draft_len, attention, settings.device, dtype,
+                 "%s on %s %s, weights %s, CUDA graphs %s", settings.model, num_blocks, bs, self.max_model_len,
+                 settings.speculative_method, draft_len, attention, settings.device, dtype, self.weights_summary,
                  "on" if self.runner.graphs is not None else "off")
+
+    @property
+    def weights_summary(self) -> str:
+        """What the target's projections run on: the dtype, or the quantization and where its codes came from."""
+        q = getattr(self.model, "quantizer", None)
+        if q is None:
+            return str(self.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        group = f" (group {q.group_size})" if q.scheme == "int4" else ""
+        stored = f", {q.from_file} projections' codes as stored in the GGUF" if q.from_file else ""
+        kept = f", kept in float: {', '.join(q.skipped)}" if q.skipped else ""
+        return f"{q.scheme}{group}{stored}{kept}"
 
     # -- requests -------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:

