@@ -189,21 +189,6 @@ class ServingLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-# The LM head on quantized weights serves steps of up to this many rows (batch-1 decode; its kernel's cost grows
-# with the rows), the float weight the rest (measured: docs/benchmarks.md, quantization).
-HEAD_ROWS = 2
-
-
-class RowSplit:
-    """One projection served by `small` for up to `rows` rows and by `large` above."""
-
-    def __init__(self, small, large, rows: int):
-        self.small, self.large, self.rows = small, large, rows
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.small if x.numel() // x.shape[-1] <= self.rows else self.large)(x)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -345,9 +330,10 @@ class CausalLM(nn.Module):
         Idempotent.
 
         A `quantizer` (dspark/engine/quantization.py) makes each projection it can quantize a QuantLinear and
-        drops the float weights of the decoder's projections (their HF modules are left on the meta device); the
-        LM head's float weight stays where it is the embedding (tied), and serves steps of more than HEAD_ROWS
-        rows, where the quantized kernel (whose cost grows with the rows) is the slower.
+        drops the float weights of the decoder's projections (their HF modules are left on the meta device). The LM
+        head is quantized too, at every row count: a row's logits must not depend on how many rows the step has
+        (verification would score drafts otherwise than decoding would), and its float weight stays only for the
+        drafters and where it is the embedding (tied).
 
         Call it last: converting the model (`.to(dtype)`) afterwards would leave the fused copies behind."""
         if self._lm_head is not None:
@@ -368,9 +354,8 @@ class CausalLM(nn.Module):
             a.o = serving([a.o_proj], [pre + "self_attn.o_proj.weight"])
             m.gate_up = serving([m.gate_proj, m.up_proj], [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"])
             m.down = serving([m.down_proj], [pre + "mlp.down_proj.weight"])
-        head = ServingLinear([self.lm_head], pack, pack_fp32)
         q = quantizer([self.lm_head], ["lm_head.weight"]) if quantizer is not None else None
-        self._lm_head = head if q is None else RowSplit(q, head, HEAD_ROWS)
+        self._lm_head = q or ServingLinear([self.lm_head], pack, pack_fp32)
         return self
 
 

@@ -1,6 +1,7 @@
 """Decode speed of the serving engine on one model: batch-1 (and batch-N) greedy decode, and where a step goes.
 
     python -m dspark.loadtest.decode_profile --model /work/smollm2-hf [--dtype bfloat16] [--batch 1 8] [--profile]
+        [--quantization int4]
 
 Each request gets a ~`--prompt-len`-token prompt and generates exactly `--tokens` tokens (greedy, EOS ignored).
 The engine is driven step by step (no HTTP): the first step (prefill + first token) is timed apart from the
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of decode steps")
     ap.add_argument("--profile-batch", type=int, default=1, help="concurrent requests in the profiled steps")
     ap.add_argument("--profile-steps", type=int, default=20)
@@ -170,8 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     kw = {"model": args.model} if args.model else {}
     t0 = time.perf_counter()
-    engine = LLMEngine(Settings(**kw, dtype=args.dtype, speculative="none", threads=args.threads))
+    engine = LLMEngine(Settings(**kw, dtype=args.dtype, speculative="none", threads=args.threads,
+                                quantization=args.quantization))
     print(f"engine built in {time.perf_counter() - t0:.1f} s: {engine.settings.model}, dtype {args.dtype}, "
+          f"weights {engine.weights_summary}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.check_hf:
         check_hf(engine, args.check_hf, args.tokens, args.prompt_len)

@@ -31,7 +31,7 @@ from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
 from dspark.engine.training.eval_drafter import heldout_prompts
 from dspark.engine.training.prompts import prompt_set
-from dspark.loadtest.decode_profile import make_prompts, run_once
+from dspark.loadtest.decode_profile import bench
 
 RSS_SNIPPET = """
 import json, sys
@@ -74,7 +74,7 @@ def speed(base: Settings, schemes: list[str], spec: str, per_group: int, tokens:
               f"{same[q]}/{len(prompts)}")
     for q in schemes:
         eng = engines[(q, "none")]
-        r = run_once(eng, make_prompts(eng, 8, 60), tokens)
+        r = bench(eng, 8, tokens, 60, 1)
         print(f"batch 8 ({q}): decode {r['decode_tps']:.1f} tok/s total")
 
 
