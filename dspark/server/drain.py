@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 
 import uvicorn
@@ -49,9 +50,10 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app, settings) -> int:
+def serve(app, settings, sockets: list[socket.socket] | None = None) -> int:
     """Run until a drain, a signal, or the engine core's death ends it; the process's exit status: 0, or 1 when the
-    engine core died (so that a supervisor restarts the server)."""
+    engine core died (so that a supervisor restarts the server). `sockets`: listen there (a socket shared by
+    several API servers) instead of binding host:port."""
     # After the drain uvicorn closes idle connections and gives the rest SHUTDOWN_S before cancelling them, so a
     # stream still running when the grace period ends is cut about grace + 1 s after SIGTERM.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -64,7 +66,7 @@ def serve(app, settings) -> int:
         server.should_exit = True
 
     engine.on_fatal = fatal
-    server.run()
+    server.run(sockets=sockets)
     if server.exit_code:
         log.error("exiting with status %d: the engine core died (%s)", server.exit_code, engine.dead_reason)
     return server.exit_code
