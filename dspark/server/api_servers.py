@@ -31,6 +31,9 @@ import time
 log = logging.getLogger("dspark.server")
 BACKLOG = 2048  # uvicorn's default
 KILL_AFTER_S = 15.0  # past the drain's grace period (plus this), an API server still running is killed
+# After the core dies an API server answers 503 this long before it exits (its requests in flight have ended at
+# once), so that a probe on the shared socket finds one that says why rather than a connection being closed.
+DEAD_LINGER_S = 1.0
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -67,7 +70,7 @@ def api_server_main(index: int, count: int, settings: dict, sock: socket.socket,
     engine = AsyncLLM(client, Tokenizer(cfg.model), max_waiting)
     app = create_app(engine, cfg)
     try:
-        code = serve(app, cfg, sockets=[sock])
+        code = serve(app, cfg, sockets=[sock], dead_linger_s=DEAD_LINGER_S)
     except KeyboardInterrupt:  # SIGINT: uvicorn re-raises it once it has shut down
         code = 0
     sys.exit(code)

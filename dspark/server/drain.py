@@ -27,6 +27,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_deadline: float | None = None
         self.exit_code = 0
         self.drain_logged = False
+        self.exit_at: float | None = None  # the engine core died: stop then (after a short linger)
 
     def handle_exit(self, sig: int, frame) -> None:
         """Runs in a signal handler: only flags here (logging could re-enter a half-written line)."""
@@ -39,6 +40,8 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.exit_at is not None and time.monotonic() >= self.exit_at:
+            self.should_exit = True
         if self.drain_deadline is not None and not self.drain_logged:
             self.drain_logged = True
             log.info("SIGTERM: draining", extra={"in_flight": self.admission.in_flight, "grace_s": self.grace_s})
@@ -50,10 +53,11 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app, settings, sockets: list[socket.socket] | None = None) -> int:
+def serve(app, settings, sockets: list[socket.socket] | None = None, dead_linger_s: float = 0.0) -> int:
     """Run until a drain, a signal, or the engine core's death ends it; the process's exit status: 0, or 1 when the
     engine core died (so that a supervisor restarts the server). `sockets`: listen there (a socket shared by
-    several API servers) instead of binding host:port."""
+    several API servers) instead of binding host:port. `dead_linger_s`: after the core's death, keep answering
+    (/health and /ready 503, API requests 503 engine_dead) this long before stopping."""
     # After the drain uvicorn closes idle connections and gives the rest SHUTDOWN_S before cancelling them, so a
     # stream still running when the grace period ends is cut about grace + 1 s after SIGTERM.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -63,7 +67,10 @@ def serve(app, settings, sockets: list[socket.socket] | None = None) -> int:
 
     def fatal(reason: str) -> None:
         server.exit_code = 1
-        server.should_exit = True
+        if dead_linger_s > 0:
+            server.exit_at = time.monotonic() + dead_linger_s
+        else:
+            server.should_exit = True
 
     engine.on_fatal = fatal
     server.run(sockets=sockets)
