@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     # scheduling and admission
     slo_tokens_per_s: float = Field(0.0, description="default per-user tokens/s target (0 = none); per request: "
                                     "the slo_tokens_per_s request field")
-    max_waiting: int = Field(256, description="bounded waiting queue: past it, requests get 429 (0 = unbounded)")
+    max_waiting: int = Field(256, description="bounded waiting queue: past it, requests get 429 (0 = unbounded); "
+                             "with api_server_count N, per API process: max_waiting / N each, rounded up")
     # KV cache and batching
     block_size: int = 16
     kv_cache_memory_mb: int = Field(512, description="memory for the paged KV cache")
