@@ -9,13 +9,15 @@ import glob
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ServerProcess, wait_for
+from conftest import REPO, ServerProcess, wait_for
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dspark.engine.core import EngineCore
@@ -23,6 +25,7 @@ from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.messages import Abort, EngineCoreOutputs, EngineCoreRequest, Shutdown
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
+from dspark.loadtest.sweep import free_port
 
 FLAGS = ("--max-num-batched-tokens", "256", "--speculative", "none")
 PROMPTS = [f"def {name}(" for name in ("parse", "main", "read", "write", "split", "join", "sort", "find")]
@@ -183,7 +186,7 @@ def test_two_api_servers_serve_count_once_and_drain(server, model_dir):
         assert not Path(launched.prom_dir).exists()
     finally:
         if s.proc.poll() is None:
-            s.proc.kill()
+            s.stop()  # SIGTERM first: the launcher stops its core and API servers and removes its directories
 
 
 def test_killed_core_fails_every_request_on_both_api_servers_and_the_launcher_exits_1(model_dir):
@@ -256,7 +259,7 @@ def test_killed_core_fails_every_request_on_both_api_servers_and_the_launcher_ex
         assert not any(Path(f"/proc/{pid}").exists() for pid in launched.api)
     finally:
         if s.proc.poll() is None:
-            s.proc.kill()
+            s.stop()  # SIGTERM first: the launcher stops its core and API servers and removes its directories
 
 
 def test_a_dead_api_server_stops_the_others_and_the_launcher_exits_1(model_dir):
@@ -268,7 +271,7 @@ def test_a_dead_api_server_stops_the_others_and_the_launcher_exits_1(model_dir):
         assert not any(Path(f"/proc/{pid}").exists() for pid in [*launched.api, launched.core])
     finally:
         if s.proc.poll() is None:
-            s.proc.kill()
+            s.stop()  # SIGTERM first: the launcher stops its core and API servers and removes its directories
 
 
 def test_settings_need_a_core_process_for_several_api_servers():
@@ -308,3 +311,11 @@ def test_the_core_routes_outputs_to_their_client_and_step_counters_to_client_0()
     last = {client: (batch.gauges.running, batch.gauges.waiting) for client, batch in sent}
     assert last == {0: (0, 0), 1: (0, 0)}
     assert not core._owner  # nothing kept for finished or aborted requests
+
+
+def test_a_core_that_cannot_start_is_reported_and_the_launcher_exits_1(tmp_path):
+    """A bad model: the core says why, the launcher prints it and exits 1 before any API server starts."""
+    r = subprocess.run([sys.executable, "-m", "dspark", "serve", "--model", str(tmp_path), "--speculative", "none",
+                        "--api-server-count", "2", "--port", str(free_port())], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "the engine core could not start" in r.stderr and "config.json" in r.stderr, r.stderr

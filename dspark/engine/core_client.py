@@ -307,10 +307,10 @@ class SharedCore:
         try:
             self.info = _wait_ready(poller, ready, self.proc, ready_timeout_s)
         except BaseException:
+            ready.close(linger=0)
             self.shutdown()
             raise
-        finally:
-            ready.close(linger=0)
+        ready.close(linger=0)
 
     def endpoints(self, client: int) -> tuple[str, str]:
         return self.in_addrs[client], self.out_addrs[client]

@@ -85,6 +85,11 @@ def run_api_servers(settings) -> int:
     prom_dir = tempfile.mkdtemp(prefix="dspark-prometheus-")
     core: SharedCore | None = None
     procs: list[multiprocessing.Process] = []
+
+    def stop_starting(sig: int, frame) -> None:  # while the core loads: stop it and clean up, then exit
+        raise SystemExit(128 + sig)
+
+    previous = {sig: signal.signal(sig, stop_starting) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
             core = SharedCore(settings, n)
@@ -104,6 +109,8 @@ def run_api_servers(settings) -> int:
                  ", ".join(str(p.pid) for p in procs), core.proc.pid)
         return supervise(core, procs, prom_dir, settings.drain_grace_s)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for p in procs:
             if p.is_alive():
                 p.kill()

@@ -51,7 +51,7 @@ class AsyncLLM:
         self._dead: str | None = None
         self._started = False
         self.on_fatal: Callable[[str], None] | None = None
-        self.index = client.index  # this API server's number at the core (0 with one API server)
+        self.index = getattr(client, "index", 0)  # this API server's number at the core (0 with one API server)
         if self.index == 0:
             metrics.KV_TOTAL.set(info.num_kv_blocks)
             metrics.KV_FREE.set(info.num_kv_blocks)
