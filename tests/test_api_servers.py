@@ -16,13 +16,16 @@ import time
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
+import zmq
 from conftest import REPO, ServerProcess, wait_for
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dspark.engine.core import EngineCore
+from dspark.engine.core_client import AttachedCore
 from dspark.engine.llm_engine import LLMEngine
-from dspark.engine.messages import Abort, EngineCoreOutputs, EngineCoreRequest, Shutdown
+from dspark.engine.messages import Abort, CoreReady, EngineCoreOutputs, EngineCoreRequest, Gauges, Shutdown
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
 from dspark.loadtest.sweep import free_port
@@ -319,3 +322,56 @@ def test_a_core_that_cannot_start_is_reported_and_the_launcher_exits_1(tmp_path)
                         "--api-server-count", "2", "--port", str(free_port())], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and "the engine core could not start" in r.stderr and "config.json" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_an_attached_api_server_sees_outputs_and_the_core_exit(tmp_path, monkeypatch, pidfd):
+    """AttachedCore against a stand-in core (its sockets here, its pid a `sleep`): outputs arrive, and the core's exit
+    is seen through a pidfd, or without one (os.pidfd_open failing) by polling the pid; shutdown() returns while
+    the core lives on."""
+    if not pidfd:
+        monkeypatch.setattr(os, "pidfd_open", lambda pid: (_ for _ in ()).throw(OSError("no pidfd")))
+    info = CoreReady(64, 100, 10, "none")
+    addrs = [f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out"]
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.connect(addrs[0])
+    push.connect(addrs[1])
+    procs = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+
+    async def run(proc, kill: bool) -> tuple[list, list, bool]:
+        client = AttachedCore(info, *addrs, proc.pid, index=1)
+        outputs, dead = [], []
+        loop = asyncio.get_running_loop()
+        client.start(outputs.append, lambda reason: dead.append((reason, loop.time())))
+        client.send(Abort(["x"]))
+        assert msgspec.msgpack.decode(pull.recv(), type=Abort).request_ids == ["x"]
+        push.send(msgspec.msgpack.encode(EngineCoreOutputs([], Gauges(0, 0, 0.0, 10, 0))))
+        for _ in range(100):
+            if outputs:
+                break
+            await asyncio.sleep(0.02)
+        if kill:
+            t0 = loop.time()
+            proc.kill()
+            for _ in range(150):
+                if dead:
+                    break
+                await asyncio.sleep(0.02)
+            assert dead and dead[0][1] - t0 < 2.0 and str(proc.pid) in dead[0][0], dead
+        alive = client.alive
+        client.shutdown()
+        return outputs, dead, alive
+
+    try:
+        outputs, dead, alive = asyncio.run(run(procs[0], kill=False))
+        assert len(outputs) == 1 and not dead and alive  # shutdown() let go of a live core, no on_dead
+        outputs, dead, alive = asyncio.run(run(procs[1], kill=True))
+        assert len(outputs) == 1 and len(dead) == 1 and not alive
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        pull.close(0)
+        push.close(0)
+        ctx.term()
