@@ -32,7 +32,8 @@ from dspark.loadtest.sweep import free_port
 
 FLAGS = ("--max-num-batched-tokens", "256", "--speculative", "none")
 PROMPTS = [f"def {name}(" for name in ("parse", "main", "read", "write", "split", "join", "sort", "find")]
-COMPLETIONS = '/v1/completions'
+COMPLETIONS = "/v1/completions"
+ABORTED = 'dspark_request_finished_total{reason="abort"}'
 
 
 def spawned_children(pid: int) -> list[int]:
@@ -154,6 +155,18 @@ def test_two_api_servers_serve_count_once_and_drain(server, model_dir):
         assert wait_for(lambda: m("dspark_num_requests_running") == 0 and m("dspark_num_requests_waiting") == 0)
         assert m("dspark_kv_free_blocks") == m("dspark_kv_total_blocks") > 0
 
+        # clients that go away mid-stream abort their requests, on whichever API server had them
+        aborted = m(ABORTED, 0)
+        for _ in range(3):
+            with httpx.stream("POST", s.url + COMPLETIONS, json=body(s.name, "import os\n", 1500, True),
+                              timeout=60) as r:
+                chunks = (line for line in r.iter_lines() if line.startswith("data: {"))
+                for _ in range(3):
+                    next(chunks)
+        assert wait_for(lambda: m(ABORTED, 0) == aborted + 3, 20), "the requests were not aborted"
+        assert wait_for(lambda: m("dspark_kv_free_blocks") == m("dspark_kv_total_blocks"))
+        assert wait_for(lambda: m("dspark_num_requests_running") == 0)
+
         # SIGTERM to the launcher drains both: streams in flight on each finish, new requests get 503, exit 0
         streams, done = [], []
 
@@ -265,10 +278,37 @@ def test_killed_core_fails_every_request_on_both_api_servers_and_the_launcher_ex
             s.stop()  # SIGTERM first: the launcher stops its core and API servers and removes its directories
 
 
-def test_a_dead_api_server_stops_the_others_and_the_launcher_exits_1(model_dir):
-    s = ServerProcess(model_dir, *FLAGS, "--api-server-count", "2")
+def test_keys_and_the_429_bound_per_api_server_then_a_dead_one_stops_the_rest(model_dir):
+    """API keys and the bounded queue hold on every API server (the bound split: --max-waiting 2 over 2 is 1 each);
+    then one API server killed: the launcher stops the other and the core, and exits 1."""
+    s = ServerProcess(model_dir, *FLAGS, "--api-server-count", "2", "--api-key", "k1", "--max-num-seqs", "1",
+                      "--max-waiting", "2")
     try:
         launched = Launched(s)
+        key = {"Authorization": "Bearer k1"}
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers=key).status_code == 200
+        b = {**body(s.name, "import os\n", 48), "ignore_eos": True}
+
+        async def burst():
+            async def post():
+                async with httpx.AsyncClient(base_url=s.url, timeout=120, headers=key) as c:
+                    return await c.post(COMPLETIONS, json=b)
+
+            return await asyncio.gather(*(post() for _ in range(10)))
+
+        replies = asyncio.run(burst())
+        codes = sorted(r.status_code for r in replies)
+        assert set(codes) == {200, 429}, codes
+        for r in replies:
+            if r.status_code == 429:
+                err = r.json()["error"]
+                assert err["type"] == "rate_limit_error" and err["code"] == "queue_full" and r.headers["retry-after"]
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 48
+        assert s.metric('dspark_rejected_requests_total{reason="queue_full"}') == codes.count(429)
+        assert s.metric('dspark_requests_total{endpoint="/v1/models",status="401"}') == 1
+
         os.kill(launched.api[0], signal.SIGKILL)
         assert s.proc.wait(timeout=30) == 1
         assert not any(Path(f"/proc/{pid}").exists() for pid in [*launched.api, launched.core])
