@@ -8,11 +8,13 @@ each, rounded up) and the metrics of its own requests. Prometheus runs in multip
 PROMETHEUS_MULTIPROC_DIR set before any API server imports prometheus_client), so /metrics from any of them is the
 sum over all.
 
-Signals: SIGTERM and SIGINT to the launcher are passed on to every API server, each of which drains as a single
-server does; the launcher then stops the core and exits 0. If the core or an API server dies on its own, the
-others are stopped (those attached to a dead core end their requests with errors and exit by themselves) and the
-launcher exits 1, so that a supervisor restarts the whole server. Send signals to the launcher only: an API server
-signalled as well (a whole process group or cgroup) sees a second SIGTERM, which stops it at once.
+Signals: SIGTERM or SIGINT to the launcher sends SIGTERM to every API server, each of which drains as a single
+server does; the launcher then stops the core and exits 0. A second one stops them at once. The API servers (and
+the core) ignore SIGINT, so Ctrl-C in a terminal, which signals the whole process group, drains once. If the core
+or an API server dies on its own, the others are stopped (those attached to a dead core end their requests with
+errors and exit by themselves) and the launcher exits 1, so that a supervisor restarts the whole server. Send
+SIGTERM to the launcher only: an API server that gets it directly as well (a whole cgroup signalled) sees a
+second SIGTERM, which stops it at once.
 """
 
 from __future__ import annotations
@@ -63,17 +65,14 @@ def api_server_main(index: int, count: int, settings: dict, sock: socket.socket,
     from dspark.server.async_llm import AsyncLLM
     from dspark.server.drain import serve
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already; the launcher takes Ctrl-C
     cfg = Settings(**settings)
     setup_logging(cfg.log_level, cfg.log_format)
     client = AttachedCore(info, in_addr, out_addr, core_pid, index)
     max_waiting = -(-cfg.max_waiting // count)  # the bound is per API server: max_waiting / N, rounded up
     engine = AsyncLLM(client, Tokenizer(cfg.model), max_waiting)
     app = create_app(engine, cfg)
-    try:
-        code = serve(app, cfg, sockets=[sock], dead_linger_s=DEAD_LINGER_S)
-    except KeyboardInterrupt:  # SIGINT: uvicorn re-raises it once it has shut down
-        code = 0
-    sys.exit(code)
+    sys.exit(serve(app, cfg, sockets=[sock], dead_linger_s=DEAD_LINGER_S, ignore_sigint=True))
 
 
 def run_api_servers(settings) -> int:
@@ -102,7 +101,11 @@ def run_api_servers(settings) -> int:
         for i in range(n):
             p = ctx.Process(target=api_server_main, name=f"dspark-api-server-{i}",
                             args=(i, n, settings.model_dump(), sock, core.info, *core.endpoints(i), core.proc.pid))
-            p.start()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec: ignored from their first line
+            try:
+                p.start()
+            finally:
+                signal.signal(signal.SIGINT, stop_starting)
             procs.append(p)
         sock.close()  # theirs now: once they have all exited, new connections are refused
         log.info("%d API servers on http://%s:%d (pids %s), engine core pid %d", n, settings.host, settings.port,
@@ -142,10 +145,10 @@ def supervise(core, procs: list, prom_dir: str, grace_s: float) -> int:
         if state["deadline"] is None:
             state["deadline"] = time.monotonic() + extra_s + KILL_AFTER_S
 
-    def on_signal(sig: int, frame) -> None:  # a second SIGTERM is passed on too: the API servers stop at once
+    def on_signal(sig: int, frame) -> None:  # SIGTERM or SIGINT: SIGTERM to each (a second: they stop at once)
         state["signal"] = state["signal"] or sig
         stopping(grace_s)
-        send(sig)
+        send(signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -163,7 +166,8 @@ def supervise(core, procs: list, prom_dir: str, grace_s: float) -> int:
                 p = running.pop(ready)
                 p.join(1)
                 multiprocess.mark_process_dead(p.pid, prom_dir)
-                if p.exitcode != 0 or state["signal"] is None:
+                # asked to stop: a clean exit, or SIGTERM's default action (it came before their handlers)
+                if p.exitcode not in (0, -signal.SIGTERM) or state["signal"] is None:
                     failed.append(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}")
                     if not state["stopping"]:  # stop the rest, so that a supervisor restarts the whole server
                         stopping(grace_s)

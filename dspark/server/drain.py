@@ -21,9 +21,10 @@ SHUTDOWN_S = 1
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float):
+    def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float, ignore_sigint: bool = False):
         super().__init__(config)
         self.admission, self.grace_s = admission, grace_s
+        self.ignore_sigint = ignore_sigint  # an API server under the launcher: the launcher takes Ctrl-C
         self.drain_deadline: float | None = None
         self.exit_code = 0
         self.drain_logged = False
@@ -31,6 +32,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         """Runs in a signal handler: only flags here (logging could re-enter a half-written line)."""
+        if sig == signal.SIGINT and self.ignore_sigint:
+            return
         if sig == signal.SIGTERM and self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.grace_s
             self.admission.start_drain()
@@ -53,16 +56,18 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app, settings, sockets: list[socket.socket] | None = None, dead_linger_s: float = 0.0) -> int:
+def serve(app, settings, sockets: list[socket.socket] | None = None, dead_linger_s: float = 0.0,
+          ignore_sigint: bool = False) -> int:
     """Run until a drain, a signal, or the engine core's death ends it; the process's exit status: 0, or 1 when the
-    engine core died (so that a supervisor restarts the server). `sockets`: listen there (a socket shared by
-    several API servers) instead of binding host:port. `dead_linger_s`: after the core's death, keep answering
-    (/health and /ready 503, API requests 503 engine_dead) this long before stopping."""
+    engine core died (so that a supervisor restarts the server). For an API server under the --api-server-count
+    launcher: `sockets`, listen there (the socket they share) instead of binding host:port; `dead_linger_s`, after
+    the core's death keep answering (/health and /ready 503, API requests 503 engine_dead) this long before
+    stopping; `ignore_sigint`, the launcher turns Ctrl-C into the SIGTERM it sends."""
     # After the drain uvicorn closes idle connections and gives the rest SHUTDOWN_S before cancelling them, so a
     # stream still running when the grace period ends is cut about grace + 1 s after SIGTERM.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, access_log=False, timeout_graceful_shutdown=SHUTDOWN_S)
-    server = DrainingServer(config, app.state.admission, settings.drain_grace_s)
+    server = DrainingServer(config, app.state.admission, settings.drain_grace_s, ignore_sigint)
     engine = app.state.server.engine
 
     def fatal(reason: str) -> None:
