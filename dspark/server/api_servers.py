@@ -49,7 +49,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise SystemExit(f"cannot listen on {host}:{port}: {e}") from None
-    sock.set_inheritable(True)
     return sock
 
 
