@@ -1,8 +1,10 @@
 """`--api-server-count 2`: two API server processes on one socket and one engine core, on real processes.
 
 Both serve (each process's own Prometheus files say how many requests it answered) with the greedy text of a single
-server; /metrics from either sums them, with the core's step counters counted once; a killed core ends every
-request in flight on both with an error and the launcher exits 1; SIGTERM drains both and the launcher exits 0."""
+server; /metrics from either sums them, with the core's step counters counted once; disconnects abort, API keys and
+the (split) 429 bound hold; a killed core ends every request in flight on both with an error, /health answers 503
+and the launcher exits 1; a killed API server stops the rest; SIGTERM drains both and the launcher exits 0. In
+process: the core's routing, and an attached API server's view of the core's exit (pidfd, or polling the pid)."""
 
 import asyncio
 import glob
