@@ -26,12 +26,17 @@ def _settings(args) -> Settings:
 
 def cmd_serve(args) -> None:
     from dspark.logs import setup_logging
+
+    settings = _settings(args)
+    setup_logging(settings.log_level, settings.log_format)
+    if settings.api_server_count > 1:  # a launcher: the core and N API server processes (nothing of the app here)
+        from dspark.server.api_servers import run_api_servers
+
+        sys.exit(run_api_servers(settings))
     from dspark.server.app import create_app
     from dspark.server.async_llm import AsyncLLM
     from dspark.server.drain import serve
 
-    settings = _settings(args)
-    setup_logging(settings.log_level, settings.log_format)
     engine = AsyncLLM.from_settings(settings)
     sys.exit(serve(create_app(engine, settings), settings))
 

@@ -4,6 +4,10 @@ It runs on a thread of the API process (`thread`) or in a process of its own (`p
 msgspec-encoded messages (dspark/engine/messages.py), as vLLM's engine core is. Either way one loop owns the
 engine's state: requests and aborts are applied between steps, and each step's outputs, the counters the front
 end turns into metrics, and the gauges leave as one message.
+
+With several API servers (--api-server-count N) the core serves N clients: each request names its client, each
+client gets only its own requests' outputs and its own running / waiting counts, and the step's counters go to
+client 0 alone (every step that has them), so that metrics summed over the API servers count each step once.
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ log = logging.getLogger("dspark.engine")
 class EngineCore:
     """LLMEngine behind the token-id boundary: inputs in, one EngineCoreOutputs per step out."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, clients: int = 1):
         self.engine = engine
+        self.clients = clients  # API servers reading this core's outputs
         self._seen: dict[str, float] = {}  # cumulative engine counters at the last report
+        self._owner: dict[str, int] = {}  # request id -> its client, with several clients
+        self._sent_counts: list[tuple[int, int]] = [(0, 0)] * clients  # (running, waiting) each client last got
 
     @property
     def ready(self) -> CoreReady:
@@ -46,6 +53,8 @@ class EngineCore:
         """Apply one input between steps; False on Shutdown."""
         eng = self.engine
         if isinstance(msg, EngineCoreRequest):
+            if self.clients > 1:
+                self._owner[msg.request_id] = msg.client
             try:
                 eng.add_request(msg.request_id, msg.prompt_ids, msg.params)
             except ValueError as e:  # the front end validates; this is the core's own safety net
@@ -53,6 +62,7 @@ class EngineCore:
         elif isinstance(msg, Abort):
             for rid in msg.request_ids:
                 eng.abort_request(rid)
+                self._owner.pop(rid, None)
         elif isinstance(msg, Shutdown):
             return False
         return True
@@ -105,8 +115,33 @@ class EngineCore:
                         for label, rate in (("true", drafting), ("false", plain)) if rate is not None]
         return st
 
-    def run(self, receive: Callable[[bool], list[CoreInput]], send: Callable[[EngineCoreOutputs], None]) -> None:
-        """The busy loop: take what arrived (waiting for it only when idle), step, emit; until Shutdown."""
+    def route(self, outputs: list[EngineCoreOutput], stats: StepStats | None, busy: bool,
+              send: Callable[[int, EngineCoreOutputs], None]) -> None:
+        """Several clients: each gets its own requests' outputs and counts, when it has outputs or its counts
+        moved; client 0 also gets the step's counters and whatever the one-client loop would send it."""
+        owner = self._owner
+        per: list[list[EngineCoreOutput]] = [[] for _ in range(self.clients)]
+        for out in outputs:
+            per[owner.get(out.request_id, 0)].append(out)
+            if out.finished:
+                owner.pop(out.request_id, None)
+        counts = [[0, 0] for _ in range(self.clients)]
+        sched = self.engine.scheduler
+        for seq in sched.running:
+            counts[owner.get(seq.request_id, 0)][0] += 1
+        for seq in sched.waiting:
+            counts[owner.get(seq.request_id, 0)][1] += 1
+        bm = self.engine.block_manager
+        for c, (running, waiting) in enumerate(counts):
+            if per[c] or (c == 0 and busy) or (running, waiting) != self._sent_counts[c]:
+                self._sent_counts[c] = (running, waiting)
+                gauges = Gauges(running, waiting, bm.usage, bm.num_free, bm.num_cached)
+                send(c, EngineCoreOutputs(per[c], gauges, stats if c == 0 else None))
+
+    def run(self, receive: Callable[[bool], list[CoreInput]],
+            send: Callable[[int, EngineCoreOutputs], None]) -> None:
+        """The busy loop: take what arrived (waiting for it only when idle), step, emit; until Shutdown.
+        `send(client, outputs)`: client is 0 unless the core serves several."""
         while True:
             outputs: list[EngineCoreOutput] = []
             inputs = receive(not self.engine.has_unfinished())
@@ -114,5 +149,8 @@ class EngineCore:
                 if not self.apply(msg, outputs):
                     return
             stats = self.step(outputs)
-            if inputs or outputs or stats is not None:  # an abort alone still moves the gauges
-                send(EngineCoreOutputs(outputs, self.gauges(), stats))
+            busy = bool(inputs or outputs) or stats is not None  # an abort alone still moves the gauges
+            if self.clients > 1:
+                self.route(outputs, stats, busy, send)
+            elif busy:
+                send(0, EngineCoreOutputs(outputs, self.gauges(), stats))

@@ -18,6 +18,7 @@ class EngineCoreRequest(msgspec.Struct, tag="add", array_like=True):
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams  # its `grammar` is llguidance's, compiled and checked by the front end
+    client: int = 0  # the API server that sent it (--api-server-count): its outputs go back there only
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -67,7 +68,7 @@ class StepStats(msgspec.Struct, array_like=True, omit_defaults=True):
 
 
 class Gauges(msgspec.Struct, array_like=True):
-    running: int
+    running: int  # with several API servers: the receiving API server's own requests (they sum to the core's)
     waiting: int
     kv_usage: float
     kv_free: int

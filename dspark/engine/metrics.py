@@ -1,4 +1,12 @@
-"""Every Prometheus metric the server exports, in one place (names prefixed `dspark_`)."""
+"""Every Prometheus metric the server exports, in one place (names prefixed `dspark_`).
+
+With several API servers (--api-server-count N > 1) the launcher sets PROMETHEUS_MULTIPROC_DIR before they
+start, so each process writes its values to files there and /metrics merges them: counters and histograms are
+summed over the API servers (each counts its own requests; the core's step counters reach API server 0 alone, so
+they are counted once). Gauges say how they merge: `livesum` for the ones each API server counts over its own
+requests, `mostrecent` for the core's own, which only API server 0 sets. With one API server none of this applies:
+one process, the default registry.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +21,17 @@ FINISHED = Counter("dspark_request_finished", "Sequences finished", ["reason"])
 TTFT = Histogram("dspark_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS)
 ITL = Histogram("dspark_inter_token_latency_seconds", "Time between streamed tokens", buckets=LATENCY_BUCKETS)
 E2E = Histogram("dspark_request_latency_seconds", "Request latency, arrival to finish", buckets=LATENCY_BUCKETS)
-RUNNING = Gauge("dspark_num_requests_running", "Sequences in the running batch")
-WAITING = Gauge("dspark_num_requests_waiting", "Sequences waiting for admission")
-KV_USAGE = Gauge("dspark_kv_cache_usage_ratio", "Fraction of KV blocks in use")
-KV_FREE = Gauge("dspark_kv_free_blocks", "Free KV blocks")
-KV_TOTAL = Gauge("dspark_kv_total_blocks", "KV blocks in the pool")
+RUNNING = Gauge("dspark_num_requests_running", "Sequences in the running batch", multiprocess_mode="livesum")
+WAITING = Gauge("dspark_num_requests_waiting", "Sequences waiting for admission", multiprocess_mode="livesum")
+KV_USAGE = Gauge("dspark_kv_cache_usage_ratio", "Fraction of KV blocks in use", multiprocess_mode="mostrecent")
+KV_FREE = Gauge("dspark_kv_free_blocks", "Free KV blocks", multiprocess_mode="mostrecent")
+KV_TOTAL = Gauge("dspark_kv_total_blocks", "KV blocks in the pool", multiprocess_mode="mostrecent")
 PREEMPTIONS = Counter("dspark_preemptions", "Sequences preempted for recompute")
 PREFIX_QUERIES = Counter("dspark_prefix_cache_queries", "Prompt tokens of admitted requests looked up in the "
                          "prefix cache")
 PREFIX_HITS = Counter("dspark_prefix_cache_hits", "Prompt tokens found in the prefix cache (their prefill skipped)")
-PREFIX_BLOCKS = Gauge("dspark_prefix_cache_blocks", "Cached KV blocks nobody holds (reusable, evicted LRU on demand)")
+PREFIX_BLOCKS = Gauge("dspark_prefix_cache_blocks", "Cached KV blocks nobody holds (reusable, evicted LRU on demand)",
+                      multiprocess_mode="mostrecent")
 STEP_TOKENS = Histogram("dspark_batch_tokens_per_step", "Tokens run per engine step",
                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
 SPEC_ROUNDS = Counter("dspark_spec_rounds", "Draft-and-verify rounds", ["drafter"])
@@ -37,13 +46,15 @@ DRAFT_LEN = Histogram("dspark_draft_length", "Draft tokens verified per speculat
 ACCEPT_LEN = Histogram("dspark_acceptance_length", "Tokens committed per speculative round (accepted + bonus)",
                        ["drafter"], buckets=tuple(range(1, 18)))
 SPS = Gauge("dspark_steps_per_second", "Step cost model: verification steps/s at this many batch tokens",
-            ["batch_tokens"])
+            ["batch_tokens"], multiprocess_mode="mostrecent")
 GUARD_RATE = Gauge("dspark_draft_guard_tokens_per_second", "Draft policy's realized-rate guard: running tokens/s of "
-                   "decode steps with and without drafters, per batch-size band", ["batch", "drafting"])
+                   "decode steps with and without drafters, per batch-size band", ["batch", "drafting"],
+                   multiprocess_mode="mostrecent")
 SCHEDULER_TIME = Histogram("dspark_scheduler_seconds", "Scheduler and draft-policy time per step",
                            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1))
 REQUEST_TPS = Histogram("dspark_request_tokens_per_second", "Per-request decode speed after the first token",
                         buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000))
 SLO_REQUESTS = Counter("dspark_slo_requests", "Finished requests that had a tokens/s target", ["met"])
-SLO_ATTAINMENT = Gauge("dspark_slo_attainment_ratio", "Share of the last 1000 requests with a target that met it")
+SLO_ATTAINMENT = Gauge("dspark_slo_attainment_ratio", "Share of the last 1000 requests with a target that met it",
+                       multiprocess_mode="mostrecent")
 REJECTED = Counter("dspark_rejected_requests", "Requests turned away (429: waiting queue full)", ["reason"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dspark.engine.gguf_model import find_gguf
@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     # scheduling and admission
     slo_tokens_per_s: float = Field(0.0, description="default per-user tokens/s target (0 = none); per request: "
                                     "the slo_tokens_per_s request field")
-    max_waiting: int = Field(256, description="bounded waiting queue: past it, requests get 429 (0 = unbounded)")
+    max_waiting: int = Field(256, description="bounded waiting queue: past it, requests get 429 (0 = unbounded); "
+                             "with api_server_count N, per API process: max_waiting / N each, rounded up")
     # KV cache and batching
     block_size: int = 16
     kv_cache_memory_mb: int = Field(512, description="memory for the paged KV cache")
@@ -103,6 +104,10 @@ class Settings(BaseSettings):
     engine_core: str = Field("process", description="where the engine core runs: process (its own process, reached "
                              "over ZMQ; the API process does HTTP and text beside it) | thread (a thread of the API "
                              "process)")
+    api_server_count: int = Field(1, description="API server processes (HTTP, tokenization, detokenization, "
+                                  "metrics) sharing one listening socket and one engine core process (needs "
+                                  "engine_core process); each applies max_waiting / N (rounded up) to its own "
+                                  "requests, and /metrics sums them (Prometheus multiprocess mode)")
     host: str = "127.0.0.1"
     port: int = 8000
     max_n: int = 16
@@ -140,6 +145,20 @@ class Settings(BaseSettings):
         if v not in choices:
             raise ValueError(f"{info.field_name} must be {', '.join(choices[:-1])} or {choices[-1]}, not {v!r}")
         return v
+
+    @field_validator("api_server_count")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"api_server_count must be at least 1, not {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _api_servers_share_a_core_process(self) -> Settings:
+        if self.api_server_count > 1 and self.engine_core != "process":
+            raise ValueError(f"api_server_count {self.api_server_count} needs engine_core process (the API servers "
+                             f"share one engine core process), not {self.engine_core}")
+        return self
 
     @field_validator("dtype")
     @classmethod

@@ -5,6 +5,10 @@ admission to the bounded waiting queue, and the Prometheus metrics, from the cou
 core runs on a thread here or in a process of its own (dspark/engine/core_client.py); `generate` is the same.
 If the core dies, every request in flight ends with EngineDeadError at once, /health turns 503, and `on_fatal`
 tells the server to exit non-zero so that a supervisor restarts it.
+
+With several API servers on one core (--api-server-count) each AsyncLLM is one of the core's clients
+(`client.index`): it sees only its own requests, bounds its own waiting queue, and only client 0 exports the
+core-wide gauges and the step counters (the core sends those to it alone); /metrics sums the API servers.
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ class AsyncLLM:
         self._dead: str | None = None
         self._started = False
         self.on_fatal: Callable[[str], None] | None = None
-        metrics.KV_TOTAL.set(info.num_kv_blocks)
-        metrics.KV_FREE.set(info.num_kv_blocks)
+        self.index = getattr(client, "index", 0)  # this API server's number at the core (0 with one API server)
+        if self.index == 0:
+            metrics.KV_TOTAL.set(info.num_kv_blocks)
+            metrics.KV_FREE.set(info.num_kv_blocks)
 
     @classmethod
     def from_settings(cls, settings) -> AsyncLLM:
@@ -98,7 +104,7 @@ class AsyncLLM:
             raise EngineDeadError(self._dead or "engine is not running")
         q: asyncio.Queue = asyncio.Queue()
         self._requests[request_id] = (RequestState(self.tokenizer, request_id, prompt_ids, params), q)
-        self.client.send(EngineCoreRequest(request_id, list(prompt_ids), params))
+        self.client.send(EngineCoreRequest(request_id, list(prompt_ids), params, self.index))
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
         log.debug("request added", extra={"request_id": request_id, "prompt_tokens": len(prompt_ids),
                                           "max_tokens": params.max_tokens})
@@ -179,8 +185,10 @@ class AsyncLLM:
     # -- metrics --------------------------------------------------------------------------------------------
     def _set_gauges(self, g: Gauges) -> None:
         self._gauges = g
-        metrics.RUNNING.set(g.running)
+        metrics.RUNNING.set(g.running)  # this API server's requests (summed over API servers in /metrics)
         metrics.WAITING.set(g.waiting)
+        if self.index:  # the core's own gauges: client 0 exports them
+            return
         metrics.KV_USAGE.set(g.kv_usage)
         metrics.KV_FREE.set(g.kv_free)
         metrics.PREFIX_BLOCKS.set(g.prefix_blocks)
