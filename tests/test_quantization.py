@@ -97,6 +97,8 @@ def test_gguf_q4_codes_are_taken_as_stored(tmp_path, tiny, arch, qtype):
     layers = src.config.num_hidden_layers
     untied_head = not src.config.tie_word_embeddings  # its own Q4 tensor in the file, taken as stored too
     assert model.quantizer.from_file == 7 * layers + untied_head and not model.quantizer.skipped
+    # the head stays 4-bit only where the file stores it so; a tied head (the 8-bit embedding here) goes int8
+    assert isinstance(model._lm_head, Int4Linear if untied_head else Int8Linear)
     # the decoder's float projections were never materialized: the int4 codes are the only copy
     assert all(p.is_meta for n, p in model.named_parameters() if n.rsplit(".", 2)[-2] in PROJ)
     ref = reference(src, {n: dequantize_int4(ckpt.int4_codes(n), 32) if ckpt.int4_codes(n) is not None else w

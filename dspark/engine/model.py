@@ -354,7 +354,7 @@ class CausalLM(nn.Module):
             a.o = serving([a.o_proj], [pre + "self_attn.o_proj.weight"])
             m.gate_up = serving([m.gate_proj, m.up_proj], [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"])
             m.down = serving([m.down_proj], [pre + "mlp.down_proj.weight"])
-        q = quantizer([self.lm_head], ["lm_head.weight"]) if quantizer is not None else None
+        q = quantizer([self.lm_head], ["lm_head.weight"], head=True) if quantizer is not None else None
         self._lm_head = q or ServingLinear([self.lm_head], pack, pack_fp32)
         return self
 
