@@ -127,8 +127,10 @@ class System:
 
 
 def systems(model: str, gguf: str, hf_dir: str, peers_python: str, threads: int = 2, pld_tokens: int = 10,
-            which: list[str] | None = None, speculative: bool = False) -> list[System]:
-    """The systems to compare, in the order they run."""
+            which: list[str] | None = None, speculative: bool = False,
+            variants: list[str] | None = None) -> list[System]:
+    """The systems to compare, in the order they run. `variants`: instead of the default dspark systems, one per
+    set of `dspark serve` flags (e.g. "--quantization int4"; "" = the configured defaults)."""
     llama = [peers_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", "{port}",
              "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048",
              "--interrupt_requests", "False", "--verbose", "False"]
@@ -136,10 +138,17 @@ def systems(model: str, gguf: str, hf_dir: str, peers_python: str, threads: int 
     tf_bin = str(Path(peers_python).with_name("transformers"))
     dspark_bin = str(Path(sys.executable).with_name("dspark"))
     spec = ["--model", model, "--speculative", "dspark", "--threads", str(threads)]
+    ds = [System("dspark", "dspark", [dspark_bin, "serve", *ours, "--port", "{port}"], flags=ours),
+          *([System("dspark --speculative dspark", "dspark", [dspark_bin, "serve", *spec, "--port", "{port}"],
+                    flags=spec)] if speculative else [])]
+    if variants is not None:
+        ds = []
+        for v in variants:
+            flags = ["--model", model, "--threads", str(threads), *shlex.split(v)]
+            ds.append(System(f"dspark {v}".strip() if v else "dspark (defaults)", "dspark",
+                             [dspark_bin, "serve", *flags, "--port", "{port}"], flags=flags))
     out = [
-        System("dspark", "dspark", [dspark_bin, "serve", *ours, "--port", "{port}"], flags=ours),
-        *([System("dspark --speculative dspark", "dspark", [dspark_bin, "serve", *spec, "--port", "{port}"],
-                  flags=spec)] if speculative else []),
+        *ds,
         System("llama.cpp", "llama.cpp", llama),
         System("llama.cpp + prompt lookup", "llama.cpp",
                [*llama, "--draft_model", "prompt-lookup-decoding", "--draft_model_num_pred_tokens", str(pld_tokens)]),
@@ -274,12 +283,13 @@ def start(s: System, log_dir: Path) -> Server:
 def run_peers(model: str, gguf: str, hf_dir: str, peers_python: str, users: list[int], requests: int = 32,
               max_tokens: int = 128, num_prompts: int = 64, max_prompt_tokens: int = 512, seed: int = 0,
               threads: int = 2, pld_tokens: int = 10, which: list[str] | None = None, out_dir: str = "docs",
-              name: str = "peers", write_md: str | None = "docs/benchmarks.md", command: str | None = None) -> dict:
+              name: str = "peers", write_md: str | None = "docs/benchmarks.md", command: str | None = None,
+              variants: list[str] | None = None) -> dict:
     """Start each system in turn, measure it at each concurrency, stop it; write JSON (and the report section)."""
     count = token_counter(hf_dir)
     prompts = build_prompts(num_prompts, count, max_prompt_tokens, seed=seed)
     v = versions(peers_python)
-    chosen = systems(model, gguf, hf_dir, peers_python, threads, pld_tokens, which)
+    chosen = systems(model, gguf, hf_dir, peers_python, threads, pld_tokens, which, variants=variants)
     log_dir = REPO / "runs" / f"{name}-logs"  # servers' stdout and stderr (git-ignored)
     log_dir.mkdir(parents=True, exist_ok=True)
     data = {"config": {"model": model, "gguf": gguf, "hf_dir": hf_dir, "users": users, "requests": requests,
@@ -528,6 +538,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default="docs")
     ap.add_argument("--name", default="peers", help="JSON file stem and report section name")
     ap.add_argument("--write-md", default="docs/benchmarks.md", help="report file; '' for none")
+    ap.add_argument("--dspark", action="append", default=None, metavar="FLAGS",
+                    help="repeatable: a dspark system per set of `dspark serve` flags (e.g. --dspark='--quantization "
+                    "int4'; --dspark='' for the configured defaults), instead of the default dspark system")
     ap.add_argument("--by-group", type=int, default=0, metavar="N",
                     help="instead: batch 1 per held-out group (N prompts each) at T=0 and T=1, with this server's "
                     "dspark drafter too (section/JSON name peers-batch1 unless --name)")
@@ -552,7 +565,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> dict:
     return run_peers(a.model, a.gguf, hf_dir, a.peers_python, [int(u) for u in a.users.split(",")], a.requests,
                      a.max_tokens, a.num_prompts, a.max_prompt_tokens, a.seed, a.threads, a.pld_tokens,
                      [s.strip() for s in a.systems.split(",") if s.strip()] or None, a.out_dir, a.name,
-                     a.write_md or None, command or "python -m dspark.loadtest.peers " + shlex.join(argv))
+                     a.write_md or None, command or "python -m dspark.loadtest.peers " + shlex.join(argv), a.dspark)
 
 
 if __name__ == "__main__":
