@@ -59,11 +59,6 @@ class Settings(BaseSettings):
     quantization: str = Field("none", description="none | int8 | int4 | auto: weight-only quantization of the "
                               "target's projections at load (CPU): int8 per channel, int4 in groups (a GGUF's "
                               "Q4_0 / Q4_1 codes taken as stored); none keeps the checkpoint's weights in --dtype")
-    deterministic: bool = Field(False, description="(in progress) verification attends each draft row as a "
-                                "decode row (the same bits in bf16) and float projections run one row per call "
-                                "(quantized ones already compute each row alone); the aim, not yet reached end to "
-                                "end, is greedy speculation giving plain decoding's text in bf16; torch attention "
-                                "backend only")
     quantization_group_size: int = Field(32, description="int4: inputs per scale and zero (32, 64 or 128)")
     attention_backend: str = Field("auto", description="torch (reference) | flashinfer (CUDA) | auto (flashinfer "
                                    "on CUDA in bfloat16/float16 where flashinfer-python is installed and can get "
