@@ -102,7 +102,9 @@ class LLMEngine:
                                    slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
         c = self.model_config
         backend = make_backend(attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                               settings.device, dtype)
+                               settings.device, dtype, row_invariant=settings.deterministic)
+        if settings.deterministic:
+            self.model.row_invariant_()
         self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width)
         if graphs:  # before the cost profile, so that it times the steps as they will run
             self.runner.enable_graphs(1 + draft_len, min(settings.max_graph_batch, settings.max_num_seqs),

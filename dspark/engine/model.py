@@ -183,7 +183,15 @@ class ServingLinear:
         lin.weight = nn.Parameter(weight, requires_grad=False)
         return cls([lin])
 
+    per_row = False  # `--deterministic`: every row its own call, so its bits never depend on the step's rows
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_row and x.numel() // x.shape[-1] > 1:
+            flat = x.reshape(-1, x.shape[-1])
+            return torch.cat([self._one(flat[i : i + 1]) for i in range(len(flat))]).view(*x.shape[:-1], -1)
+        return self._one(x)
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and self.rows[0] <= x.numel() // x.shape[-1] <= self.rows[1]:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -315,6 +323,16 @@ class CausalLM(nn.Module):
             if i + 1 in hidden_layers:
                 taps.append(x)
         return self.model.norm(x), taps
+
+    def row_invariant_(self) -> CausalLM:
+        """`--deterministic`: float projections run one row per call (quantized ones compute each row alone
+        already), so a token's logits are the same bits in a decode step and in a verification step."""
+        self.fuse_()
+        for proj in [self._lm_head, *(p for layer in self.model.layers for p in (
+                layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down))]:
+            if isinstance(proj, ServingLinear):
+                proj.per_row = True
+        return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._lm_head is not None:

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     quantization: str = Field("none", description="none | int8 | int4 | auto: weight-only quantization of the "
                               "target's projections at load (CPU): int8 per channel, int4 in groups (a GGUF's "
                               "Q4_0 / Q4_1 codes taken as stored); none keeps the checkpoint's weights in --dtype")
+    deterministic: bool = Field(False, description="a token's logits are the same bits in any step (bf16 on the "
+                                "CPU): attention reads whole pages, masked, and verification attends each draft "
+                                "row as a decode row; float projections run one row per call (int8 / int4 compute "
+                                "each row alone anyway); so greedy speculation gives plain decoding's text; torch "
+                                "attention backend only")
     quantization_group_size: int = Field(32, description="int4: inputs per scale and zero (32, 64 or 128)")
     attention_backend: str = Field("auto", description="torch (reference) | flashinfer (CUDA) | auto (flashinfer "
                                    "on CUDA in bfloat16/float16 where flashinfer-python is installed and can get "

@@ -11,11 +11,14 @@ __all__ = ["AttentionBackend", "AttentionMetadata", "make_backend"]
 
 
 def make_backend(name: str, num_qo_heads: int = 0, num_kv_heads: int = 0, head_dim: int = 0, device: str = "cuda",
-                 dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:
+                 dtype: torch.dtype = torch.bfloat16, row_invariant: bool = False) -> AttentionBackend:
     if name == "torch":
         from dspark.kernels.torch_backend import TorchPagedAttention
 
-        return TorchPagedAttention()
+        return TorchPagedAttention(row_invariant)
+    if row_invariant:
+        raise ValueError("--deterministic runs on the torch attention backend only (FlashInfer's fixed-split "
+                         "attention is not wired yet): pass --attention-backend torch")
     if name == "flashinfer":
         from dspark.kernels.flashinfer_backend import FlashInferAttention  # CUDA only, imported only when asked for
 

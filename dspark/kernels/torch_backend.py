@@ -31,6 +31,11 @@ class TorchPagedAttention:
 
     SHORT_Q = 16  # query rows up to this many (decode, drafts to verify) go in the short part of a mixed step
 
+    def __init__(self, row_invariant: bool = False):
+        # Short rows (drafts to verify) attended as decode rows are: each row a one-query request of its own
+        # length, so that it gets the very bits a decode step would give it (issue 39; `--deterministic`)
+        self.row_invariant = row_invariant
+
     def plan(self, meta: AttentionMetadata) -> None:
         self.parts = None
         short = [q <= self.SHORT_Q for q in meta.q_lens]
@@ -43,7 +48,7 @@ class TorchPagedAttention:
             for want in (True, False):
                 rows = [i for i, s in enumerate(short) if s == want]
                 tok = torch.tensor([t for r in rows for t in range(starts[r], starts[r + 1])], device=dev)
-                sub = TorchPagedAttention()
+                sub = TorchPagedAttention(self.row_invariant)
                 sub._plan(AttentionMetadata([meta.q_lens[r] for r in rows], [meta.kv_lens[r] for r in rows],
                                             meta.block_tables[torch.tensor(rows, device=dev)], meta.slot_mapping[tok],
                                             meta.block_size))
@@ -59,6 +64,11 @@ class TorchPagedAttention:
         self.max_q = max(meta.q_lens)
         max_kv = max(meta.kv_lens)
         n_pages = -(-max_kv // meta.block_size)
+        if self.row_invariant:
+            # whole pages, masked past each length: CPU SDPA's reduction over keys cut at an exact length (e.g.
+            # 31) gives other bits than over the same keys padded and masked (measured), so every step attends
+            # a multiple of the page size, and a row's keys are reduced alike in any step
+            max_kv = n_pages * meta.block_size
         pages = meta.block_tables[:, :n_pages]
         self.n_pages, self.width, self.max_kv, self.first_page = n_pages, n_pages * meta.block_size, max_kv, None
         self.pages = pages.reshape(-1)  # [B * n_pages]: whole pages are gathered, then cut to max_kv keys
@@ -87,6 +97,13 @@ class TorchPagedAttention:
         owner = torch.repeat_interleave(torch.arange(b, device=dev), q_lens)
         offset = torch.arange(int(q_lens.sum()), device=dev) - starts[owner]
         self.pad_index = owner * self.max_q + offset  # flat token -> row in the padded [B*max_q] layout
+        if self.row_invariant and self.max_q <= self.SHORT_Q:
+            # every token a decode request of its own: its keys are its request's up to its own position
+            self.owner = owner
+            lens = (kv_lens - q_lens)[owner] + offset + 1
+            past = j[None, :] >= lens[:, None]
+            self.token_mask = torch.zeros(len(lens), 1, 1, max_kv, device=dev).masked_fill_(
+                past[:, None, None, :], float("-inf"))
 
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
         k_cache, v_cache = kv_cache
@@ -114,6 +131,16 @@ class TorchPagedAttention:
             out = F.scaled_dot_product_attention(q.view(b, n_kv, h // n_kv, d), keys, values, attn_mask=self.mask,
                                                  scale=scale)  # [B, Hkv, g, D]
             return out.reshape(b, h, d)
+        if self.row_invariant and self.max_q <= self.SHORT_Q:  # as decode rows, one request per token
+            if self.token_mask.dtype != q.dtype:
+                self.token_mask = self.token_mask.to(q.dtype)
+            # each token's copy of its request's keys, laid out as the decode path's (a transposed view of
+            # [tokens, keys, heads, dim]): float32 SDPA takes another path on a contiguous layout
+            keys = keys.transpose(1, 2)[self.owner].transpose(1, 2)
+            values = values.transpose(1, 2)[self.owner].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.view(len(q), n_kv, h // n_kv, d), keys, values,
+                                                 attn_mask=self.token_mask, scale=scale)
+            return out.reshape(len(q), h, d)
         qp = q.new_zeros(b * self.max_q, h, d).index_copy_(0, self.pad_index, q)
         if self.max_q <= self.SHORT_Q:  # drafts to verify, short chunks: the decode path's GQA-as-rows layout
             g, mq = h // n_kv, self.max_q

@@ -182,11 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-group", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--quality", type=int, default=8, help="held-out texts for the quality table")
+    ap.add_argument("--deterministic", action="store_true", help="every engine with --deterministic")
     ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "speed", "memory", "quality"])
     args = ap.parse_args(argv)
-    base = Settings(model=args.model, dtype=args.dtype, draft_policy="adaptive")
+    base = Settings(model=args.model, dtype=args.dtype, draft_policy="adaptive", deterministic=args.deterministic)
     print(f"host: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, dtype {args.dtype} = {base.torch_dtype}")
+          f"{torch.get_num_threads()} threads, dtype {args.dtype} = {base.torch_dtype}"
+          f"{', --deterministic' if args.deterministic else ''}")
     if "kernels" not in args.skip:
         kernels(base)
     if "speed" not in args.skip:
