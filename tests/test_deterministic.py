@@ -59,7 +59,7 @@ def test_a_verified_row_attends_as_its_decode_step_would(lone):
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_greedy_speculation_in_bf16_gives_the_text_of_plain_decoding(quantization):
-    base = Settings(model=TEST_MODEL, dtype="bfloat16", quantization=quantization, deterministic=True,
+    base = Settings(model=TEST_MODEL, dtype="bfloat16", quantization=quantization, deterministic="on",
                     draft_policy="fixed", num_kv_blocks=256)
     plain = LLMEngine(base.model_copy(update={"speculative": "none"}))
     spec = LLMEngine(base.model_copy(update={"speculative": "ngram", "ngram_min": 1}))
@@ -83,3 +83,13 @@ def test_deterministic_needs_the_torch_backend():
 
     with pytest.raises(ValueError, match="torch attention backend only"):
         make_backend("flashinfer", 4, 2, 64, "cuda", torch.bfloat16, row_invariant=True)
+
+
+def test_auto_is_on_where_the_projections_are_quantized():
+    assert Settings(model=TEST_MODEL, quantization="int4").row_invariant
+    assert Settings(model=TEST_MODEL, quantization="int8").row_invariant
+    assert not Settings(model=TEST_MODEL, quantization="none").row_invariant
+    assert Settings(model=TEST_MODEL, quantization="none", deterministic="on").row_invariant
+    assert not Settings(model=TEST_MODEL, quantization="int4", deterministic="off").row_invariant
+    with pytest.raises(ValueError, match="deterministic must be"):
+        Settings(model=TEST_MODEL, deterministic="yes")

