@@ -21,7 +21,7 @@ import httpx
 import msgspec
 import pytest
 import zmq
-from conftest import REPO, ServerProcess, wait_for
+from conftest import spawned_children, REPO, ServerProcess, wait_for
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dspark.engine.core import EngineCore
@@ -36,20 +36,6 @@ FLAGS = ("--max-num-batched-tokens", "256", "--speculative", "none")
 PROMPTS = [f"def {name}(" for name in ("parse", "main", "read", "write", "split", "join", "sort", "find")]
 COMPLETIONS = "/v1/completions"
 ABORTED = 'dspark_request_finished_total{reason="abort"}'
-
-
-def spawned_children(pid: int) -> list[int]:
-    """The processes multiprocessing's spawn started for this one."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"spawn_main" in cmd:
-            out.append(int(stat.parent.name))
-    return out
 
 
 def environ(pid: int) -> dict[str, str]:

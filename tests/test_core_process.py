@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import spawned_children, wait_for
 from fastapi.testclient import TestClient
 
 from dspark.engine.core_client import ThreadCore
@@ -25,15 +25,9 @@ from dspark.server.async_llm import AsyncLLM
 
 def core_pid(server_pid: int) -> int:
     """The server's engine core: its child started by multiprocessing's spawn."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == server_pid and b"spawn_main" in cmd:
-            return int(stat.parent.name)
-    raise AssertionError("no engine core process")
+    children = spawned_children(server_pid)
+    assert children, "no engine core process"
+    return children[0]
 
 
 def test_killed_core_ends_every_request_with_an_error_and_the_server_exits(tmp_path):
