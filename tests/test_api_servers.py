@@ -21,7 +21,7 @@ import httpx
 import msgspec
 import pytest
 import zmq
-from conftest import spawned_children, REPO, ServerProcess, wait_for
+from conftest import REPO, ServerProcess, spawned_children, wait_for
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from dspark.engine.core import EngineCore
