@@ -121,6 +121,11 @@ def speed(base: Settings, schemes: list[str], spec: str, per_group: int, tokens:
         plain, fast = (done[(q, s)] / secs[(q, s)] for s in ("none", spec))
         print(f"{q:8} {plain:10.1f} {fast:14.1f} {fast / plain:10.2f} {plain / base_rate:8.2f}  "
               f"{same[q]}/{len(prompts)}")
+    for q in schemes:  # acceptance of the drafts on each target: the drafter reads the quantized model's taps
+        st = engines[(q, spec)].stats
+        tau = 1 + st["accepted_tokens"] / st["draft_rounds"] if st["draft_rounds"] else float("nan")
+        print(f"{q:8} with {spec}: {st['draft_rounds']} drafting rounds, {st['verified_tokens']} draft tokens "
+              f"verified, {st['accepted_tokens']} accepted, tau {tau:.2f} tokens per round")
     for q in schemes:
         eng = engines[(q, "none")]
         r = bench(eng, 8, tokens, 60, 1)
@@ -193,8 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quality", type=int, default=8, help="held-out texts for the quality table")
     ap.add_argument("--deterministic", default="auto", choices=["auto", "on", "off"], help="every engine's")
     ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "speed", "memory", "quality"])
+    ap.add_argument("--draft-policy", default="adaptive", choices=["adaptive", "fixed"])
     args = ap.parse_args(argv)
-    base = Settings(model=args.model, dtype=args.dtype, draft_policy="adaptive", deterministic=args.deterministic)
+    base = Settings(model=args.model, dtype=args.dtype, draft_policy=args.draft_policy,
+                    deterministic=args.deterministic)
     print(f"host: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, dtype {args.dtype} = {base.torch_dtype}"
           f", --deterministic {args.deterministic}")
