@@ -13,10 +13,10 @@ from dspark.engine.gguf_model import open_gguf
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.model import load_model
 from dspark.engine.quantization import (
+    Int4Codes,
     Int4Linear,
     Int8Linear,
     Quantizer,
-    dequantize_int4,
     int4_codes,
 )
 from dspark.engine.sampling import SamplingParams
@@ -25,6 +25,15 @@ from dspark.engine.tokenizer import Tokenizer
 
 TEST_MODEL = "models/tiny-qwen3-5m"
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def dequantize_int4(codes: Int4Codes, group_size: int) -> torch.Tensor:
+    """Reference: the float32 weight the int4 kernel computes with (scales and zeros rounded to bfloat16, as
+    it stores them)."""
+    q, scale, zero = codes
+    n, k = q.shape
+    s, z = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()
+    return ((q.float().view(n, k // group_size, group_size) - 8) * s[..., None] + z[..., None]).view(n, k)
 
 
 @pytest.fixture(scope="module")

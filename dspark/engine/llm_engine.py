@@ -45,8 +45,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(settings.model)
         self.tokenizer = Tokenizer(settings.model)  # its vocabulary only: EOS ids, and llguidance's token view
         self.grammars = GrammarCompiler(self.tokenizer)
-        self.quantization = settings.quantization_scheme
-        self.model = load_model(settings.model, dtype=dtype, device=settings.device, quantization=self.quantization,
+        self.model = load_model(settings.model, dtype=dtype, device=settings.device,
+                                quantization=settings.quantization_scheme,
                                 group_size=settings.quantization_group_size)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()

@@ -45,10 +45,6 @@ class QuantLinear:
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @property
-    def nbytes(self) -> int:
-        raise NotImplementedError
-
 
 class Int8Linear(QuantLinear):
     """Symmetric int8 per output channel: w = q * scale."""
@@ -62,10 +58,6 @@ class Int8Linear(QuantLinear):
 
     def _mm(self, x):
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
-
-    @property
-    def nbytes(self) -> int:
-        return self.qweight.nbytes + self.scales.nbytes
 
 
 class Int4Linear(QuantLinear):
@@ -82,10 +74,6 @@ class Int4Linear(QuantLinear):
     def _mm(self, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
 
-    @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes + self.scales_zeros.nbytes
-
 
 def int4_codes(weight: torch.Tensor, group_size: int) -> Int4Codes:
     """Min/max int4 codes of a float weight [N, K], per group of `group_size` inputs (the group's smallest and
@@ -96,14 +84,6 @@ def int4_codes(weight: torch.Tensor, group_size: int) -> Int4Codes:
     scale = ((hi - lo) / 15).clamp(min=1e-12)
     q = ((w - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(n, k)
     return q, scale, lo + 8 * scale
-
-
-def dequantize_int4(codes: Int4Codes, group_size: int) -> torch.Tensor:
-    """The float32 weight the kernel computes with (scales and zeros rounded to bfloat16 as it stores them)."""
-    q, scale, zero = codes
-    n, k = q.shape
-    s, z = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()
-    return ((q.float().view(n, k // group_size, group_size) - 8) * s[..., None] + z[..., None]).view(n, k)
 
 
 def gguf_q4_codes(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Codes | None:
@@ -158,7 +138,9 @@ class Quantizer:
             return None
         n = sum(lin.out_features for lin in linears)
         k = linears[0].in_features
-        stored = [self.codes(name) if self.codes is not None and self.group_size == 32 else None for name in names]
+        # the checkpoint's own 4-bit codes: read (unpacked from its blocks) only where int4 can use them
+        use_stored = self.scheme == "int4" and self.codes is not None and self.group_size == 32
+        stored = [self.codes(name) if use_stored else None for name in names]
         int8 = self.scheme == "int8" or (head and any(c is None for c in stored))
         if not int8 and not int4_fits(n, k, self.group_size):
             self.skipped.append(names[0])

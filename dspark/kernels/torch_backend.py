@@ -32,8 +32,9 @@ class TorchPagedAttention:
     SHORT_Q = 16  # query rows up to this many (decode, drafts to verify) go in the short part of a mixed step
 
     def __init__(self, row_invariant: bool = False):
-        # Short rows (drafts to verify) attended as decode rows are: each row a one-query request of its own
-        # length, so that it gets the very bits a decode step would give it (issue 39; `--deterministic`)
+        # `--deterministic` (issue 39): every step attends whole pages, masked, and short rows (drafts to verify)
+        # are attended as decode rows, each a one-query request of its own length, so that a row gets the very
+        # bits its decode step would give it
         self.row_invariant = row_invariant
 
     def plan(self, meta: AttentionMetadata) -> None:
@@ -98,12 +99,11 @@ class TorchPagedAttention:
         offset = torch.arange(int(q_lens.sum()), device=dev) - starts[owner]
         self.pad_index = owner * self.max_q + offset  # flat token -> row in the padded [B*max_q] layout
         if self.row_invariant and self.max_q <= self.SHORT_Q:
-            # every token a decode request of its own: its keys are its request's up to its own position
+            # every token a decode request of its own: its request's keys, masked by its own row of the causal mask
             self.owner = owner
-            lens = (kv_lens - q_lens)[owner] + offset + 1
-            past = j[None, :] >= lens[:, None]
-            self.token_mask = torch.zeros(len(lens), 1, 1, max_kv, device=dev).masked_fill_(
-                past[:, None, None, :], float("-inf"))
+            seen = mask.view(b * self.max_q, max_kv)[self.pad_index]
+            self.token_mask = torch.zeros(len(seen), 1, 1, max_kv, device=dev).masked_fill_(
+                ~seen[:, None, None, :], float("-inf"))
 
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
         k_cache, v_cache = kv_cache
@@ -134,8 +134,8 @@ class TorchPagedAttention:
         if self.row_invariant and self.max_q <= self.SHORT_Q:  # as decode rows, one request per token
             if self.token_mask.dtype != q.dtype:
                 self.token_mask = self.token_mask.to(q.dtype)
-            # each token's copy of its request's keys, laid out as the decode path's (a transposed view of
-            # [tokens, keys, heads, dim]): float32 SDPA takes another path on a contiguous layout
+            # each token's copy of its request's keys, laid out as the decode path's are (a transposed view of
+            # [tokens, keys, heads, dim]), so that SDPA sees the same strides as in a decode step
             keys = keys.transpose(1, 2)[self.owner].transpose(1, 2)
             values = values.transpose(1, 2)[self.owner].transpose(1, 2)
             out = F.scaled_dot_product_attention(q.view(len(q), n_kv, h // n_kv, d), keys, values,
