@@ -162,6 +162,18 @@ def _spawn_core(settings, in_addrs: list[str], out_addrs: list[str], ready_addr:
     return proc
 
 
+def _stop_core(proc, send_shutdown: Callable[[], None], timeout_s: float = 10.0) -> None:
+    """Ask a live core to stop (Shutdown), give it `timeout_s`, then kill it."""
+    if not proc.is_alive():
+        return
+    with contextlib.suppress(zmq.ZMQError):
+        send_shutdown()
+    proc.join(timeout=timeout_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout=5)
+
+
 def _wait_ready(poller: zmq.Poller, sock: zmq.Socket, proc, timeout_s: float) -> CoreReady:
     """The core's first word on `sock` (CoreReady, or CoreFailed raised as ValueError), or why none came."""
     events = dict(poller.poll(timeout_s * 1000))
@@ -268,13 +280,7 @@ class ProcessCore(_CoreConnection):
 
     def shutdown(self) -> None:
         self._stopping = True
-        if self.proc.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
-                self.send(Shutdown())
-            self.proc.join(timeout=10)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(timeout=5)
+        _stop_core(self.proc, lambda: self.send(Shutdown()))
         if self._reader is not None:
             self._reader.join(timeout=5)
         self._close()
@@ -316,13 +322,7 @@ class SharedCore:
         return self.in_addrs[client], self.out_addrs[client]
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        if self.proc.is_alive():
-            with contextlib.suppress(zmq.ZMQError):
-                self._ctl.send(msgspec.msgpack.encode(Shutdown()), zmq.NOBLOCK)
-            self.proc.join(timeout=timeout_s)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(timeout=5)
+        _stop_core(self.proc, lambda: self._ctl.send(msgspec.msgpack.encode(Shutdown()), zmq.NOBLOCK), timeout_s)
         self._ctl.close(linger=0)
         self._ctx.term()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -292,15 +292,13 @@ def create_app(engine: AsyncLLM, settings) -> FastAPI:
                                   headers={"Retry-After": str(admission.retry_after_s)})
         return {"status": "ready", "in_flight": admission.in_flight}
 
-    registry = None  # the process's own metrics; with several API servers, every API server's merged
+    registry = REGISTRY  # the process's own metrics; with several API servers, every API server's merged
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        if registry is None:
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
