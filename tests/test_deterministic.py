@@ -93,3 +93,39 @@ def test_auto_is_on_where_the_projections_are_quantized():
     assert not Settings(model=TEST_MODEL, quantization="int4", deterministic="off").row_invariant
     with pytest.raises(ValueError, match="deterministic must be"):
         Settings(model=TEST_MODEL, deterministic="yes")
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_a_rows_logits_are_the_same_bits_in_steps_of_1_2_5_8_64_rows(quantization):
+    """The whole model, not one kernel: request 0's logits rows (its prompt's last row, then two decode steps) are
+    bitwise equal whether it runs alone or beside 1, 4, 7 or 63 other requests of other lengths."""
+    settings = Settings(model=TEST_MODEL, dtype="bfloat16", quantization=quantization, deterministic="on",
+                        speculative="none", num_kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=4096)
+    words = "the cat sat on a mat while dogs ran past it and birds flew over seas of green".split()
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    def rows_of_request_0(n: int) -> list[torch.Tensor]:
+        eng = LLMEngine(settings)
+        prompts = [eng.tokenizer.encode("one two three four five six")]
+        prompts += [eng.tokenizer.encode(" ".join(words[i % 7 : i % 7 + 3 + i % 11])) for i in range(1, n)]
+        forward, rows = eng.runner.forward, []
+
+        def spy(chunks, bm, seq_ids, logits_index, tap_layers=()):
+            logits, taps = forward(chunks, bm, seq_ids, logits_index, tap_layers)
+            assert len(logits) == len(seq_ids), "every request samples a row in every step"
+            if first.seq_id in seq_ids:  # (the last prompts of 64 are admitted a step later)
+                rows.append(logits[seq_ids.index(first.seq_id)].clone())
+            return logits, taps
+
+        eng.runner.forward = spy
+        first = eng.add_request("r0", prompts[0], params)
+        for i, p in enumerate(prompts[1:]):
+            eng.add_request(f"r{i + 1}", p, params)
+        while eng.has_unfinished():
+            eng.step()
+        assert len(rows) == 3
+        return rows
+
+    alone = rows_of_request_0(1)
+    for n in (2, 5, 8, 64):
+        assert all(torch.equal(a, b) for a, b in zip(alone, rows_of_request_0(n))), f"other bits beside {n - 1}"

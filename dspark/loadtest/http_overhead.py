@@ -5,9 +5,11 @@
 
 In-process: decode_profile's figure (the engine stepped directly; decode only, after every request's first
 token). Over HTTP: `dspark serve` per engine-core mode, a plain httpx client streaming N completions at once
-(token-id prompts of the same shapes, greedy, `ignore_eos`, no speculation), each SSE chunk one token. At 1 user
-the figure is that user's decode tokens/s (first to last token); at N users the total tokens/s while all N decode
-(the chunks that arrive between the last first token and the last token, over that window). The ratio is HTTP
+(token-id prompts of the same shapes, greedy, `ignore_eos`, no speculation); each SSE chunk's tokens are counted
+from the running usage it carries (vLLM's `continuous_usage_stats`: a front end behind the core merges several
+steps' tokens into one chunk). At 1 user the figure is that user's decode tokens/s (first to last token); at N users
+the total tokens/s while all N decode (the tokens that arrive between the last first token and the last token, over
+that window). The ratio is HTTP
 over in-process. TTFT is the client's, from sending to the first chunk. Each figure is the median of `--repeats`
 runs (in-process and over HTTP alike).
 """
@@ -45,14 +47,21 @@ def in_process(model: str | None, dtype: str, users: list[int], tokens: int, pro
 
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], tokens: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "temperature": 0,
-            "stream": True}
-    t0, times = time.perf_counter(), []
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    t0, times, seen = time.perf_counter(), [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    times.append(time.perf_counter())
+                if not chunk["choices"]:
+                    continue
+                # a chunk can carry several tokens (a front end behind the core merges deltas): the running usage
+                # says how many; without it (a server that sends none) one token per chunk with text
+                if (u := chunk.get("usage")) is not None:
+                    n, seen = u["completion_tokens"] - seen, u["completion_tokens"]
+                else:
+                    n = 1 if chunk["choices"][0]["text"] else 0
+                times += [time.perf_counter()] * n
     return {"start": t0, "times": times}
 
 
@@ -68,7 +77,7 @@ async def over_http(url: str, model: str, prompts: list[list[int]], tokens: int)
     return {"per_user": (len(one) - 1) / (one[-1] - one[0]), "total": window / (t1 - t0) if t1 > t0 else 0.0,
             "ttft_ms": statistics.median(1e3 * (r["times"][0] - r["start"]) for r in runs),
             "ttft_max_ms": max(1e3 * (r["times"][0] - r["start"]) for r in runs),
-            "chunks": statistics.median(len(r["times"]) for r in runs)}
+            "tokens": statistics.median(len(r["times"]) for r in runs)}
 
 
 def main(argv: list[str] | None = None) -> None:

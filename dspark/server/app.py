@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -159,6 +159,11 @@ class OpenAIServer:
     async def run_choices(self, rid: str, prompt_ids: list[int], params: SamplingParams, n: int, base: int = 0
                           ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Merge the streams of n sub-requests (choice index base..base+n-1)."""
+        if n == 1:  # one stream: read it directly (no task and queue between it and the response per token)
+            async with aclosing(self.engine.generate(f"{rid}-{base}", prompt_ids, params)) as outs:
+                async for out in outs:
+                    yield base, out
+            return
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, p: SamplingParams):
@@ -507,18 +512,24 @@ def sse(request: Request, chunks: AsyncIterator[dict], endpoint: str) -> Streami
 
 class ChunkMaker:
     """Builds one response's SSE chunks; with stream_options.include_usage every chunk carries `usage`
-    (null until the last, choice-less chunk, as OpenAI does)."""
+    (null until the last, choice-less chunk, as OpenAI does; with vLLM's `continuous_usage_stats` the usage so far,
+    which tells a client how many tokens each chunk brought)."""
 
-    def __init__(self, srv, req: SamplingFields, rid: str, created: int, obj: str, prompt_tokens: int):
+    def __init__(self, srv, req: SamplingFields, rid: str, created: int, obj: str, prompt_tokens: int,
+                 tally: list[dict]):
         self.base = {"id": rid, "object": obj, "created": created, "model": srv.model_name}
-        self.with_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opts = req.stream_options
+        self.with_usage = bool(opts and opts.include_usage)
+        self.continuous = self.with_usage and opts.continuous_usage_stats
         self.stats = req.speculation_stats
         self.prompt_tokens = prompt_tokens
+        self.tally = tally  # the choices' running counts, which the stream updates
 
     def __call__(self, choices: list[dict], usage_: dict | None = None) -> dict:
         c = {**self.base, "choices": choices}
         if self.with_usage:
-            c["usage"] = usage_
+            c["usage"] = usage(self.prompt_tokens, self.tally, self.stats) if self.continuous and usage_ is None \
+                else usage_
         return c
 
     def usage(self, results: list[dict]) -> dict | None:
@@ -542,9 +553,8 @@ class ToolUse:
 
 async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt_tokens, tools: ToolUse
                       ) -> AsyncIterator[dict]:
-    chunk = ChunkMaker(srv, req, rid, created, "chat.completion.chunk", prompt_tokens)
-
     tally = [{"completion_tokens": 0} for _ in range(req.n)]
+    chunk = ChunkMaker(srv, req, rid, created, "chat.completion.chunk", prompt_tokens, tally)
     parsers = [ToolCallParser() if tools.parse else None for _ in range(req.n)]
     timing = Timing()
     for i in range(req.n):
@@ -583,9 +593,8 @@ async def chat_stream(srv, req: ChatCompletionRequest, rid, created, gen, prompt
 
 async def completion_stream(srv, req: CompletionRequest, rid, created, gen, prompt_tokens,
                             prompt_text: str = "") -> AsyncIterator[dict]:
-    chunk = ChunkMaker(srv, req, rid, created, "text_completion", prompt_tokens)
-
     tally = [{"completion_tokens": 0} for _ in range(req.n)]
+    chunk = ChunkMaker(srv, req, rid, created, "text_completion", prompt_tokens, tally)
     offsets = [0] * req.n
     timing = Timing()
     if req.echo:

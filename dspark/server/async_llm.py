@@ -50,6 +50,7 @@ class AsyncLLM:
         self._reserved: deque[float] = deque()
         self._dead: str | None = None
         self._started = False
+        self._closed = False
         self.on_fatal: Callable[[str], None] | None = None
         self.index = getattr(client, "index", 0)  # this API server's number at the core (0 with one API server)
         if self.index == 0:
@@ -84,6 +85,7 @@ class AsyncLLM:
         self._started = True
 
     def shutdown(self) -> None:
+        self._closed = True  # streams cut after this must not send their aborts to a closed core
         self.client.shutdown()
 
     def _on_dead(self, reason: str) -> None:
@@ -111,12 +113,22 @@ class AsyncLLM:
         if self._reserved:
             self._reserved.popleft()
         finished = False
+        held = None  # an error that came behind deltas merged into one: raised after they are yielded
         try:
             while True:
-                item = await q.get()
+                item = held or await q.get()
+                held = None
                 if isinstance(item, BaseException):
                     finished = True  # the core has let go of it already (refused, failed, or gone)
                     raise item
+                # A consumer that fell behind (several steps' deltas queued) takes them as one delta, as vLLM's
+                # output collector does: a stream's work per chunk (JSON, SSE, the client's parse) is paid once.
+                while not item.finished and not q.empty():
+                    later = q.get_nowait()
+                    if isinstance(later, BaseException):
+                        held = later
+                        break
+                    item.merge(later)
                 yield item
                 if item.finished:
                     finished = True
@@ -129,7 +141,7 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         log.info("request aborted", extra={"request_id": request_id})
         metrics.FINISHED.labels("abort").inc()
-        if self._dead is None:
+        if self._dead is None and not self._closed:
             self.client.send(Abort([request_id]))
 
     def _on_outputs(self, batch: EngineCoreOutputs) -> None:

@@ -29,6 +29,14 @@ class RequestOutput:
     completion_tokens: int
     spec: tuple[int, int, int] | None = None  # so far: (drafting rounds, draft tokens verified, accepted)
 
+    def merge(self, later: RequestOutput) -> None:
+        """Append a later delta of the same request (for a consumer that fell behind: one chunk, not several)."""
+        self.token_ids += later.token_ids
+        self.text += later.text
+        self.logprobs += later.logprobs
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.completion_tokens, self.spec = later.completion_tokens, later.spec
+
 
 class RequestState:
     """One request's text as it grows: detokenizer, stop strings, what has been streamed."""
