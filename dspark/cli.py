@@ -274,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     # its flags are dspark/loadtest/peers.py's own parser's: main() hands it everything after "loadtest peers"
     lsub.add_parser("peers", help="this server beside llama.cpp and transformers serve, same prompts (--help)")
 
+    # likewise dspark/loadtest/routing.py's parser
+    lsub.add_parser("routing", help="2 replicas behind nginx, multi-turn ShareGPT replay: round-robin vs consistent "
+                    "hashing on a session header (--help)")
+
     q = lsub.add_parser("soak", help="time-bounded mix of good, bad, dropped and cancelled requests; checks leaks")
     q.add_argument("--url", default="http://127.0.0.1:8000")
     q.add_argument("--seconds", type=float, default=600)
@@ -288,6 +292,11 @@ def main(argv: list[str] | None = None) -> None:
         from dspark.loadtest.peers import main as peers_main
 
         peers_main(argv[2:], "dspark loadtest peers " + shlex.join(argv[2:]))
+        return
+    if argv[:2] == ["loadtest", "routing"]:
+        from dspark.loadtest.routing import main as routing_main
+
+        routing_main(argv[2:])
         return
     args = parser.parse_args(argv)
     args.fn(args)

@@ -39,7 +39,8 @@ DOCKERFILE = REPO / "Dockerfile"
 # whose schemas the installed kubernetes-validate ships.
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 # Custom resources the validator has no schema for; each has its own structural test below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("inference.networking.k8s.io/v1", "InferencePool"),
+             ("gateway.networking.k8s.io/v1", "HTTPRoute")}
 FINAL_STAGES = ("cpu", "cuda")  # the image targets (README, compose's BUILD_TARGET)
 SETTINGS_ENV = {f"DSPARK_{name.upper()}" for name in Settings.model_fields}
 
@@ -290,6 +291,52 @@ def test_hpa_scales_the_deployment_on_an_exported_metric():
         assert m["pods"]["target"]["type"] == "AverageValue"
     assert names
     assert "dspark_requests" not in gauges and "dspark_no_such_metric" not in gauges
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_gie_overlay_pools_the_replicas_behind_the_endpoint_picker(version):
+    """deploy/k8s/gie: the base plus an InferencePool whose selector and port are the dspark pods', an EPP reached
+    where the pool says, reading the pool by name with the RBAC it needs and a plugins config naming only
+    configured plugins, and an HTTPRoute to the pool."""
+    docs = kustomize(K8S / "gie")
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    for d in docs:
+        if (d["apiVersion"], d["kind"]) not in CRD_KINDS:
+            kubernetes_validate.validate(d, version, strict=True)
+    pool, dspark = by["InferencePool", "dspark"], by["Deployment", "dspark"]
+    pod_labels = dspark["spec"]["template"]["metadata"]["labels"]
+    assert pool["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [port_number(container("cpu"), "http")]
+    ref = pool["spec"]["endpointPickerRef"]
+    svc, epp = by["Service", ref["name"]], by["Deployment", ref["name"]]
+    (epp_port,) = [p for p in svc["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    assert epp_port["appProtocol"] == "http2"
+    (c,) = pod_containers(epp)
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}[epp_port["targetPort"]] == ref["port"]["number"]
+    assert svc["spec"]["selector"].items() <= epp["spec"]["template"]["metadata"]["labels"].items()
+    args = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
+    assert args["pool-name"] == pool["metadata"]["name"] and args["grpc-port"] == str(ref["port"]["number"])
+    mount = next(m for m in c["volumeMounts"] if args["config-file"].startswith(m["mountPath"] + "/"))
+    volume = next(v for v in epp["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    cm = by["ConfigMap", volume["configMap"]["name"]]
+    plugins = yaml.safe_load(cm["data"][Path(args["config-file"]).name])
+    names = {p.get("name", p["type"]) for p in plugins["plugins"]}
+    refs = {r["pluginRef"] for prof in plugins["schedulingProfiles"] for r in prof["plugins"]}
+    assert refs <= names and "prefix-cache-scorer" in names
+    assert epp["spec"]["template"]["spec"]["serviceAccountName"] == "dspark-epp"
+    rules = by["Role", "dspark-epp"]["rules"]
+    assert any("inferencepools" in r["resources"] and "watch" in r["verbs"] for r in rules)
+    assert any("pods" in r["resources"] and "list" in r["verbs"] for r in rules)
+    route = by["HTTPRoute", "dspark"]
+    backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert backends == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "dspark"}]
+
+
+def test_gie_metric_names_are_exported():
+    """The names the GIE protocol's table gives for vLLM (which its endpoint picker scrapes by default)."""
+    names = {m._name for m in vars(metrics).values() if isinstance(m, Gauge)}
+    assert {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+            "vllm:cache_config_info"} <= names
 
 
 def test_servicemonitor_scrapes_the_service():

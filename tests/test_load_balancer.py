@@ -5,54 +5,18 @@ and the survivor carries the rest. The replicas log JSON; the test reads their l
 
 import asyncio
 import json
-import shutil
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 
-from conftest import REPO, ServerProcess, needs_tool, wait_for
+from conftest import ServerProcess, needs_tool, wait_for
 
 from dspark.loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
-from dspark.loadtest.sweep import answers_ok, free_port
+from dspark.loadtest.nginx import NGINX, Nginx
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 KEY = "sk-lb-test-0123456789"
 MAX_TOKENS = 32
 USERS, PER_USER = 6, 40
-
-
-class Nginx:
-    """nginx -p <prefix> with the project's config; only the listen port and the upstream list are the test's."""
-
-    def __init__(self, prefix: Path, backends: list[str]):
-        self.prefix, self.port = prefix, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        conf = (REPO / "deploy/nginx/nginx.conf").read_text()
-        assert "listen 8080;" in conf and "access_log /dev/stdout dspark;" in conf
-        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
-        conf = conf.replace("access_log /dev/stdout dspark;", "access_log access.log dspark;")
-        # temp files inside the prefix, so the test needs no write access to Debian's /var/lib/nginx
-        temps = "".join(f"    {k}_temp_path tmp/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        conf = conf.replace("http {\n", "http {\n" + temps, 1)
-        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        (prefix / "nginx.conf").write_text(conf)
-        (prefix / "upstreams.conf").write_text(
-            "".join(f"server {b} max_fails=2 fail_timeout=10s;\n" for b in backends))
-        self.proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                                      "-g", "daemon off;"],
-                                     stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "w"))
-        if not wait_for(lambda: answers_ok(self.url + "/health"), 15):
-            self.stop()
-            raise RuntimeError(f"nginx did not start: {(prefix / 'stderr.log').read_text()}")
-
-    def access_log(self) -> list[str]:
-        return (self.prefix / "access.log").read_text().splitlines()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def json_log(server: ServerProcess) -> list[dict]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import yaml
 from conftest import REPO, ServerProcess, needs_tool, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from dspark.loadtest.loadgen import LoadConfig, builtin_prompts, closed_loop
 from dspark.loadtest.sweep import answers_ok, free_port
@@ -81,6 +82,66 @@ def test_dashboard_key_expressions_return_data_from_a_real_prometheus(model_dir,
         for panel_exprs in exprs.values():  # the rest must at least be valid PromQL for this server
             for expr in panel_exprs:
                 prom.query(expr)
+    finally:
+        if prom:
+            prom.stop()
+        server.stop()
+
+
+GIE_GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+              "vllm:cache_config_info")
+
+
+def gie_samples(url: str) -> dict[str, list]:
+    """The GIE protocol's metrics as Prometheus' text parser reads them: name -> (type, samples)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {f.name: (f.type, f.samples) for f in text_string_to_metric_families(text) if f.name in GIE_GAUGES}
+
+
+@needs_tool(PROMETHEUS, "prometheus is not installed (.ci/run installs Debian's prometheus package)")
+def test_gie_model_server_metrics_move_with_load_and_prometheus_scrapes_them(model_dir, tmp_path):
+    """The Gateway API Inference Extension's model-server protocol: queue depth, running requests and KV usage
+    (a 0-1 fraction) as gauges under vLLM's names, and the block size / block count labels; they rise under
+    load and fall back after, and a real Prometheus has them."""
+    server = ServerProcess(model_dir, "--max-num-seqs", "4", "--num-kv-blocks", "64", "--speculative", "none")
+    prom = None
+    try:
+        idle = gie_samples(server.url)
+        assert set(idle) == set(GIE_GAUGES) and all(t == "gauge" for t, _ in idle.values())
+        info = idle["vllm:cache_config_info"][1][0]
+        assert info.labels["block_size"] == "16" and info.labels["num_gpu_blocks"] == "64" and info.value == 1
+        assert [s.value for s in idle["vllm:num_requests_running"][1]] == [0]
+        assert idle["vllm:num_requests_running"][1][0].labels["model_name"] == server.name
+        prom = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{server.port}")
+
+        # 12 users, 4 running at most: some wait; long answers keep them there for several scrapes
+        cfg = LoadConfig(server.url, server.name, builtin_prompts("code", 12), max_tokens=200)
+        peak = {name: 0.0 for name in GIE_GAUGES[:3]}
+
+        async def load_and_watch():
+            task = asyncio.create_task(closed_loop(cfg, users=12, requests_per_user=2))
+            async with httpx.AsyncClient() as client:
+                while not task.done():
+                    text = (await client.get(server.url + "/metrics")).text
+                    for f in text_string_to_metric_families(text):
+                        if f.name in peak:
+                            peak[f.name] = max(peak[f.name], *(s.value for s in f.samples))
+                    await asyncio.sleep(0.05)
+            return await task
+
+        results, _ = asyncio.run(load_and_watch())
+        assert all(r.ok for r in results)
+        assert peak["vllm:num_requests_running"] == 4 and peak["vllm:num_requests_waiting"] >= 1, peak
+        assert 0 < peak["vllm:kv_cache_usage_perc"] <= 1, peak
+        after = gie_samples(server.url)
+        assert after["vllm:num_requests_running"][1][0].value == 0
+        assert after["vllm:num_requests_waiting"][1][0].value == 0
+
+        time.sleep(2)  # a scrape after the load
+        for name in GIE_GAUGES:
+            assert wait_for(lambda n=name: has_data(prom.query(n)), 15), f"prometheus has no {name}"
+        assert float(prom.query("max_over_time(vllm:num_requests_running[5m])")["result"][0]["value"][1]) >= 1
+        assert float(prom.query("max_over_time(vllm:kv_cache_usage_perc[5m])")["result"][0]["value"][1]) > 0
     finally:
         if prom:
             prom.stop()

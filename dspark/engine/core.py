@@ -8,6 +8,9 @@ end turns into metrics, and the gauges leave as one message.
 With several API servers (--api-server-count N) the core serves N clients: each request names its client, each
 client gets only its own requests' outputs and its own running / waiting counts, and the step's counters go to
 client 0 alone (every step that has them), so that metrics summed over the API servers count each step once.
+
+With --kv-events-config the core, which owns the block manager, also publishes each step's KV-cache events
+(dspark/engine/kv_events.py) on a ZMQ socket of its own, for routers that index replicas' caches.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from dspark.engine.kv_events import AllBlocksCleared, make_publisher, to_events
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.messages import (
     Abort,
@@ -42,12 +46,17 @@ class EngineCore:
         self._seen: dict[str, float] = {}  # cumulative engine counters at the last report
         self._owner: dict[str, int] = {}  # request id -> its client, with several clients
         self._sent_counts: list[tuple[int, int]] = [(0, 0)] * clients  # (running, waiting) each client last got
+        self.kv_events = make_publisher(engine.settings.kv_events_config)
+        if self.kv_events is not None:
+            engine.block_manager.events = []
+            self.kv_events.publish([AllBlocksCleared()])  # the cache starts empty: forget an earlier run's blocks
 
     @property
     def ready(self) -> CoreReady:
         eng = self.engine
-        return CoreReady(eng.max_model_len, eng.model_config.vocab_size, eng.block_manager.num_blocks,
-                         eng.settings.speculative_method)
+        bm = eng.block_manager
+        return CoreReady(eng.max_model_len, eng.model_config.vocab_size, bm.num_blocks,
+                         eng.settings.speculative_method, eng.settings.model_name, bm.block_size, bm.prefix_caching)
 
     def apply(self, msg: CoreInput, outputs: list[EngineCoreOutput]) -> bool:
         """Apply one input between steps; False on Shutdown."""
@@ -82,8 +91,21 @@ class EngineCore:
                 eng.abort_request(rid)
                 outputs.append(EngineCoreOutput(rid, [], finish_reason="error", error=f"engine step failed: {e}"))
             return None
+        finally:
+            self.publish_kv_events()
         outputs.extend(outs)
         return self._stats(time.perf_counter() - t0, eng.scheduler.num_preemptions - preempted_before)
+
+    def publish_kv_events(self) -> None:
+        """The step's key changes, as one batch (the publisher's thread encodes and sends it)."""
+        if self.kv_events is not None:
+            bm = self.engine.block_manager
+            self.kv_events.publish(to_events(bm.take_events(), bm.block_size))
+
+    def close(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.close()
+            self.kv_events = None
 
     def gauges(self) -> Gauges:
         eng, bm = self.engine, self.engine.block_manager
@@ -142,6 +164,13 @@ class EngineCore:
             send: Callable[[int, EngineCoreOutputs], None]) -> None:
         """The busy loop: take what arrived (waiting for it only when idle), step, emit; until Shutdown.
         `send(client, outputs)`: client is 0 unless the core serves several."""
+        try:
+            self._loop(receive, send)
+        finally:
+            self.close()
+
+    def _loop(self, receive: Callable[[bool], list[CoreInput]],
+              send: Callable[[int, EngineCoreOutputs], None]) -> None:
         while True:
             outputs: list[EngineCoreOutput] = []
             inputs = receive(not self.engine.has_unfinished())

@@ -90,6 +90,9 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     vocab_size: int
     num_kv_blocks: int
     speculative_method: str
+    model_name: str  # the served name (the vllm: metrics' model_name label)
+    block_size: int  # tokens per KV block (GIE's optional BlockSize)
+    prefix_caching: bool
 
 
 class CoreFailed(msgspec.Struct, tag="failed", array_like=True):

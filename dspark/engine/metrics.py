@@ -6,6 +6,11 @@ summed over the API servers (each counts its own requests; the core's step count
 they are counted once). Gauges say how they merge: `livesum` for the ones each API server counts over its own
 requests, `mostrecent` for the core's own, which only API server 0 sets. With one API server none of this applies:
 one process, the default registry.
+
+Beside them, the Gateway API Inference Extension's model-server protocol: its endpoint picker (and llm-d's)
+scrapes the queue depth, the running count, the KV cache usage and the block size under vLLM's names (the
+protocol's table, docs/proposals/003-model-server-protocol in kubernetes-sigs/gateway-api-inference-extension),
+so those are exported under `vllm:` names too, set wherever their `dspark_` twins are.
 """
 
 from __future__ import annotations
@@ -58,3 +63,14 @@ SLO_REQUESTS = Counter("dspark_slo_requests", "Finished requests that had a toke
 SLO_ATTAINMENT = Gauge("dspark_slo_attainment_ratio", "Share of the last 1000 requests with a target that met it",
                        multiprocess_mode="mostrecent")
 REJECTED = Counter("dspark_rejected_requests", "Requests turned away (429: waiting queue full)", ["reason"])
+
+# GIE model-server protocol (vLLM's names): TotalQueuedRequests, TotalRunningRequests, KVCacheUtilization (a 0-1
+# fraction, as vLLM's), and the optional BlockSize / NumGPUBlocks labels of the cache config info.
+GIE_WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting for admission (GIE TotalQueuedRequests)",
+                    ["model_name"], multiprocess_mode="livesum")
+GIE_RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch (GIE TotalRunningRequests)",
+                    ["model_name"], multiprocess_mode="livesum")
+GIE_KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (GIE KVCacheUtilization)", ["model_name"],
+                     multiprocess_mode="mostrecent")
+GIE_CACHE_INFO = Gauge("vllm:cache_config_info", "KV cache configuration (GIE BlockSize, NumGPUBlocks labels)",
+                       ["block_size", "num_gpu_blocks", "enable_prefix_caching"], multiprocess_mode="mostrecent")

@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     num_kv_blocks: int | None = Field(None, description="overrides kv_cache_memory_mb")
     enable_prefix_caching: bool = Field(True, description="reuse the K/V of full blocks of earlier requests' "
                                         "tokens (shared system prompts, multi-turn chats): their prefill is skipped")
+    kv_events_config: str | None = Field(None, description="KV-cache events for cache-aware routers (llm-d, "
+                                         "Dynamo), vLLM's KVEventsConfig JSON, e.g. '{\"enable_kv_cache_events\": "
+                                         "true, \"publisher\": \"zmq\", \"endpoint\": \"tcp://*:5557\", "
+                                         "\"topic\": \"kv-events\"}'; off by default")
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     # server
@@ -149,6 +153,15 @@ class Settings(BaseSettings):
         choices = CHOICES[info.field_name]
         if v not in choices:
             raise ValueError(f"{info.field_name} must be {', '.join(choices[:-1])} or {choices[-1]}, not {v!r}")
+        return v
+
+    @field_validator("kv_events_config")
+    @classmethod
+    def _kv_events_json(cls, v: str | None) -> str | None:
+        if v:
+            from dspark.engine.kv_events import parse_config
+
+            parse_config(v)  # malformed JSON or an unknown field fails here, at start-up, with a clear message
         return v
 
     @field_validator("api_server_count")

@@ -106,7 +106,8 @@ class LoadConfig:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
-async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) -> Result:
+async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict,
+                      headers: dict[str, str] | None = None) -> Result:
     chat = "messages" in body
     payload = {**body, "model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
                "stream": True, "stream_options": {"include_usage": True}}
@@ -118,7 +119,7 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict) ->
     last = None
     try:
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        async with client.stream("POST", path, json=payload, timeout=cfg.timeout) as resp:
+        async with client.stream("POST", path, json=payload, timeout=cfg.timeout, headers=headers) as resp:
             r.status = resp.status_code
             r.request_id = resp.headers.get("x-request-id", "")
             if resp.status_code != 200:

@@ -51,38 +51,46 @@ def workloads(requests: int, conversations: int, system_tokens: int, max_history
     questions = [t for t in sharegpt_prompts(3000) if heldout_text(t) and 4 <= count(t) <= 64][:requests]
     shared = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}]}
               for q in questions]
+    return shared, multi_turn(tok, dialogues[:200], conversations, max_history_tokens), count(system)
+
+
+def multi_turn(tok, dialogues: list[list[dict]], conversations: int, max_history_tokens: int) -> list[list[dict]]:
+    """Up to `conversations` dialogues of at least 3 turns, each cut to its whole turns whose history (chat
+    template applied, `tok`'s tokens) fits in `max_history_tokens`."""
     convs = []
-    for d in dialogues[:200]:  # whole turns while the recorded history fits
+    for d in dialogues:
         keep = []
         for i in range(0, len(d), 2):
-            if count(tok.apply_chat_template(d[: i + 2])) > max_history_tokens:
+            if len(tok.encode(tok.apply_chat_template(d[: i + 2]))) > max_history_tokens:
                 break
             keep = d[: i + 2]
         if len(keep) >= 6:
             convs.append(keep)
         if len(convs) >= conversations:
             break
-    return shared, convs, count(system)
+    return convs
 
 
 async def replay(url: str, model: str, convs: list[list[dict]], max_tokens: int,
-                 served: bool) -> tuple[list[Result], float]:
+                 served: bool, session_header: str | None = None) -> tuple[list[Result], float]:
     """Each user replays one conversation, turn by turn, each turn sending the whole history and waiting for the
     answer. The history's assistant turns are the recorded ones (ShareGPT's), or with `served` the server's own
-    answers, as a chat client sends them."""
+    answers, as a chat client sends them. With `session_header`, each request carries it, one value per
+    conversation (what a balancer's session affinity keys on)."""
     cfg = LoadConfig(url, model, [], max_tokens=max_tokens, keep_text=served)
     async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=len(convs) + 4)) as client:
-        async def user(conv):
+        async def user(i, conv):
+            headers = {session_header: f"conversation-{i}"} if session_header else None
             results = []
             history: list[dict] = []
             for t in range(0, len(conv), 2):
                 history.append(conv[t])
-                results.append(await one_request(client, cfg, {"messages": list(history)}))
+                results.append(await one_request(client, cfg, {"messages": list(history)}, headers))
                 history.append({"role": "assistant", "content": results[-1].text} if served else conv[t + 1])
             return results
 
         t0 = time.perf_counter()
-        per_user = await asyncio.gather(*(user(c) for c in convs))
+        per_user = await asyncio.gather(*(user(i, c) for i, c in enumerate(convs)))
         return [r for rs in per_user for r in rs], time.perf_counter() - t0
 
 

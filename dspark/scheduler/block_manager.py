@@ -11,6 +11,11 @@ Blocks are reference-counted; a mapped block is shared read-only (writes only ev
 a sequence's `num_computed`, which is past every block it shares). A block nobody holds any more keeps its
 contents and key until the pool needs room: free blocks are reused first, then cached ones, least recently
 released first.
+
+KV-cache events (--kv-events-config): with `events` a list (None, the default, records nothing), every key given
+and every key dropped is appended to it, ("stored", key, parent key, tokens) and ("removed", key), so that the
+keys stored minus the keys removed are always exactly `keys()`; the engine core drains it after each step and
+publishes it (dspark/engine/kv_events.py).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class BlockManager:
         self._entry: dict[int, tuple[int, int | None, tuple[int, ...]]] = {}
         self._by_key: dict[int, int] = {}
         self._seq_keys: dict[int, list[int]] = {}  # seq_id -> keys of its leading blocks of computed tokens
+        self.events: list[tuple] | None = None  # the change log of keys, when KV events are on
         self.queries = 0  # tokens of admitted requests looked up, and how many of them were found cached
         self.hits = 0
 
@@ -78,6 +84,8 @@ class BlockManager:
         entry = self._entry.pop(block, None)
         if entry is not None and self._by_key.get(entry[0]) == block:
             del self._by_key[entry[0]]
+            if self.events is not None:
+                self.events.append(("removed", entry[0]))
 
     def _release(self, block: int) -> None:
         self._ref[block] -= 1
@@ -219,6 +227,19 @@ class BlockManager:
             keys.append(key)
             if key not in self._by_key:  # (the same tokens computed twice: the first block stays the cached one)
                 self._entry[block], self._by_key[key] = (key, parent, tokens), block
+                if self.events is not None:
+                    self.events.append(("stored", key, parent, tokens))
+
+    def keys(self) -> set[int]:
+        """The keys a later request can match: of held blocks with computed contents and of cached ones."""
+        return set(self._by_key)
+
+    def take_events(self) -> list[tuple]:
+        """The key changes since the last call (empty when events are off)."""
+        if not self.events:
+            return []
+        out, self.events = self.events, []
+        return out
 
     def check(self) -> None:
         """Invariants: every block is free, cached-and-unheld, or held, exactly one of them; its reference count

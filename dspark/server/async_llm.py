@@ -53,9 +53,13 @@ class AsyncLLM:
         self._closed = False
         self.on_fatal: Callable[[str], None] | None = None
         self.index = getattr(client, "index", 0)  # this API server's number at the core (0 with one API server)
+        self._gie = (metrics.GIE_RUNNING.labels(info.model_name), metrics.GIE_WAITING.labels(info.model_name),
+                     metrics.GIE_KV_USAGE.labels(info.model_name))
         if self.index == 0:
             metrics.KV_TOTAL.set(info.num_kv_blocks)
             metrics.KV_FREE.set(info.num_kv_blocks)
+            metrics.GIE_CACHE_INFO.labels(str(info.block_size), str(info.num_kv_blocks),
+                                          str(info.prefix_caching)).set(1)
 
     @classmethod
     def from_settings(cls, settings) -> AsyncLLM:
@@ -199,9 +203,13 @@ class AsyncLLM:
         self._gauges = g
         metrics.RUNNING.set(g.running)  # this API server's requests (summed over API servers in /metrics)
         metrics.WAITING.set(g.waiting)
+        running, waiting, kv_usage = self._gie
+        running.set(g.running)
+        waiting.set(g.waiting)
         if self.index:  # the core's own gauges: client 0 exports them
             return
         metrics.KV_USAGE.set(g.kv_usage)
+        kv_usage.set(g.kv_usage)
         metrics.KV_FREE.set(g.kv_free)
         metrics.PREFIX_BLOCKS.set(g.prefix_blocks)
 
