@@ -97,9 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument("--section", default="http-overhead", help="the report section to write (one per setting)")
     args = ap.parse_args(argv)
-    base, prompts = in_process(args.model, args.dtype, args.users, args.tokens, args.prompt_len, args.repeats,
-                               args.threads)
-    print("in-process decode tok/s: " + ", ".join(f"{n} requests {v:.0f}" for n, v in base.items()))
+    # the in-process engine at --threads, and at each server's own thread count (the like-for-like figure: what
+    # HTTP costs the same engine, where the client and the front end share the machine's cores with it)
+    bases = {}
+    for t in sorted({args.threads, *(t for t in args.server_threads if t)}):
+        bases[t], prompts = in_process(args.model, args.dtype, args.users, args.tokens, args.prompt_len,
+                                       args.repeats, t)
+        print(f"in-process decode tok/s, {t} threads: "
+              + ", ".join(f"{n} requests {v:.0f}" for n, v in bases[t].items()))
+    base = bases[args.threads]
     rows = []
     for mode, threads in [(m, n) for m in args.engine_core for n in args.server_threads]:
         flags = ([] if mode == "default" else ["--engine-core", mode]) + [
@@ -113,10 +119,13 @@ def main(argv: list[str] | None = None) -> None:
                         for _ in range(args.repeats)]
                 r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
                 http = r["per_user"] if n == 1 else r["total"]
-                rows.append((mode, n, base[n], http, http / base[n], r["ttft_ms"], r["ttft_max_ms"]))
-                print(f"{mode} {n:>3} users: in-process {base[n]:7.0f} tok/s, over HTTP {http:7.0f} tok/s "
-                      f"({'per user' if n == 1 else 'total'}), ratio {http / base[n]:.2f}x, TTFT p50 "
-                      f"{r['ttft_ms']:.0f} ms, max {r['ttft_max_ms']:.0f} ms")
+                same = bases[threads or args.threads][n]
+                rows.append((mode, n, base[n], same, http, http / base[n], http / same, r["ttft_ms"],
+                             r["ttft_max_ms"]))
+                print(f"{mode} {n:>3} users: in-process {base[n]:7.0f} tok/s ({same:.0f} at the server's threads), "
+                      f"over HTTP {http:7.0f} tok/s ({'per user' if n == 1 else 'total'}), ratio {http / base[n]:.2f}x "
+                      f"({http / same:.2f}x like for like), TTFT p50 {r['ttft_ms']:.0f} ms, max "
+                      f"{r['ttft_max_ms']:.0f} ms")
         finally:
             server.stop()
     cmd = ("python -m dspark.loadtest.http_overhead " + (f"--model {args.model} " if args.model else "")
@@ -130,13 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     name = args.section
     lines = [f"<!-- bench:{name} -->", f"## What HTTP costs: streamed decode over the in-process engine ({name}, CPU)",
              "", f"Command: `{cmd}` at {commit}" + (f", on {args.host_label}" if args.host_label else "")
-             + ". In-process: the engine stepped directly (decode only). Over HTTP: a plain httpx client streaming "
-             "from `dspark serve` on the same machine; 1 user: that user's decode tokens/s; N users: total tokens/s "
-             "while all N decode. Medians of the repeats.", "",
-             "| server (engine core, torch threads) | users | in-process tok/s | over HTTP tok/s | ratio | TTFT p50 / "
-             "max (ms) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {m} | {n} | {b:.0f} | {h:.0f} ({'per user' if n == 1 else 'total'}) | {x:.2f}x | {t:.0f} / {tm:.0f} |"
-              for m, n, b, h, x, t, tm in rows]
+             + f". In-process: the engine stepped directly (decode only), at {args.threads} torch threads and at the "
+             "server's own thread count (like for like). Over HTTP: a plain httpx client streaming from `dspark "
+             "serve` on the same machine; 1 user: that user's decode tokens/s; N users: total tokens/s while all N "
+             "decode. Medians of the repeats.", "",
+             f"| server (engine core, torch threads) | users | in-process tok/s ({args.threads} threads / the "
+             f"server's) | over HTTP tok/s | ratio ({args.threads} threads / like for like) | TTFT p50 / max (ms) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {n} | {b:.0f} / {sb:.0f} | {h:.0f} ({'per user' if n == 1 else 'total'}) | {x:.2f}x / "
+              f"{sx:.2f}x | {t:.0f} / {tm:.0f} |" for m, n, b, sb, h, x, sx, t, tm in rows]
     lines.append(f"<!-- /bench:{name} -->")
     replace_section(Path(args.out), name, "\n".join(lines))
 
