@@ -131,7 +131,7 @@ def test_greedy_output_is_the_targets(reference, method, policy):
         seqs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
         assert [s.output_ids for s in seqs] == ref
     assert eng.stats["accepted_tokens"] > 0  # drafts were verified and kept
-    assert len(eng.suffix.cache) == len(ps)  # every finished output joined the store
+    assert len(eng.suffix.cache) == 2 * len(ps)  # every finished output joined the store
     sources = {p for *_, p in eng.round_log}
     if method == "dspark+suffix":  # both proposers drafted, and their rounds are told apart
         assert eng.stats["suffix_rounds"] > 0 and sum(model_rounds) > 0 and sources == {"suffix", "dspark"}
