@@ -147,3 +147,33 @@ def test_the_hybrids_default_bar_is_a_full_block():
     eng.generate([eng.tokenizer.encode(PROMPTS[0])], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     rounds = [(v, conf) for v, _, conf, p in eng.round_log if p == "suffix"]
     assert rounds and all(v == len(conf) and sum(np.cumprod(conf)) >= v - 1e-9 for v, conf in rounds)
+
+
+def test_the_front_end_counts_rounds_per_proposer_and_per_position():
+    """StepStats' rounds carry their proposer: the speculative counters are labelled by it, and the per-position
+    counters count position j as verified in every round that drafted past it, accepted where all up to j were."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from dspark.engine.messages import StepStats
+    from dspark.server.async_llm import AsyncLLM
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    names = [("dspark_spec_rounds_total", {}), ("dspark_spec_draft_tokens_total", {}),
+             ("dspark_spec_accepted_tokens_total", {})]
+    pos = [(f"dspark_spec_{kind}_tokens_per_pos_total", {"position": str(j)}) for kind in ("draft", "accepted")
+           for j in range(3)]
+    before = {(n, d): value(n, drafter=d, **extra) for n, extra in names + pos for d in ("suffix", "dspark")}
+    st = StepStats(rounds=[(3, 1, "suffix"), (2, 2, "suffix"), (1, 0, "dspark")])
+    AsyncLLM._record(SimpleNamespace(_slo_recent=[]), st)
+
+    def delta(n, d, **extra):
+        return value(n, drafter=d, **extra) - before[n, d]
+
+    assert [delta(n, "suffix") for n, _ in names] == [2, 5, 3]
+    assert [delta(n, "dspark") for n, _ in names] == [1, 1, 0]
+    assert [delta(n, "suffix", **e) for n, e in pos] == [2, 2, 1, 2, 1, 0]  # drafted at 0,1,2; accepted at 0,1,2
+    assert [delta(n, "dspark", **e) for n, e in pos] == [1, 0, 0, 0, 0, 0]
