@@ -24,6 +24,7 @@ REQUIRED = {
     "Tokens/s per user (p10 / p50 / p90)": "dspark_request_tokens_per_second_bucket",
     "Acceptance length per drafter": "dspark_spec_rounds_total",
     "Acceptance rate per drafter": "dspark_spec_draft_tokens_total",
+    "Acceptance rate per draft position": "dspark_spec_accepted_tokens_per_pos_total",
     "Draft length distribution": "dspark_draft_length_bucket",
     "SPS curve (verification steps/s vs batch tokens)": "dspark_steps_per_second",
     "SLO attainment": "dspark_slo_requests_total",

@@ -122,12 +122,9 @@ class EngineCore:
                        preempted=preempted)
         st.prefix_queries = int(self._delta("prefix_queries", bm.queries))
         st.prefix_hits = int(self._delta("prefix_hits", bm.hits))
-        st.draft_rounds = int(self._delta("draft_rounds", eng.stats["draft_rounds"]))
-        st.verified_tokens = int(self._delta("verified_tokens", eng.stats["verified_tokens"]))
-        st.accepted_tokens = int(self._delta("accepted_tokens", eng.stats["accepted_tokens"]))
         st.scheduler_s = self._delta("scheduler_seconds", eng.stats["scheduler_seconds"])
         rounds, eng.round_log = eng.round_log, deque(maxlen=100000)
-        st.rounds = [(verified, accepted) for verified, accepted, _ in rounds]
+        st.rounds = [(verified, accepted, proposer) for verified, accepted, _, proposer in rounds]
         done, eng.scheduler.finished_rates = eng.scheduler.finished_rates, deque(maxlen=10000)
         st.finished_rates = list(done)
         if eng.stats["steps"] % 50 == 1:

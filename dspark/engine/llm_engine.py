@@ -14,6 +14,7 @@ import torch
 
 from dspark.engine.drafters import load_drafter
 from dspark.engine.drafters.ngram import NgramProposer
+from dspark.engine.drafters.suffix import SuffixProposer
 from dspark.engine.drafters.vocab import DraftVocab
 from dspark.engine.grammar import GrammarCompiler
 from dspark.engine.messages import EngineCoreOutput
@@ -51,11 +52,19 @@ class LLMEngine:
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
         method, _, also = settings.speculative_method.partition("+")  # "dspark+ngram": the hybrid
-        # prompt lookup: the drafter itself (ngram), or tried first for every drafting request (a hybrid)
+        self.method = method
+        # prompt lookup / suffix decoding: the drafter itself (ngram, suffix), or tried first for every drafting
+        # request (a hybrid)
         self.lookup = NgramProposer(self.model_config.vocab_size, settings.device, settings.ngram_min,
                                     settings.ngram_max) if "ngram" in (method, also) else None
+        self.suffix = SuffixProposer(
+            self.model_config.vocab_size, settings.device, settings.suffix_max_depth, settings.suffix_spec_factor,
+            settings.suffix_min_token_prob, max_cached_requests=settings.suffix_max_cached_requests,
+            max_cached_tokens=settings.suffix_max_cached_tokens) if "suffix" in (method, also) else None
         if method == "ngram":  # model-free: no weights, no target features
             self.drafter = self.lookup
+        elif method == "suffix":
+            self.drafter = self.suffix
         elif settings.drafter_path is not None:
             self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
             if self.drafter.cfg.method != method:
@@ -79,10 +88,10 @@ class LLMEngine:
         self.draft_ctx: dict[int, list] = {}
         self.stats = {"draft_rounds": 0, "draft_tokens": 0, "accepted_tokens": 0, "verified_tokens": 0,
                       "scheduler_seconds": 0.0, "steps": 0, "bytes_to_host": 0,
-                      "lookup_rounds": 0}
-        # (verified, accepted, confidences) per verified round; the server drains it into metrics every step,
-        # eval-drafter reads it whole
-        self.round_log: deque[tuple[int, int, list[float]]] = deque(maxlen=100000)
+                      "lookup_rounds": 0, "suffix_rounds": 0}
+        # (verified, accepted, confidences, proposer) per verified round; the server drains it into metrics every
+        # step, eval-drafter reads it whole
+        self.round_log: deque[tuple[int, int, list[float], str]] = deque(maxlen=100000)
         if self.drafter is None:
             draft_len = 0
         elif self.model_free:  # no block: lookup proposes as many as the continuation it finds
@@ -97,8 +106,9 @@ class LLMEngine:
             policy = DraftPolicy(self.cost, draft_len, settings.min_draft_len, settings.draft_policy == "adaptive")
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens,
                                    draft_len, self.max_model_len, policy,
-                                   has_confidence=bool(self.drafter and not self.model_free
-                                                       and self.drafter.cfg.confidence_head),
+                                   has_confidence=self.drafter is not None and (
+                                       self.drafter is self.suffix  # its tokens' probabilities
+                                       or not self.model_free and self.drafter.cfg.confidence_head),
                                    slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
         c = self.model_config
         backend = make_backend(attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
@@ -289,6 +299,8 @@ class LLMEngine:
                     break
             if s.finished:
                 self.draft_ctx.pop(s.seq_id, None)
+                if self.suffix is not None:  # its output joins the global store
+                    self.suffix.finish(s.seq_id, s.output_ids)
             else:
                 self.block_manager.rollback(s.seq_id, s.num_computed)
             if i in committed:
@@ -311,9 +323,14 @@ class LLMEngine:
         return out
 
     # -- speculation ------------------------------------------------------------------------------------------
+    def proposer(self, source: str) -> str:
+        """The name a draft's source goes by in metrics: the method that proposed it (dspark, ngram, suffix...)."""
+        return {"lookup": "ngram", "suffix": "suffix"}.get(source, self.method)
+
     def _propose(self, items) -> dict:
-        """Every drafting item's draft. A hybrid (`dspark+ngram`) takes prompt lookup's draft where it found a
-        continuation of at least min(k, 2) tokens, and runs the model drafter for the others only."""
+        """Every drafting item's draft. A hybrid takes the model-free draft where it is good enough (prompt lookup,
+        `dspark+ngram`: a continuation of at least min(k, 2) tokens; suffix decoding, `dspark+suffix`: a score of at
+        least --suffix-min-score, by default k) and runs the model drafter for the others only."""
         if not items:
             return {}
         seqs = [it.seq for it in items]
@@ -326,6 +343,12 @@ class LLMEngine:
                 found = self.lookup.propose([s.token_ids for s in seqs], ks, [s.params for s in seqs], min_len=2)
                 drafts = [d if d.tokens else None for d in found]
                 self.stats["lookup_rounds"] += sum(d is not None for d in drafts)
+            if self.suffix is not None:
+                need = self.settings.suffix_min_score
+                found = self.suffix.propose([s.token_ids for s in seqs], ks, [s.params for s in seqs],
+                                            [float(k) for k in ks] if need is None else need)
+                drafts = [d if d.tokens else None for d in found]
+                self.stats["suffix_rounds"] += sum(d is not None for d in drafts)
             rest = [i for i, d in enumerate(drafts) if d is None]
             self._fold_features([seqs[i] for i in rest])
             if rest:
@@ -387,7 +410,7 @@ class LLMEngine:
             self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)
             self.stats["accepted_tokens"] += len(toks) - 1
             self.stats["verified_tokens"] += len(d.tokens)
-            self.round_log.append((len(d.tokens), len(toks) - 1, d.confidence))
+            self.round_log.append((len(d.tokens), len(toks) - 1, d.confidence, self.proposer(d.source)))
             if self.scheduler.policy is not None:
                 conf = d.confidence if self.scheduler.has_confidence else None
                 self.scheduler.policy.observe(s.seq_id, s.params.greedy, len(d.tokens), len(toks) - 1, conf)

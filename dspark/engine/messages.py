@@ -58,10 +58,7 @@ class StepStats(msgspec.Struct, array_like=True, omit_defaults=True):
     preempted: int = 0
     prefix_queries: int = 0  # prefix-cache lookups (tokens) since the last step
     prefix_hits: int = 0
-    draft_rounds: int = 0
-    verified_tokens: int = 0
-    accepted_tokens: int = 0
-    rounds: list[tuple[int, int]] = []  # (verified, accepted) per drafting round
+    rounds: list[tuple[int, int, str]] = []  # (verified, accepted, proposer) per drafting round
     finished_rates: list[tuple[float, float]] = []  # (delivered tokens/s, SLO target) per finished request
     sps: dict[int, float] = {}  # the cost model's steps/s per batch-token bucket (every 50 steps)
     guard: list[tuple[str, str, float]] = []  # (band, drafting, tokens/s) of the draft policy's realized-rate guard

@@ -42,6 +42,12 @@ STEP_TOKENS = Histogram("dspark_batch_tokens_per_step", "Tokens run per engine s
 SPEC_ROUNDS = Counter("dspark_spec_rounds", "Draft-and-verify rounds", ["drafter"])
 SPEC_DRAFT_TOKENS = Counter("dspark_spec_draft_tokens", "Draft tokens verified by the target", ["drafter"])
 SPEC_ACCEPTED_TOKENS = Counter("dspark_spec_accepted_tokens", "Draft tokens accepted", ["drafter"])
+# per draft position j (0 = the first draft token): verified at j, accepted at j (every token before it accepted
+# too); their ratio is the acceptance rate at j, as vLLM's spec_decode_num_accepted_tokens_per_pos
+SPEC_POSITION_DRAFTED = Counter("dspark_spec_draft_tokens_per_pos", "Draft tokens verified, per draft position",
+                                ["drafter", "position"])
+SPEC_POSITION_ACCEPTED = Counter("dspark_spec_accepted_tokens_per_pos", "Draft tokens accepted, per draft position",
+                                 ["drafter", "position"])
 STEP_BYTES_TO_HOST = Histogram("dspark_step_bytes_to_host", "Bytes a step copies from the logits' device to the host "
                                "(accepted counts, tokens, requested logprobs)",
                                buckets=(16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304))

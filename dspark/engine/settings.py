@@ -78,11 +78,24 @@ class Settings(BaseSettings):
     max_graph_tokens: int = Field(512, description="CUDA graphs: most rows (batch tokens) of a captured step")
     # speculative decoding
     speculative: str = Field("none", description="none | dspark | dflash | eagle3 | ngram (prompt lookup, "
+                             "model-free) | suffix (suffix decoding over the request's tokens and recent outputs, "
                              "model-free) | dspark+ngram (prompt lookup where it finds a continuation, dspark "
-                             "elsewhere; also dflash+ngram, eagle3+ngram) | auto (dspark+ngram where a dspark drafter "
-                             "is shipped, else none)")
+                             "elsewhere; also dflash+ngram, eagle3+ngram) | dspark+suffix (suffix decoding where its "
+                             "score clears --suffix-min-score, dspark elsewhere; also dflash+suffix, eagle3+suffix) | "
+                             "auto (dspark+ngram where a dspark drafter is shipped, else none)")
     ngram_min: int = Field(2, description="ngram drafting: shortest suffix of a request's tokens looked up")
     ngram_max: int = Field(4, description="ngram drafting: longest suffix looked up (the longest match wins)")
+    suffix_max_depth: int = Field(24, description="suffix drafting: longest context matched (tokens)")
+    suffix_spec_factor: float = Field(1.0, description="suffix drafting: most draft tokens per matched token")
+    suffix_min_token_prob: float = Field(0.1, description="suffix drafting: stop the draft where a token's "
+                                         "probability (share of the match's occurrences that continue so) is lower")
+    suffix_max_cached_requests: int = Field(1000, description="suffix drafting: finished outputs kept in the global "
+                                            "store (least recently used evicted first)")
+    suffix_max_cached_tokens: int = Field(1 << 20, description="suffix drafting: tokens kept in the global store")
+    suffix_min_score: float | None = Field(None, description="dspark+suffix: take suffix's draft where its score "
+                                           "(expected accepted tokens: the sum of its tokens' probabilities) is at "
+                                           "least this; default: the request's most draft tokens this step (Arctic "
+                                           "Inference's rule: suffix only where it expects a full block)")
     drafter: str | None = Field(None, description="drafter directory; default: the shipped one for the method")
     draft_len: int = Field(7, description="most draft tokens per request per step")
     draft_vocab_size: int = Field(8192, description="the drafter proposes only the target's this many most "
@@ -263,7 +276,7 @@ class Settings(BaseSettings):
     @property
     def drafter_path(self) -> Path | None:
         method = self.speculative_method.partition("+")[0]  # dspark+ngram: dspark's weights
-        if method in ("none", "ngram"):  # ngram drafting has no weights
+        if method in ("none", "ngram", "suffix"):  # model-free drafting has no weights
             return None
         return Path(self.drafter) if self.drafter else self.drafters_dir / method
 

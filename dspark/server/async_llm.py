@@ -214,21 +214,32 @@ class AsyncLLM:
         metrics.PREFIX_BLOCKS.set(g.prefix_blocks)
 
     def _record(self, st: StepStats) -> None:
-        method = self.method
         metrics.STEP_TIME.observe(st.step_s)
         metrics.STEP_TOKENS.observe(st.step_tokens)
         metrics.STEP_BYTES_TO_HOST.observe(st.bytes_to_host)
         metrics.PREEMPTIONS.inc(st.preempted)
         metrics.PREFIX_QUERIES.inc(st.prefix_queries)
         metrics.PREFIX_HITS.inc(st.prefix_hits)
-        for value, counter in ((st.draft_rounds, metrics.SPEC_ROUNDS), (st.verified_tokens, metrics.SPEC_DRAFT_TOKENS),
-                               (st.accepted_tokens, metrics.SPEC_ACCEPTED_TOKENS)):
-            if value:
-                counter.labels(method).inc(value)
         metrics.SCHEDULER_TIME.observe(st.scheduler_s)
-        for verified, accepted in st.rounds:
-            metrics.DRAFT_LEN.labels(method).observe(verified)
-            metrics.ACCEPT_LEN.labels(method).observe(accepted + 1)
+        # every round under the proposer that drafted it (a hybrid's rounds split between its two), summed over
+        # the step first: one increment per series
+        per: dict[str, list[int]] = {}
+        at: dict[tuple[str, int], list[int]] = {}
+        for verified, accepted, proposer in st.rounds:
+            tally = per.setdefault(proposer, [0, 0, 0])
+            tally[0], tally[1], tally[2] = tally[0] + 1, tally[1] + verified, tally[2] + accepted
+            metrics.DRAFT_LEN.labels(proposer).observe(verified)
+            metrics.ACCEPT_LEN.labels(proposer).observe(accepted + 1)
+            for j in range(verified):
+                pos = at.setdefault((proposer, j), [0, 0])
+                pos[0], pos[1] = pos[0] + 1, pos[1] + (j < accepted)
+        for proposer, (rounds, verified, accepted) in per.items():
+            metrics.SPEC_ROUNDS.labels(proposer).inc(rounds)
+            metrics.SPEC_DRAFT_TOKENS.labels(proposer).inc(verified)
+            metrics.SPEC_ACCEPTED_TOKENS.labels(proposer).inc(accepted)
+        for (proposer, j), (drafted, accepted) in at.items():
+            metrics.SPEC_POSITION_DRAFTED.labels(proposer, str(j)).inc(drafted)
+            metrics.SPEC_POSITION_ACCEPTED.labels(proposer, str(j)).inc(accepted)
         for rate, target in st.finished_rates:
             metrics.REQUEST_TPS.observe(rate)
             if target:

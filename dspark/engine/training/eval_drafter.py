@@ -39,7 +39,7 @@ def run_rounds(eng: LLMEngine, prompts: list[list[int]], temperature: float, max
     eng.settings.confidence_threshold = threshold
     for i, p in enumerate(prompts):  # batch 1
         eng.generate([p], SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=1000 + i))
-    return list(eng.round_log)
+    return [r[:3] for r in eng.round_log]  # (verified, accepted, confidences); the proposer is one here
 
 
 def summarize(rounds, block: int) -> dict:
