@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +89,10 @@ def run_mode(mode: str, convs: list[list[dict]], args, workdir: Path) -> dict:
 
 def run(args) -> dict:
     model = next((f.split("=", 1)[1] for f in args.server_flag if f.startswith("--model=")), None)
+    if not any(f.startswith("--threads") for f in args.server_flag):
+        # the replicas share this machine's cores: torch threads beyond a replica's share spin against each other
+        # (2 replicas x 2 threads on 2 cores ran the default replay 12x slower than 1 thread each)
+        args.server_flag = [*args.server_flag, f"--threads={max(1, (os.cpu_count() or 1) // args.replicas)}"]
     convs = conversations(model, args.conversations, args.max_history)
     print(f"{len(convs)} conversations, {sum(len(c) // 2 for c in convs)} turns, {args.replicas} replicas",
           flush=True)
