@@ -227,12 +227,12 @@ def rank_device(device: str, local_rank: int) -> str:
     return f"cuda:{local_rank}" if device.startswith("cuda") else device
 
 
-def init_group(device: str, rank: int, world: int):
-    """Join the process group (from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT); returns the step group, whose
-    collectives time out after STEP_TIMEOUT_S. The default group (no practical timeout) carries only the header
-    a worker waits on between steps."""
+def init_group(device: str, rank: int, world: int, addr: str, port: int):
+    """Join the process group at addr:port (MASTER_ADDR / MASTER_PORT); returns the step group, whose collectives
+    time out after STEP_TIMEOUT_S. The default group (no practical timeout) carries only the header a worker waits
+    on between steps."""
     backend = comm_backend(device)
-    dist.init_process_group(backend, rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=IDLE_TIMEOUT_S))
     return dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S), backend=backend)
 
@@ -266,26 +266,32 @@ class TPDriver:
         self.procs: list[subprocess.Popen] = []
         self.closing = False
         self.on_dead = on_dead or _exit_engine
-        launched = os.environ.get("WORLD_SIZE") == str(self.world) and "MASTER_PORT" in os.environ
-        if not launched:  # start the workers ourselves, on a free port of this host
-            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        # a launcher that started the workers itself says so with WORLD_SIZE and MASTER_ADDR / MASTER_PORT (and
+        # RANK=0 here); otherwise the workers start here, on a free port of this host
+        launched = os.environ.get("WORLD_SIZE") == str(self.world) and os.environ.get("RANK") == "0" \
+            and "MASTER_PORT" in os.environ
+        if launched:
+            self.addr, self.port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+        else:
+            self.addr, self.port = "127.0.0.1", _free_port()
+            env = {**os.environ, "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port),
                    "WORLD_SIZE": str(self.world)}
             cfg = json.dumps(settings.model_dump())
             for rank in range(1, self.world):
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "dspark.engine.parallel", "--settings-json", cfg],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-            os.environ.update({k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")})
-            os.environ["RANK"] = "0"
-        try:
-            self.group = init_group(settings.device, 0, self.world)
-        except Exception:
-            self._kill()
-            raise
+        # watching from the start: a worker that fails before it joins ends the engine too (no wait at the door)
         self.watcher = threading.Thread(target=self._watch, name="dspark-tp-watch", daemon=True)
         self.watcher.start()
-        log.info("tensor parallel: %d ranks over %s (%s), worker pids %s", self.world, comm_backend(settings.device),
-                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", [p.pid for p in self.procs])
+        try:
+            self.group = init_group(settings.device, 0, self.world, self.addr, self.port)
+        except Exception:
+            self.closing = True
+            self._kill()
+            raise
+        log.info("tensor parallel: %d ranks over %s (%s:%d), worker pids %s", self.world,
+                 comm_backend(settings.device), self.addr, self.port, [p.pid for p in self.procs])
 
     def _watch(self) -> None:
         while not self.closing:
@@ -371,7 +377,8 @@ def run_worker(settings, rank: int, world: int, local_rank: int) -> None:
     device = rank_device(settings.device, local_rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    group = init_group(settings.device, rank, world)
+    group = init_group(settings.device, rank, world, os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                       int(os.environ["MASTER_PORT"]))
     cfg = ModelConfig.from_dir(settings.model)
     shard = plan_shard(cfg, rank, world)
     model = load_model(settings.model, dtype=settings.torch_dtype, device=device, shard=shard)
