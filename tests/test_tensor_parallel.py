@@ -164,7 +164,7 @@ def test_a_killed_worker_ends_the_server_with_an_error(tmp_path):
 @pytest.mark.skipif(not resolve_model(DEFAULT_MODEL).exists(), reason="the default model is not installed")
 def test_default_model_tp2_greedy_text_with_speculation():
     """SmolLM2-135M (9 query heads, 3 KV heads: 1 + 2 KV groups per rank) at TP=2 with the shipped dspark drafter:
-    TP=1's greedy text on held-out prompts, and logits within 1e-5."""
+    TP=1's greedy text on held-out prompts, and logits within 1e-5 relative to their scale."""
     from dspark.engine.training.eval_drafter import heldout_prompts
 
     kw = {"model": DEFAULT_MODEL, "speculative": "dspark", "draft_policy": "fixed"}
@@ -179,6 +179,8 @@ def test_default_model_tp2_greedy_text_with_speculation():
         assert [s.output_ids for s in eng.generate(prompts, greedy)] == ref
         assert eng.stats["accepted_tokens"] > 0
         logits, _ = step_logits(eng, prompts[:2])
-        assert (logits - ref_logits).abs().max() < 1e-5
+        # 30 layers of all-reduces summing in another order than one matmul: 1e-5 of the logits' scale (about 1e-4
+        # absolute on logits up to ~30, i.e. a few float32 ulps; the tiny model's 4 layers stay within 1e-5 absolute)
+        assert (logits - ref_logits).abs().max() < 1e-5 * ref_logits.abs().max()
     finally:
         eng.close()
