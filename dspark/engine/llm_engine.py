@@ -102,7 +102,13 @@ class LLMEngine:
                                                  [*self.tokenizer.eos_ids, *self.model_config.eos_token_id],
                                                  settings.device)
         tap_width = len(self.tap_layers) * self.model_config.hidden_size
-        per_token = kv_bytes_per_token(self.model, dtype) + tap_width * dtype.itemsize
+        kv_per_token = kv_bytes_per_token(self.model, dtype)
+        if shard is not None:  # every rank has the blocks rank 0 has: the budget holds on the rank with most KV heads
+            from dspark.engine.parallel import most_kv_heads
+
+            most = most_kv_heads(self.model_config, shard.world)
+            kv_per_token = kv_per_token * most // self.model.config.num_key_value_heads
+        per_token = kv_per_token + tap_width * dtype.itemsize
         bs = settings.block_size
         num_blocks = settings.num_kv_blocks or max(1, settings.kv_cache_memory_mb * 2**20 // (per_token * bs))
         model_len = self.model_config.max_position_embeddings

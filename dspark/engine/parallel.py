@@ -94,6 +94,11 @@ def plan_shard(cfg: ModelConfig, rank: int, world: int) -> TPShard:
     return TPShard(rank, world, q, kv, _even(cfg.intermediate_size, world, rank), vocab, per_rank)
 
 
+def most_kv_heads(cfg: ModelConfig, world: int) -> int:
+    """The KV heads of the rank holding the most (its KV cache is the largest for the same blocks)."""
+    return max(s.kv_heads[1] - s.kv_heads[0] for s in (plan_shard(cfg, r, world) for r in range(world)))
+
+
 def local_config(cfg: ModelConfig, shard: TPShard) -> ModelConfig:
     """The shape of one rank's model: its heads, its MLP width, its vocabulary rows."""
     return replace(cfg, num_attention_heads=shard.q_heads[1] - shard.q_heads[0],

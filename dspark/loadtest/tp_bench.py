@@ -6,7 +6,10 @@ total generated tokens/s at batch 1 and batch N, and the resident memory of ever
 
 Each configuration runs in a fresh process (`--child`), so the resident memory it reports is its own: rank 0's
 VmRSS / VmHWM (peak) from /proc, the workers' likewise, and the same process's RSS before the engine loaded
-(torch and the libraries; a worker imports the same). Greedy, held-out prompts of every group; the outputs of the
+(torch and the libraries; a worker imports the same). The engine's figures include the KV cache's touched pages,
+the tokenizer (rank 0) and, with a drafter, rank 0's whole embedding for it; so each rank's load is also
+measured alone (`--rank`): RSS after the metadata, after the tensors (the bar: the rank's shard, not the model),
+after the serving layout. Greedy, held-out prompts of every group; the outputs of the
 two configurations are compared token for token.
 """
 
@@ -71,6 +74,33 @@ def child(args) -> dict:
         eng.close()
 
 
+def load_stages(args) -> dict:
+    """One rank's load alone (`--rank` r of 2, or -1: the whole model), resident memory after each stage: the
+    checkpoint's metadata parsed, its tensors loaded (this rank's slices), the serving layout (fused; fp32 weights
+    packed for oneDNN where MKL runs off Intel: a second copy by design, at TP=1 too)."""
+    import torch
+
+    from dspark.engine.model import load_model
+    from dspark.engine.model_config import ModelConfig
+    from dspark.engine.parallel import plan_shard
+    from dspark.engine.settings import Settings
+
+    torch.set_num_threads(1)
+    path = Settings(model=args.model).model
+    out = {"import": rss_kb()[0] / 1024}
+    cfg = ModelConfig.from_dir(path)
+    out["config"] = rss_kb()[0] / 1024
+    shard = None if args.rank < 0 else plan_shard(cfg, args.rank, 2)
+    model = load_model(path, dtype=getattr(torch, args.dtype), shard=shard)
+    out["loaded"] = rss_kb()[0] / 1024
+    out["params"] = sum(t.numel() * t.element_size() for t in model.parameters()) / 2**20
+    out["norms"] = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "norm" in n) / 2**20
+    model.fuse_()
+    out["fused"] = rss_kb()[0] / 1024
+    out["peak"] = rss_kb()[1] / 1024
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dspark.loadtest.tp_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -82,10 +112,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rank is not None:
+        print("RESULT " + json.dumps(load_stages(args)), flush=True)
+        return
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
+    stages = {}
+    for rank in (-1, 0, 1):
+        out = subprocess.run([sys.executable, "-m", "dspark.loadtest.tp_bench", "--rank", str(rank), "--model",
+                              args.model, "--dtype", args.dtype], capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"load of rank {rank} failed:\n{out.stderr[-3000:]}")
+        stages[rank] = json.loads(line[len("RESULT "):])
     results = []
     for tp, threads in ((1, 2), (2, 1)):
         cmd = [sys.executable, "-m", "dspark.loadtest.tp_bench", "--child", "--tp", str(tp), "--threads",
@@ -109,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
         for name, rss, hwm in r["ranks"]:
             print(f"  TP={r['tp']} {name}: {rss:.0f} / {hwm:.0f} peak (baseline {r['baseline_rss_mb']:.0f}: "
                   f"+{rss - r['baseline_rss_mb']:.0f}); rank 0's model parameters {r['params_mb_rank0']:.0f} MiB")
+    print("\nloading alone, resident memory (MiB) after: metadata parsed -> tensors loaded -> serving layout "
+          "(peak); model parameters, of which norms:")
+    for rank, st in stages.items():
+        name = "whole model (TP=1)" if rank < 0 else f"TP=2 rank {rank}"
+        print(f"  {name:<19} {st['config']:.0f} -> {st['loaded']:.0f} (+{st['loaded'] - st['config']:.0f}) -> "
+              f"{st['fused']:.0f} ({st['peak']:.0f} peak); parameters {st['params']:.0f} MiB, norms {st['norms']:.2f}")
     same = results[0]["outputs"] == results[1]["outputs"]
     print(f"\ngreedy outputs TP=1 vs TP=2: {'identical' if same else 'DIFFER'}")
 
