@@ -16,7 +16,7 @@ from test_lossless import Case, L, assert_multi_token_rounds, exact_joint, tv, t
 
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.model_config import ModelConfig
-from dspark.engine.parallel import plan_shard
+from dspark.engine.parallel import JournaledBlockManager, TableMirror, plan_shard
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import DEFAULT_MODEL, Settings, resolve_model
 from dspark.loadtest.sweep import Server
@@ -56,6 +56,37 @@ def test_the_split_keeps_whole_kv_groups_or_replicates_kv_heads():
     assert shards[-1].vocab == (6144, 8191) and shards[-1].vocab_per_rank == 2048  # the last rank's padded
     with pytest.raises(ValueError, match="does not divide"):
         plan_shard(tiny, 0, 3)
+
+
+def test_workers_tables_follow_rank_0s_journal():
+    """The block tables' deltas: a worker replaying the journal after each step has rank 0's tables, through
+    allocations, rollbacks, frees, prefix-cache hits and a sequence id used again."""
+    import random
+
+    bm, mirror, rng = JournaledBlockManager(64, 4, prefix_caching=True), TableMirror(), random.Random(0)
+    tokens = {}
+    for _ in range(300):
+        sid = rng.randrange(6)
+        op = rng.random()
+        if sid not in tokens and bm.can_allocate(sid, 8):
+            tokens[sid] = [rng.randrange(3) for _ in range(8)]
+            bm.match_prefix(sid, tokens[sid])
+            bm.allocate(sid, 8)
+        elif sid in tokens and op < 0.5 and bm.can_allocate(sid, len(tokens[sid]) + 5):
+            n = len(tokens[sid])
+            bm.allocate(sid, n + 5)
+            tokens[sid] += [rng.randrange(3) for _ in range(rng.randrange(1, 6))]
+            bm.commit(sid, tokens[sid], len(tokens[sid]), [])
+            bm.rollback(sid, len(tokens[sid]))
+        elif sid in tokens and op < 0.7:
+            bm.free(sid)
+            del tokens[sid]
+        if tokens and rng.random() < 0.5:  # a step: the journal goes out
+            mirror.apply(bm.drain())
+            live = sorted(tokens)
+            assert (mirror.block_tables(live) == bm.block_tables(live)).all()
+    mirror.apply(bm.drain())
+    assert set(mirror.tables) == set(tokens)
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,10 @@ class LLMEngine:
         num_blocks = settings.num_kv_blocks or max(1, settings.kv_cache_memory_mb * 2**20 // (per_token * bs))
         model_len = self.model_config.max_position_embeddings
         self.max_model_len = min(settings.max_model_len or model_len, num_blocks * bs)
-        self.block_manager = BlockManager(num_blocks, bs, settings.enable_prefix_caching,
+        manager = BlockManager
+        if shard is not None:  # its table changes are journaled for the workers' copies
+            from dspark.engine.parallel import JournaledBlockManager as manager
+        self.block_manager = manager(num_blocks, bs, settings.enable_prefix_caching,
                                           namespace=f"{settings.model}|{dtype}")
         # seq_id -> [drafter context state or None, positions folded into it]. The target features it is built
         # from live in the runner's tap cache; they are folded in only when the request drafts, so steps where

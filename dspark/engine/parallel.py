@@ -17,8 +17,10 @@ MASTER_PORT (and LOCAL_RANK, the CUDA device). Each worker loads only its shard,
 loops: receive a step's inputs from rank 0, run the same forward, take part in the collectives.
 
 Rank 0 sends a step as two broadcasts: a header (what follows and its sizes), then one int64 tensor with the
-step's token ids, positions, cache slots, query / KV lengths, block tables and the rows to score. (The whole
-small inputs of the step, not persistent-batch deltas: a few KB a step.) Only rank 0 schedules, so the block
+step's token ids, each request's sequence id, start and token count, the rows to score, and the block tables'
+deltas: every change rank 0's block manager made since the last step (`JournaledBlockManager`), which each
+worker replays on its copy of the tables (`TableMirror`). The worker then builds positions, cache slots and the
+attention metadata with rank 0's own code (`ModelRunner.build_metadata`). Only rank 0 schedules, so the block
 tables, and with them prefix caching, are the same on every rank.
 
 Failure: the collectives of a step run in a group with a timeout (STEP_TIMEOUT_S); a worker waiting for the
@@ -39,18 +41,21 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from dspark.engine.model_config import ModelConfig
+from dspark.scheduler.block_manager import BlockManager
 
 log = logging.getLogger("dspark.engine")
 
 STEP_TIMEOUT_S = 300.0  # the longest any collective inside a step may wait for the other ranks
 IDLE_TIMEOUT_S = 365 * 86400.0  # a worker waits for the next step as long as the server idles
 CMD_STEP, CMD_STOP = 1, 2
+JOURNAL_WRITE, JOURNAL_DROP = 1, 2
 HEADER = 8
 
 
@@ -242,24 +247,81 @@ def init_group(device: str, rank: int, world: int, addr: str, port: int):
     return dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S), backend=backend)
 
 
-def pack_step(ids, positions, meta, logits_index: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    bt = meta.block_tables
-    header = torch.tensor([CMD_STEP, len(ids), len(meta.q_lens), bt.shape[1], len(logits_index), meta.block_size,
-                           0, 0], dtype=torch.long)
-    payload = torch.cat([ids.cpu(), positions.cpu(), meta.slot_mapping.cpu().long(), torch.tensor(meta.q_lens),
-                         torch.tensor(meta.kv_lens), bt.cpu().long().reshape(-1),
-                         torch.tensor(logits_index, dtype=torch.long)])
-    return header.to(device), payload.to(device)
+class JournaledBlockManager(BlockManager):
+    """Rank 0's block manager under tensor parallelism: every change to a block table is also written to a journal,
+    which the next step sends to the workers (the persistent state's deltas: their copies of the tables change as
+    rank 0's did, and a step sends no table)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.journal: list[int] = []
+
+    def _write(self, seq_id: int, start: int, blocks: list[int]) -> None:
+        super()._write(seq_id, start, blocks)
+        self.journal += [JOURNAL_WRITE, seq_id, start, len(blocks), *blocks]
+
+    def _drop_slot(self, seq_id: int) -> None:
+        if seq_id in self._slot:
+            self.journal += [JOURNAL_DROP, seq_id]
+        super()._drop_slot(seq_id)
+
+    def drain(self) -> list[int]:
+        out, self.journal = self.journal, []
+        return out
 
 
-def unpack_step(header: list[int], payload: torch.Tensor, device):
-    from dspark.kernels.base import AttentionMetadata
+class TableMirror:
+    """A worker's copy of rank 0's block tables, kept by replaying its journal; answers `block_tables` as the block
+    manager does (rows 0-padded to the longest), so the worker builds a step's metadata with the same code."""
 
-    _, t, b, cols, n, bs = header[:6]
-    parts = payload.split([t, t, t, b, b, b * cols, n])
-    ids, positions, slots, q_lens, kv_lens, bt, index = parts
-    meta = AttentionMetadata(q_lens.tolist(), kv_lens.tolist(), bt.view(b, cols).to(device), slots.to(device), bs)
-    return ids.to(device), positions.to(device), meta, index.to(device)
+    def __init__(self):
+        self.tables: dict[int, list[int]] = {}
+
+    def apply(self, journal: list[int]) -> None:
+        i = 0
+        while i < len(journal):
+            if journal[i] == JOURNAL_WRITE:
+                seq_id, start, n = journal[i + 1 : i + 4]
+                table = self.tables.setdefault(seq_id, [])
+                del table[start:]
+                table += journal[i + 4 : i + 4 + n]
+                i += 4 + n
+            else:
+                self.tables.pop(journal[i + 1], None)
+                i += 2
+
+    def block_tables(self, seq_ids: list[int]) -> np.ndarray:
+        rows = [self.tables.get(s, []) for s in seq_ids]
+        out = np.zeros((len(rows), max(map(len, rows))), dtype=np.int64)
+        for r, t in enumerate(rows):
+            out[r, : len(t)] = t
+        return out
+
+
+def pack_step(chunks, seq_ids: list[int], ids: torch.Tensor, journal: list[int], logits_index: list[int],
+              device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step as two int64 tensors: the header (sizes) and the payload: token ids, each request's sequence id,
+    KV length before its tokens and number of tokens, the block-table journal since the last step, the rows to
+    score. Positions, cache slots and block tables are rebuilt from these on the worker."""
+    b = len(chunks)
+    header = torch.tensor([CMD_STEP, len(ids), b, len(journal), len(logits_index), 0, 0, 0], dtype=torch.long)
+    meta = torch.tensor([*seq_ids, *(start for _, start in chunks), *(len(t) for t, _ in chunks), *journal,
+                         *logits_index], dtype=torch.long)
+    return header.to(device), torch.cat([ids.cpu(), meta]).to(device)
+
+
+def unpack_step(header: list[int], payload: torch.Tensor, mirror: TableMirror):
+    """(chunks, seq_ids, logits rows) of a step, the mirror's tables brought up to date."""
+    _, t, b, j, n = header[:5]
+    flat = payload.tolist()
+    ids, rest = flat[:t], flat[t:]
+    seq_ids, starts, q_lens = rest[:b], rest[b : 2 * b], rest[2 * b : 3 * b]
+    mirror.apply(rest[3 * b : 3 * b + j])
+    chunks, off = [], 0
+    for start, q in zip(starts, q_lens):
+        chunks.append((ids[off : off + q], start))
+        off += q
+    return chunks, seq_ids, rest[3 * b + j : 3 * b + j + n]
 
 
 class TPDriver:
@@ -317,9 +379,10 @@ class TPDriver:
         """What every worker needs from rank 0 before its first step (e.g. the number of KV blocks)."""
         dist.broadcast_object_list([kw], src=0)
 
-    def send_step(self, ids, positions, meta, logits_index: list[int]) -> None:
+    def send_step(self, chunks, seq_ids: list[int], ids: torch.Tensor, bm: JournaledBlockManager,
+                  logits_index: list[int]) -> None:
         self.check()
-        header, payload = pack_step(ids, positions, meta, logits_index, self.device)
+        header, payload = pack_step(chunks, seq_ids, ids, bm.drain(), logits_index, self.device)
         dist.broadcast(header, src=0)
         dist.broadcast(payload, src=0, group=self.group)
 
@@ -395,17 +458,19 @@ def run_worker(settings, rank: int, world: int, local_rank: int) -> None:
     backend = make_backend(settings.attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim, device,
                            settings.torch_dtype)
     runner = ModelRunner(model, backend, conf["num_blocks"], conf["block_size"], device, settings.torch_dtype)
-    header = torch.zeros(HEADER, dtype=torch.long, device=device)
+    header, mirror = torch.zeros(HEADER, dtype=torch.long, device=device), TableMirror()
     with torch.inference_mode():
         while True:
             dist.broadcast(header, src=0)
             h = header.tolist()
             if h[0] == CMD_STOP:
                 break
-            _, t, b, cols, n = h[:5]
-            payload = torch.empty(3 * t + 2 * b + b * cols + n, dtype=torch.long, device=device)
+            _, t, b, j, n = h[:5]
+            payload = torch.empty(t + 3 * b + j + n, dtype=torch.long, device=device)
             dist.broadcast(payload, src=0, group=group)
-            ids, positions, meta, index = unpack_step(h, payload, device)
+            chunks, seq_ids, rows = unpack_step(h, payload, mirror)
+            ids, positions, meta = runner.build_metadata(chunks, mirror, seq_ids)  # rank 0's code, the same tensors
+            index = torch.tensor(rows, dtype=torch.long, device=device)
             runner.backend.plan(meta)
             hidden, _ = model(ids, positions, runner.backend, runner.kv_caches)
             model.logits(hidden[index])

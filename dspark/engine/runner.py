@@ -109,7 +109,7 @@ class ModelRunner:
         drafter (also written to the tap cache, when there is one)."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
         if self.tp is not None:
-            self.tp.send_step(ids, positions, meta, logits_index)
+            self.tp.send_step(chunks, seq_ids, ids, bm, logits_index)
         bucket = self.bucket(meta.q_lens, tap_layers)
         if bucket is not None:
             hidden, taps = self.graphs.run(bucket, ids, positions, meta)
