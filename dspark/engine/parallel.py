@@ -229,6 +229,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_threads(settings) -> int:
+    """torch threads per rank: --threads, else the host's cores shared among the ranks (not all of them each)."""
+    return settings.threads or max(1, (os.cpu_count() or 1) // settings.tensor_parallel_size)
+
+
 def comm_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
@@ -329,6 +334,7 @@ class TPDriver:
 
     def __init__(self, settings, on_dead=None):
         self.world = settings.tensor_parallel_size
+        torch.set_num_threads(rank_threads(settings))
         self.device = torch.device(rank_device(settings.device, 0))
         self.procs: list[subprocess.Popen] = []
         self.closing = False
@@ -440,8 +446,7 @@ def run_worker(settings, rank: int, world: int, local_rank: int) -> None:
     from dspark.engine.runner import ModelRunner
     from dspark.kernels import make_backend
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    torch.set_num_threads(rank_threads(settings))
     device = rank_device(settings.device, local_rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)

@@ -132,7 +132,8 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
     tensor_parallel_size: int = Field(1, description="-tp N: shard the target over N ranks (torch.distributed: "
                                       "gloo on the CPU, NCCL on CUDA, untested there); rank 0 is the engine core, "
-                                      "which starts ranks 1..N-1 itself; --threads applies to each rank")
+                                      "which starts ranks 1..N-1 itself; --threads applies to each rank (default: "
+                                      "the cores / N)")
 
     @field_validator("model")
     @classmethod
