@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from conftest import wait_for
@@ -176,16 +178,33 @@ def worker_pids(pid: int) -> list[int]:
     return out
 
 
-def test_a_killed_worker_ends_the_server_with_an_error(tmp_path):
-    server = Server(["-tp", "2", "--threads", "1", "--speculative", "none", "--num-kv-blocks", "256"],
+@pytest.mark.parametrize("when", ["idle", "mid-request"])
+def test_a_killed_worker_ends_the_server_with_an_error(tmp_path, when):
+    server = Server(["-tp", "2", "--threads", "1", "--speculative", "dspark", "--num-kv-blocks", "256"],
                     log_dir=tmp_path)
     try:
         assert wait_for(lambda: worker_pids(server.proc.pid), timeout=10)
         (worker,) = worker_pids(server.proc.pid)
+        result = {}
+        if when == "mid-request":  # a long generation in flight: its step's collectives lose a peer
+            body = {"model": server.model, "prompt": "def main(", "max_tokens": 1500, "ignore_eos": True}
+
+            def post():
+                try:
+                    result["status"] = httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code
+                except httpx.HTTPError as e:  # the server went away first
+                    result["status"] = repr(e)
+
+            thread = threading.Thread(target=post)
+            thread.start()
+            time.sleep(2)
         os.kill(worker, signal.SIGKILL)
         t0 = time.monotonic()
         assert server.proc.wait(timeout=30) != 0, "the server must exit non-zero when a worker dies"
         assert time.monotonic() - t0 < 15
+        if when == "mid-request":
+            thread.join(timeout=30)
+            assert not thread.is_alive() and result["status"] != 200, result
         log = server.log_path.read_text()
         assert "tensor-parallel worker rank 1" in log and "exited with code -9" in log, log[-2000:]
     finally:
