@@ -376,6 +376,19 @@ class TPDriver:
                     return
             time.sleep(0.2)
 
+    def step_failed(self, e: BaseException) -> None:
+        """A step failed on rank 0 after its inputs went out: the other ranks are inside (or past) collectives this
+        rank will not match, so the engine cannot go on. Names a dead worker where there is one."""
+        time.sleep(0.1)  # a worker killed mid-step: let its exit be seen
+        dead = [(r, p) for r, p in enumerate(self.procs, 1) if p.poll() is not None]
+        if dead:
+            r, p = dead[0]
+            self.on_dead(f"tensor-parallel worker rank {r} (pid {p.pid}) exited with code {p.returncode}; the "
+                         "model's shards are incomplete, so the engine stops")
+        else:
+            self.on_dead(f"a tensor-parallel step failed on rank 0 ({e!r}); the ranks are out of step, so the "
+                         "engine stops")
+
     def check(self) -> None:
         for rank, p in enumerate(self.procs, 1):
             if p.poll() is not None:

@@ -109,7 +109,15 @@ class ModelRunner:
         drafter (also written to the tap cache, when there is one)."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
         if self.tp is not None:
-            self.tp.send_step(chunks, seq_ids, ids, bm, logits_index)
+            try:
+                self.tp.send_step(chunks, seq_ids, ids, bm, logits_index)
+                return self._run(ids, positions, meta, logits_index, tap_layers)
+            except Exception as e:  # the ranks are out of step now (a collective lost a peer, or this rank failed)
+                self.tp.step_failed(e)
+                raise
+        return self._run(ids, positions, meta, logits_index, tap_layers)
+
+    def _run(self, ids, positions, meta, logits_index, tap_layers):
         bucket = self.bucket(meta.q_lens, tap_layers)
         if bucket is not None:
             hidden, taps = self.graphs.run(bucket, ids, positions, meta)
