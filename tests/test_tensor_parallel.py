@@ -160,6 +160,44 @@ def test_sampled_distribution_at_tp2_matches_the_target(tp1):
     assert tv(counts, joint, n) < tv_bound(joint, n)
 
 
+def test_sizes_and_modes_tp_cannot_run_fail_before_any_worker_starts():
+    with pytest.raises(ValueError, match="does not divide"):
+        engine(3)
+    with pytest.raises(ValueError, match="quantized projections are not sharded"):
+        engine(2, quantization="int8")
+    with pytest.raises(ValueError, match="--deterministic"):
+        engine(2, deterministic="on")
+
+
+def test_a_launcher_starts_the_workers(tp1, monkeypatch):
+    """RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by a launcher: the engine (rank 0) spawns no worker and
+    joins the one the launcher started (`python -m dspark.engine.parallel --settings-json ...`)."""
+    import json
+    import subprocess
+    import sys
+
+    from dspark.engine.parallel import _free_port
+
+    settings = Settings(tensor_parallel_size=2, threads=1, dtype="float32", quantization="none",
+                        num_kv_blocks=512, speculative="none")
+    port = str(_free_port())
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    worker = subprocess.Popen([sys.executable, "-m", "dspark.engine.parallel", "--settings-json",
+                               json.dumps(settings.model_dump())], env={**os.environ, **env, "RANK": "1"})
+    for k, v in {**env, "RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    eng = LLMEngine(settings)
+    try:
+        assert eng.tp.procs == []
+        prompts = [tp1.tokenizer.encode(p) for p in PROMPTS]
+        greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        ref = [s.output_ids for s in engine(1, speculative="none").generate(prompts, greedy)]
+        assert [s.output_ids for s in eng.generate(prompts, greedy)] == ref
+    finally:
+        eng.close()
+        assert worker.wait(timeout=30) == 0
+
+
 def worker_pids(pid: int) -> list[int]:
     """Processes under `pid` (any depth) running a tensor-parallel worker."""
     out, todo = [], [pid]

@@ -37,12 +37,18 @@ class LLMEngine:
     def __init__(self, settings: Settings):
         self.tp = None  # rank 0's side of tensor parallelism (dspark/engine/parallel.py), None at TP=1
         if settings.tensor_parallel_size > 1:
+            settings.graphs_on  # noqa: B018 (a bad combination fails before any worker starts)
+            from dspark.engine.parallel import TPDriver, plan_shard
+
+            cfg, world = ModelConfig.from_dir(settings.model), settings.tensor_parallel_size
+            for rank in range(world):  # a size the model's heads do not split into fails here, too
+                plan_shard(cfg, rank, world)
+            if settings.quantization_scheme != "none":
+                raise ValueError(f"--quantization {settings.quantization_scheme} with --tensor-parallel-size {world}: "
+                                 "quantized projections are not sharded yet; use --quantization none")
             if settings.row_invariant:
                 raise ValueError("--deterministic with --tensor-parallel-size > 1 is not supported (untested): pass "
                                  "--deterministic off")
-            settings.graphs_on  # noqa: B018 (a bad combination fails before any worker starts)
-            from dspark.engine.parallel import TPDriver
-
             self.tp = TPDriver(settings)  # workers start loading their shards now, beside this one
         try:
             self._init(settings)
