@@ -16,7 +16,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         ann = field.annotation
         typ = int if ann in (int, int | None) else float if ann in (float, float | None) else str
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=field.description)
+        flags = [f"--{name.replace('_', '-')}", *(["-tp"] if name == "tensor_parallel_size" else [])]
+        p.add_argument(*flags, dest=name, type=typ, default=None, help=field.description)
 
 
 def _settings(args) -> Settings:

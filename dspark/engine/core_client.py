@@ -92,6 +92,8 @@ class ThreadCore:
         self._inbox.put(Shutdown())
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if not self.alive:
+            self.core.engine.close()  # tensor-parallel workers, if any
 
 
 def run_core_process(settings: dict, in_addrs: list[str], out_addrs: list[str], ready_addr: str | None = None
@@ -150,6 +152,7 @@ def run_core_process(settings: dict, in_addrs: list[str], out_addrs: list[str], 
         core.run(receive, lambda _, batch: out.send(enc.encode(batch)))
     else:
         core.run(receive, lambda client, batch: outs[client].send(enc.encode(batch)))
+    core.engine.close()  # tensor-parallel workers, if any
     for sock in outs:
         sock.close(linger=2000)
 

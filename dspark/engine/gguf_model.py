@@ -150,14 +150,45 @@ class GGUFCheckpoint:
         codes = gguf_q4_codes(t.data, t.tensor_type.name, shape) if len(shape) == 2 else None
         return None if codes is None else tuple(self._unpermute(gname, c) for c in codes)
 
-    def state_dict(self, names: list[str], dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
-        """HF-named tensors for `names` (the model's parameter names), dequantized into `dtype`."""
+    def state_dict(self, names: list[str], dtype: torch.dtype, device: str = "cpu",
+                   spec=lambda name: None) -> dict[str, torch.Tensor]:
+        """HF-named tensors for `names` (the model's parameter names), dequantized into `dtype`; `spec(name)` =
+        (dim, lo, hi) keeps only those rows (dim 0) or columns (dim 1) of a tensor (a tensor-parallel shard)."""
         out = {}
         for hf in names:
             gname = self.gguf_name(hf)
-            w = torch.from_numpy(np.array(self.dequantize(gname), dtype=np.float32))  # a copy: the file is read-only
-            out[hf] = self._unpermute(gname, w).to(device=device, dtype=dtype)
+            cut = spec(hf)
+            if cut is None:  # a copy below: the file is read-only
+                w = torch.from_numpy(np.array(self.dequantize(gname), dtype=np.float32))
+                out[hf] = self._unpermute(gname, w).to(device=device, dtype=dtype)
+            else:
+                out[hf] = self._slice(gname, *cut).to(device=device, dtype=dtype)
         return out
+
+    def _slice(self, gname: str, dim: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows or columns lo..hi-1 of a tensor (HF's orientation: [out, in]), read without dequantizing the rest
+        where the layout allows: rows always (a quantized row is its own run of blocks), columns of an unquantized
+        tensor, or of a quantized one at block boundaries; else the one tensor is dequantized whole, then cut."""
+        from gguf import GGML_QUANT_SIZES, quants
+
+        t = self.tensors[gname]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        block, size = GGML_QUANT_SIZES[t.tensor_type]
+        data = t.data
+        if dim == 0:
+            data = data[lo:hi]
+            shape = (hi - lo, *shape[1:])
+        elif block == 1 or (lo % block == 0 and hi % block == 0):
+            data = data[:, lo // block * size : hi // block * size] if block > 1 else data[:, lo:hi]
+            shape = (shape[0], hi - lo)
+        else:
+            w = torch.from_numpy(np.array(self.dequantize(gname), dtype=np.float32))
+            return w[:, lo:hi].contiguous()
+        w = np.array(quants.dequantize(np.ascontiguousarray(data), t.tensor_type), dtype=np.float32).reshape(shape)
+        w = torch.from_numpy(w)
+        if dim == 0 and self.arch in PERMUTED_QK and gname.endswith((".attn_q.weight", ".attn_k.weight")):
+            w = unpermute_qk(w, (hi - lo) // self.hf_config()["head_dim"])  # whole heads: permuted within each
+        return w
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

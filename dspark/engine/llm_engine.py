@@ -36,6 +36,34 @@ log = logging.getLogger("dspark.engine")
 
 class LLMEngine:
     def __init__(self, settings: Settings):
+        self.tp = None  # rank 0's side of tensor parallelism (dspark/engine/parallel.py), None at TP=1
+        if settings.tensor_parallel_size > 1:
+            settings.graphs_on  # noqa: B018 (a bad combination fails before any worker starts)
+            from dspark.engine.parallel import TPDriver, plan_shard
+
+            cfg, world = ModelConfig.from_dir(settings.model), settings.tensor_parallel_size
+            for rank in range(world):  # a size the model's heads do not split into fails here, too
+                plan_shard(cfg, rank, world)
+            if settings.quantization_scheme != "none":
+                raise ValueError(f"--quantization {settings.quantization_scheme} with --tensor-parallel-size {world}: "
+                                 "quantized projections are not sharded yet; use --quantization none")
+            if settings.row_invariant:
+                raise ValueError("--deterministic with --tensor-parallel-size > 1 is not supported (untested): pass "
+                                 "--deterministic off")
+            self.tp = TPDriver(settings)  # workers start loading their shards now, beside this one
+        try:
+            self._init(settings)
+        except BaseException:
+            if self.tp is not None:
+                self.tp.abort()
+            raise
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do at TP=1)."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def _init(self, settings: Settings) -> None:
         self.settings = settings
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -46,9 +74,21 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(settings.model)
         self.tokenizer = Tokenizer(settings.model)  # its vocabulary only: EOS ids, and llguidance's token view
         self.grammars = GrammarCompiler(self.tokenizer)
+        shard = None
+        if self.tp is not None:
+            from dspark.engine.parallel import plan_shard
+
+            shard = plan_shard(self.model_config, 0, settings.tensor_parallel_size)
         self.model = load_model(settings.model, dtype=dtype, device=settings.device,
                                 quantization=settings.quantization_scheme,
-                                group_size=settings.quantization_group_size)
+                                group_size=settings.quantization_group_size, shard=shard)
+        # what the drafter reads of the target (its embedding and LM head): the model itself, or under tensor
+        # parallelism whole copies on rank 0 (the model's are sharded), loaded only when a model drafter runs
+        self.draft_target = self.model
+        if shard is not None:
+            from dspark.engine.parallel import parallelize_
+
+            parallelize_(self.model, shard, self.tp.group, self.model_config.vocab_size)
         self.drafter = None
         self.tap_layers: tuple[int, ...] = ()
         method, _, also = settings.speculative_method.partition("+")  # "dspark+ngram": the hybrid
@@ -66,7 +106,9 @@ class LLMEngine:
         elif method == "suffix":
             self.drafter = self.suffix
         elif settings.drafter_path is not None:
-            self.drafter = load_drafter(settings.drafter_path, self.model, dtype, settings.device)
+            if shard is not None:
+                self.draft_target = self._target_heads(dtype)
+            self.drafter = load_drafter(settings.drafter_path, self.draft_target, dtype, settings.device)
             if self.drafter.cfg.method != method:
                 raise ValueError(f"{settings.drafter_path} is a {self.drafter.cfg.method} drafter, not {method}")
             self.tap_layers = tuple(self.drafter.cfg.target_layer_ids)
@@ -75,12 +117,21 @@ class LLMEngine:
                                                  [*self.tokenizer.eos_ids, *self.model_config.eos_token_id],
                                                  settings.device)
         tap_width = len(self.tap_layers) * self.model_config.hidden_size
-        per_token = kv_bytes_per_token(self.model, dtype) + tap_width * dtype.itemsize
+        kv_per_token = kv_bytes_per_token(self.model, dtype)
+        if shard is not None:  # every rank has the blocks rank 0 has: the budget holds on the rank with most KV heads
+            from dspark.engine.parallel import most_kv_heads
+
+            most = most_kv_heads(self.model_config, shard.world)
+            kv_per_token = kv_per_token * most // self.model.config.num_key_value_heads
+        per_token = kv_per_token + tap_width * dtype.itemsize
         bs = settings.block_size
         num_blocks = settings.num_kv_blocks or max(1, settings.kv_cache_memory_mb * 2**20 // (per_token * bs))
         model_len = self.model_config.max_position_embeddings
         self.max_model_len = min(settings.max_model_len or model_len, num_blocks * bs)
-        self.block_manager = BlockManager(num_blocks, bs, settings.enable_prefix_caching,
+        manager = BlockManager
+        if shard is not None:  # its table changes are journaled for the workers' copies
+            from dspark.engine.parallel import JournaledBlockManager as manager
+        self.block_manager = manager(num_blocks, bs, settings.enable_prefix_caching,
                                           namespace=f"{settings.model}|{dtype}")
         # seq_id -> [drafter context state or None, positions folded into it]. The target features it is built
         # from live in the runner's tap cache; they are folded in only when the request drafts, so steps where
@@ -110,12 +161,14 @@ class LLMEngine:
                                        self.drafter is self.suffix  # its tokens' probabilities
                                        or not self.model_free and self.drafter.cfg.confidence_head),
                                    slo_tokens_per_s=settings.slo_tokens_per_s, max_waiting=settings.max_waiting)
-        c = self.model_config
+        c = self.model.config  # this rank's heads (all of them at TP=1)
         backend = make_backend(attention, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                settings.device, dtype, row_invariant=settings.row_invariant)
         if settings.row_invariant:
             self.model.row_invariant_()
-        self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width)
+        if self.tp is not None:  # every rank's KV cache has as many blocks as rank 0's block manager hands out
+            self.tp.configure(num_blocks=num_blocks, block_size=bs)
+        self.runner = ModelRunner(self.model, backend, num_blocks, bs, settings.device, dtype, tap_width, self.tp)
         if graphs:  # before the cost profile, so that it times the steps as they will run
             self.runner.enable_graphs(1 + draft_len, min(settings.max_graph_batch, settings.max_num_seqs),
                                       settings.max_graph_tokens, self.max_model_len, self.tap_layers)
@@ -132,6 +185,16 @@ class LLMEngine:
                  self.max_model_len, settings.speculative_method, draft_len, attention, settings.device, dtype,
                  self.weights_summary, "on" if settings.row_invariant else "off",
                  "on" if self.runner.graphs is not None else "off")
+
+    def _target_heads(self, dtype: torch.dtype):
+        """The whole embedding (and an untied LM head) for the drafter on rank 0 under tensor parallelism."""
+        from dspark.engine.model import load_tensors
+        from dspark.engine.parallel import TargetHeads
+
+        c = self.model_config
+        names = ["model.embed_tokens.weight", *([] if c.tie_word_embeddings else ["lm_head.weight"])]
+        t = load_tensors(self.settings.model, names, dtype, self.settings.device)
+        return TargetHeads(c, t[names[0]], None if c.tie_word_embeddings else t[names[1]])
 
     @property
     def weights_summary(self) -> str:
@@ -211,7 +274,7 @@ class LLMEngine:
         if self.model_free:
             return [1, 2, 3, 4] * (context // 4)
         taps = torch.zeros(context, len(self.tap_layers) * self.model_config.hidden_size,
-                           dtype=self.model.lm_head.weight.dtype, device=self.settings.device)
+                           dtype=self.draft_target.lm_head.weight.dtype, device=self.settings.device)
         return self.drafter.extend_context(None, taps, 0, [0] * context)
 
     def _profile_draft(self, r: int, ctx) -> None:
@@ -220,7 +283,7 @@ class LLMEngine:
         if self.model_free:
             self.drafter.propose([ctx] * r, [self.scheduler.draft_len] * r, [SamplingParams(temperature=0)] * r)
             return
-        self.drafter.propose(self.model.model.embed_tokens, self.model.lm_head, [0] * r, [ctx] * r,
+        self.drafter.propose(self.draft_target.model.embed_tokens, self.draft_target.lm_head, [0] * r, [ctx] * r,
                              [self.scheduler.draft_len] * r, [SamplingParams(temperature=0)] * r,
                              [make_generator(0)] * r, self.settings.confidence_threshold)
 
@@ -353,7 +416,8 @@ class LLMEngine:
             self._fold_features([seqs[i] for i in rest])
             if rest:
                 model = self.drafter.propose(
-                    self.model.model.embed_tokens, self.model.lm_head, [seqs[i].token_ids[-1] for i in rest],
+                    self.draft_target.model.embed_tokens, self.draft_target.lm_head,
+                    [seqs[i].token_ids[-1] for i in rest],
                     [self.draft_ctx[seqs[i].seq_id][0] for i in rest], [ks[i] for i in rest],
                     [seqs[i].params for i in rest], [seqs[i].generator for i in rest],
                     self.settings.confidence_threshold, [seqs[i].constraint for i in rest])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -381,13 +382,19 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               quantization: str = "none", group_size: int = 32) -> CausalLM:
+               quantization: str = "none", group_size: int = 32, shard=None) -> CausalLM:
     """Load a local HF directory (config.json + model.safetensors or sharded *.safetensors) or a GGUF file.
 
     With `quantization` int8 / int4 the model comes back fused (CausalLM.fuse_) on quantized projections; a GGUF's
-    Q4_0 / Q4_1 projections are then read as int4 codes and never dequantized."""
+    Q4_0 / Q4_1 projections are then read as int4 codes and never dequantized.
+
+    `shard` (dspark/engine/parallel.py's TPShard): one tensor-parallel rank's model, shaped to its heads, MLP
+    columns and vocabulary rows, each tensor sliced as it is read (safetensors' slices, a GGUF's rows before
+    they are dequantized), so the whole model is never resident."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
+    if shard is not None:
+        return _load_shard(path, cfg, dtype, device, quantization, shard)
     with torch.device("meta"):
         model = CausalLM(cfg)
     gguf = find_gguf(path)
@@ -400,11 +407,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                       and int4_fits(*model.get_parameter(n).shape, group_size) and ckpt.stores_q4(n)}
         model = _assign(model, ckpt.state_dict([n for n in names if n not in direct], dtype, device), cfg, device)
         return _quantize(model, quantization, group_size, ckpt.int4_codes, device)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+    files = _checkpoint_files(path)
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
     state: dict[str, torch.Tensor] = {}
@@ -420,6 +423,64 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:5]}...")
     model = _assign(model, {k: v.to(dtype) for k, v in state.items() if k in expected}, cfg, device)
     return _quantize(model, quantization, group_size, None, device)
+
+
+def _checkpoint_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return sorted(p.name for p in path.glob("*.safetensors"))
+
+
+def load_tensors(path: str | Path, names: list[str], dtype: torch.dtype, device: str = "cpu",
+                 spec=lambda name: None) -> dict[str, torch.Tensor]:
+    """Some of a checkpoint's tensors (HF names), each cut to `spec(name)` = (dim, lo, hi) or whole (None) as it is
+    read: safetensors through get_slice, a GGUF's rows before they are dequantized."""
+    path = Path(path)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return open_gguf(gguf).state_dict(names, dtype, device, spec)
+    files = _checkpoint_files(path)
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    out, want = {}, set(names)
+    for f in files:
+        with safe_open(str(path / f), framework="pt", device="cpu") as fh:
+            for k in fh.keys():
+                if k not in want:
+                    continue
+                cut = spec(k)
+                if cut is None:
+                    t = fh.get_tensor(k)
+                else:
+                    dim, lo, hi = cut
+                    sl = fh.get_slice(k)
+                    t = sl[lo:hi] if dim == 0 else sl[:, lo:hi]
+                out[k] = t.to(device=device, dtype=dtype)
+    return out
+
+
+def _load_shard(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, quantization: str, shard) -> CausalLM:
+    from dspark.engine.parallel import finish_shard, local_config, shard_spec
+
+    if quantization != "none":
+        raise ValueError(f"--quantization {quantization} with --tensor-parallel-size {shard.world}: quantized "
+                         "projections are not sharded yet (their packed codes and group scales would need slicing "
+                         "along both dimensions); use --quantization none")
+    local = local_config(cfg, shard)
+    with torch.device("meta"):
+        model = CausalLM(local)
+    expected = [k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    spec = {k: shard_spec(k, cfg, shard) for k in expected}
+    read = [k for k in expected if spec[k] != (0, 0, 0)]  # a rank-past-0 row-parallel bias is zeros, not read
+    state = load_tensors(path, read, dtype, device, lambda k: spec.get(k))
+    missing = set(read) - state.keys()
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights: {sorted(missing)[:5]}...")
+    empty = torch.empty(0, dtype=dtype, device=device)
+    state = {k: finish_shard(k, state.get(k, empty), cfg, shard, shapes[k]) for k in expected}
+    return _assign(model, state, local, device)
 
 
 def _quantize(model: CausalLM, scheme: str, group_size: int, codes, device: str) -> CausalLM:

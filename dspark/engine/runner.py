@@ -22,7 +22,10 @@ def hidden_layers(tap_layers: tuple[int, ...]) -> tuple[int, ...]:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, backend: AttentionBackend, num_blocks: int, block_size: int,
-                 device: str = "cpu", kv_dtype: torch.dtype | None = None, tap_width: int = 0):
+                 device: str = "cpu", kv_dtype: torch.dtype | None = None, tap_width: int = 0, tp=None):
+        # rank 0 of tensor parallelism (dspark/engine/parallel.py's TPDriver): each forward sends its inputs to the
+        # other ranks first; None at TP=1
+        self.tp = tp
         self.model = model.fuse_()  # serving layout: fused q|k|v and gate|up; bf16 weights packed for oneDNN
         self.backend = backend
         self.device = torch.device(device)
@@ -105,6 +108,16 @@ class ModelRunner:
         `tap_layers` (0-based decoder layers) for every token, concatenated [T, len(tap_layers) * hidden], for the
         drafter (also written to the tap cache, when there is one)."""
         ids, positions, meta = self.build_metadata(chunks, bm, seq_ids)
+        if self.tp is not None:
+            try:
+                self.tp.send_step(chunks, seq_ids, ids, bm, logits_index)
+                return self._run(ids, positions, meta, logits_index, tap_layers)
+            except Exception as e:  # the ranks are out of step now (a collective lost a peer, or this rank failed)
+                self.tp.step_failed(e)
+                raise
+        return self._run(ids, positions, meta, logits_index, tap_layers)
+
+    def _run(self, ids, positions, meta, logits_index, tap_layers):
         bucket = self.bucket(meta.q_lens, tap_layers)
         if bucket is not None:
             hidden, taps = self.graphs.run(bucket, ids, positions, meta)

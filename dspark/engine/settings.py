@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
     max_request_bytes: int = Field(2_000_000, description="larger request bodies get 413")
     threads: int | None = Field(None, description="torch CPU threads; default: torch's choice")
+    tensor_parallel_size: int = Field(1, description="-tp N: shard the target over N ranks (torch.distributed: "
+                                      "gloo on the CPU, NCCL on CUDA, untested there); rank 0 is the engine core, "
+                                      "which starts ranks 1..N-1 itself; --threads applies to each rank (default: "
+                                      "the cores / N)")
 
     @field_validator("model")
     @classmethod
@@ -175,6 +179,13 @@ class Settings(BaseSettings):
             from dspark.engine.kv_events import parse_config
 
             parse_config(v)  # malformed JSON or an unknown field fails here, at start-up, with a clear message
+        return v
+
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _tp_size(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, not {v}")
         return v
 
     @field_validator("api_server_count")
@@ -213,10 +224,10 @@ class Settings(BaseSettings):
         (its own codes, nothing lost) served in float32 on a CPU (hosts without bf16 kernels), where it measured
         1.5x per user at batch 1 with speculation and 2.1x without (docs/benchmarks.md, quantization); else none:
         with bf16 kernels the default (bf16 + speculation) was the faster, int4's verification of several rows
-        costing more than it saves."""
+        costing more than it saves. Under tensor parallelism (quantized projections are not sharded) auto is none."""
         if self.quantization != "auto":
             return self.quantization
-        if self.device != "cpu" or self.torch_dtype != torch.float32:
+        if self.device != "cpu" or self.torch_dtype != torch.float32 or self.tensor_parallel_size > 1:
             return "none"
         gguf = find_gguf(self.model)
         q4 = gguf is not None and open_gguf(gguf).stores_q4("model.layers.0.mlp.down_proj.weight")
@@ -247,6 +258,10 @@ class Settings(BaseSettings):
     def graphs_on(self) -> bool:
         """Whether the engine captures CUDA graphs: `auto` where they can run, `on` or an error saying why not."""
         can = self.device.startswith("cuda") and self.attention == "flashinfer"
+        if self.cuda_graphs == "on" and self.tensor_parallel_size > 1:
+            raise ValueError("--cuda-graphs on with --tensor-parallel-size > 1: graphs are not captured per rank yet "
+                             "(untested without a multi-GPU machine); pass --cuda-graphs off")
+        can = can and self.tensor_parallel_size == 1
         if self.cuda_graphs == "on" and not can:
             raise ValueError("--cuda-graphs on needs --device cuda and --attention-backend flashinfer (the torch "
                              "backend's shapes change every step, so it cannot be captured)")
