@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         for name, rss, hwm in r["ranks"]:
             print(f"  TP={r['tp']} {name}: {rss:.0f} / {hwm:.0f} peak (baseline {r['baseline_rss_mb']:.0f}: "
-                  f"+{rss - r['baseline_rss_mb']:.0f}); rank 0's model parameters {r['params_mb_rank0']:.0f} MiB")
+                  f"+{rss - r['baseline_rss_mb']:.0f})")
+        print(f"  TP={r['tp']}: rank 0's model parameters {r['params_mb_rank0']:.0f} MiB")
     print("\nloading alone, resident memory (MiB) after: metadata parsed -> tensors loaded -> serving layout "
           "(peak); model parameters, of which norms:")
     for rank, st in stages.items():
