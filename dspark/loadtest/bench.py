@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dspark.engine.drafters.suffix import SuffixCache
 from dspark.engine.gguf_model import find_gguf
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.report import replace_section
@@ -172,6 +173,10 @@ def bench_speculative(settings: Settings, methods: list[str], tokens: int = 128,
         eng.generate([prompts["code"][0]], SamplingParams(temperature=0, max_tokens=8))  # warm-up
     rows = []
     for temp in (0.0, 1.0):
+        for eng in engines.values():  # suffix decoding's store of finished outputs starts empty at each temperature:
+            if eng.suffix is not None:  # it must not hold these very prompts' answers from the other temperature
+                eng.suffix.cache = SuffixCache(eng.settings.suffix_max_cached_requests,
+                                               eng.settings.suffix_max_cached_tokens)
         for g, group in prompts.items():
             tally = {m: [0, 0.0, 0, 0] for m in methods}  # tokens, seconds, rounds, accepted
             for i, p in enumerate(group):
