@@ -87,15 +87,25 @@ def cheap_drafting(eng) -> None:
     eng.cost.verify.alpha = eng.cost.draft.alpha = 0.0  # keep these numbers: no online refresh
 
 
+def processes_under(pid: int, marker: bytes, any_depth: bool = False) -> list[int]:
+    """Processes whose command line holds `marker`, among `pid`'s children (with any_depth, its descendants)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                cmd = (stat.parent / "cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == parent:
+                if any_depth:
+                    todo.append(int(stat.parent.name))
+                if marker in cmd:
+                    out.append(int(stat.parent.name))
+    return out
+
+
 def spawned_children(pid: int) -> list[int]:
     """The processes multiprocessing's spawn started for this one."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"spawn_main" in cmd:
-            out.append(int(stat.parent.name))
-    return out
+    return processes_under(pid, b"spawn_main")

@@ -8,12 +8,11 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from conftest import wait_for
+from conftest import processes_under, wait_for
 from test_lossless import Case, L, assert_multi_token_rounds, exact_joint, tv, tv_bound
 
 from dspark.engine.llm_engine import LLMEngine
@@ -200,20 +199,7 @@ def test_a_launcher_starts_the_workers(tp1, monkeypatch):
 
 def worker_pids(pid: int) -> list[int]:
     """Processes under `pid` (any depth) running a tensor-parallel worker."""
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-                cmd = (stat.parent / "cmdline").read_bytes()
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == parent:
-                todo.append(int(stat.parent.name))
-                if b"dspark.engine.parallel" in cmd:
-                    out.append(int(stat.parent.name))
-    return out
+    return processes_under(pid, b"dspark.engine.parallel", any_depth=True)
 
 
 @pytest.mark.parametrize("when", ["idle", "mid-request"])
