@@ -10,7 +10,9 @@ from the running usage it carries (vLLM's `continuous_usage_stats`: a front end 
 steps' tokens into one chunk). At 1 user the figure is that user's decode tokens/s (first to last token); at N users
 the total tokens/s while all N decode (the tokens that arrive between the last first token and the last token, over
 that window). The ratio is HTTP
-over in-process. TTFT is the client's, from sending to the first chunk. Each figure is the median of `--repeats`
+over in-process. TTFT is the client's, from sending to the first chunk. Where the CPU goes over each N-user run
+(from /proc): the API process, its engine core process (0 with the core on a thread: it counts in the API's), this
+client, and the core's own time inside steps (its `dspark_step_seconds`). Each figure is the median of `--repeats`
 runs (in-process and over HTTP alike).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from dspark.engine.report import replace_section
-from dspark.loadtest.sweep import REPO, Server
+from dspark.loadtest.sweep import REPO, Server, scrape
 
 
 def in_process(model: str | None, dtype: str, users: list[int], tokens: int, prompt_len: int, repeats: int,
@@ -65,10 +68,30 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: li
     return {"start": t0, "times": times}
 
 
-async def over_http(url: str, model: str, prompts: list[list[int]], tokens: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) and, recursively, of its live children."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    return own + sum(cpu_seconds(c) for c in kids)
+
+
+def cpu_split(pid: int, url: str) -> tuple:
+    """What each side has used so far: the API process, its engine core process(es), this client; the core's time
+    inside steps (its dspark_step_seconds) and step count."""
+    api = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    api_s = (int(api[11]) + int(api[12])) / os.sysconf("SC_CLK_TCK")
+    m = scrape(url)
+    return (api_s, cpu_seconds(pid) - api_s, time.process_time(), m.get("dspark_step_seconds_sum", 0.0),
+            m.get("dspark_step_seconds_count", 0.0), time.perf_counter())
+
+
+async def over_http(url: str, model: str, prompts: list[list[int]], tokens: int, pid: int) -> dict:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts) + 4)) as client:
         await stream_one(client, url, model, prompts[0], 8)  # warm-up
+        before = cpu_split(pid, url)
         runs = await asyncio.gather(*(stream_one(client, url, model, p, tokens) for p in prompts))
+        split = [b - a for a, b in zip(before, cpu_split(pid, url))]
     firsts = [r["times"][0] for r in runs]
     lasts = [r["times"][-1] for r in runs]
     t0, t1 = max(firsts), max(lasts)
@@ -77,7 +100,9 @@ async def over_http(url: str, model: str, prompts: list[list[int]], tokens: int)
     return {"per_user": (len(one) - 1) / (one[-1] - one[0]), "total": window / (t1 - t0) if t1 > t0 else 0.0,
             "ttft_ms": statistics.median(1e3 * (r["times"][0] - r["start"]) for r in runs),
             "ttft_max_ms": max(1e3 * (r["times"][0] - r["start"]) for r in runs),
-            "tokens": statistics.median(len(r["times"]) for r in runs)}
+            "tokens": statistics.median(len(r["times"]) for r in runs),
+            # CPU seconds over the run: API process, engine core, client; the core's seconds inside steps, steps, wall
+            **dict(zip(("cpu_api", "cpu_core", "cpu_client", "step_s", "steps", "wall_s"), split))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,17 +140,19 @@ def main(argv: list[str] | None = None) -> None:
         mode = f"{mode}, {threads or 'default'} threads"
         try:
             for n in args.users:
-                runs = [asyncio.run(over_http(server.url, server.model, prompts[:n], args.tokens))
+                runs = [asyncio.run(over_http(server.url, server.model, prompts[:n], args.tokens, server.proc.pid))
                         for _ in range(args.repeats)]
                 r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
                 http = r["per_user"] if n == 1 else r["total"]
                 same = bases[threads or args.threads][n]
                 rows.append((mode, n, base[n], same, http, http / base[n], http / same, r["ttft_ms"],
-                             r["ttft_max_ms"]))
+                             r["ttft_max_ms"], r))
                 print(f"{mode} {n:>3} users: in-process {base[n]:7.0f} tok/s ({same:.0f} at the server's threads), "
                       f"over HTTP {http:7.0f} tok/s ({'per user' if n == 1 else 'total'}), ratio {http / base[n]:.2f}x "
                       f"({http / same:.2f}x like for like), TTFT p50 {r['ttft_ms']:.0f} ms, max "
                       f"{r['ttft_max_ms']:.0f} ms")
+                print(f"    CPU s over {r['wall_s']:.2f} s: API {r['cpu_api']:.2f}, core {r['cpu_core']:.2f}, client "
+                      f"{r['cpu_client']:.2f}; the core inside steps {r['step_s']:.2f} s ({r['steps']:.0f} steps)")
         finally:
             server.stop()
     cmd = ("python -m dspark.loadtest.http_overhead " + (f"--model {args.model} " if args.model else "")
@@ -144,10 +171,12 @@ def main(argv: list[str] | None = None) -> None:
              "serve` on the same machine; 1 user: that user's decode tokens/s; N users: total tokens/s while all N "
              "decode. Medians of the repeats.", "",
              f"| server (engine core, torch threads) | users | in-process tok/s ({args.threads} threads / the "
-             f"server's) | over HTTP tok/s | ratio ({args.threads} threads / like for like) | TTFT p50 / max (ms) |",
-             "|---|---|---|---|---|---|"]
+             f"server's) | over HTTP tok/s | ratio ({args.threads} threads / like for like) | TTFT p50 / max (ms) | "
+             "CPU s: API / core / client (wall s; core inside steps s) |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {n} | {b:.0f} / {sb:.0f} | {h:.0f} ({'per user' if n == 1 else 'total'}) | {x:.2f}x / "
-              f"{sx:.2f}x | {t:.0f} / {tm:.0f} |" for m, n, b, sb, h, x, sx, t, tm in rows]
+              f"{sx:.2f}x | {t:.0f} / {tm:.0f} | {r['cpu_api']:.2f} / {r['cpu_core']:.2f} / {r['cpu_client']:.2f} "
+              f"({r['wall_s']:.2f}; {r['step_s']:.2f}) |" for m, n, b, sb, h, x, sx, t, tm, r in rows]
     lines.append(f"<!-- /bench:{name} -->")
     replace_section(Path(args.out), name, "\n".join(lines))
 
