@@ -266,6 +266,14 @@ def test_speculating_server_gives_the_same_greedy_answers(server, client):
         st = sc.completions.create(**kw, extra_body={"speculation_stats": True}).usage.model_extra["speculation"]
         assert 0 < st["rounds"] and 0 <= st["accepted_tokens"] <= st["draft_tokens"] <= 5 * st["rounds"]
         assert st["tau"] == pytest.approx((st["rounds"] + st["accepted_tokens"]) / st["rounds"])
+        # per draft position: position 0 is verified in every round; acceptance is a prefix, so what is kept (and
+        # what is verified) never grows with the position; the positions add up to the totals
+        pos = st["per_position"]
+        assert pos and pos[0]["draft_tokens"] == st["rounds"]
+        for key in ("draft_tokens", "accepted_tokens"):
+            counts = [p[key] for p in pos]
+            assert counts == sorted(counts, reverse=True) and sum(counts) == st[key]
+        assert all(p["acceptance_rate"] == p["accepted_tokens"] / p["draft_tokens"] for p in pos)
         chunks = list(sc.completions.create(**kw, stream=True, stream_options={"include_usage": True},
                                             extra_body={"speculation_stats": True}))
         assert chunks[-1].usage.model_extra["speculation"] == st  # greedy: the same rounds

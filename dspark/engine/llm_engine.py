@@ -469,8 +469,11 @@ class LLMEngine:
             s = it.seq
             if d.source == "lookup":
                 self.lookup.observe(len(d.tokens), len(toks) - 1)
-            s.spec_rounds, s.spec_drafted = s.spec_rounds + 1, s.spec_drafted + len(d.tokens)
-            s.spec_accepted += len(toks) - 1
+            s.spec_rounds += 1
+            for counts, n in ((s.spec_drafted, len(d.tokens)), (s.spec_accepted, len(toks) - 1)):
+                counts.extend([0] * (n - len(counts)))
+                for j in range(n):
+                    counts[j] += 1
             self.stats["draft_rounds"] += 1  # rounds verified (a draft trimmed to nothing is not one)
             self.stats["accepted_tokens"] += len(toks) - 1
             self.stats["verified_tokens"] += len(d.tokens)

@@ -41,7 +41,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
     finish_reason: str | None = None  # stop | length | deadline | abort | error
     error: str | None = None  # why the core refused or failed it (finish_reason "error")
-    spec: tuple[int, int, int] | None = None  # so far: (drafting rounds, draft tokens verified, accepted)
+    # so far: (drafting rounds, [rounds that verified a draft token at position j], [rounds that kept it])
+    spec: tuple[int, list[int], list[int]] | None = None
 
     @property
     def finished(self) -> bool:

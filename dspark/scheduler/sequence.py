@@ -39,9 +39,10 @@ class Sequence:
     emitted_tokens: int = 0  # output tokens already handed to the front end
     first_token_time: float | None = None  # monotonic time of the first generated token (for SLOs)
     constraint: Constraint | None = None  # the grammar state of a structured-output request
-    spec_rounds: int = 0  # drafting rounds verified for it, the draft tokens they verified, and how many were kept
-    spec_drafted: int = 0
-    spec_accepted: int = 0
+    spec_rounds: int = 0  # drafting rounds verified for it
+    # per draft position j: the rounds that verified a token there, and those that kept it
+    spec_drafted: list[int] = field(default_factory=list)
+    spec_accepted: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
@@ -69,7 +70,7 @@ class Sequence:
 
     def take_output(self) -> EngineCoreOutput:
         """The tokens not handed out yet (and why the request ended, once it has)."""
-        spec = (self.spec_rounds, self.spec_drafted, self.spec_accepted) if self.spec_rounds else None
+        spec = (self.spec_rounds, list(self.spec_drafted), list(self.spec_accepted)) if self.spec_rounds else None
         out = EngineCoreOutput(self.request_id, self.output_ids[self.emitted_tokens :],
                                self.logprobs[self.emitted_tokens :], self.finish_reason, spec=spec)
         self.emitted_tokens = self.num_output

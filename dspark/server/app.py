@@ -419,9 +419,15 @@ def usage(prompt_tokens: int, results: list[dict], stats: bool = False) -> dict:
     completion = sum(r["completion_tokens"] for r in results)
     out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
     if stats:
-        rounds, drafted, accepted = (sum(r["spec"][k] for r in results if r.get("spec")) for k in range(3))
-        out["speculation"] = {"rounds": rounds, "draft_tokens": drafted, "accepted_tokens": accepted,
-                              "tau": (rounds + accepted) / rounds if rounds else None}
+        specs = [r["spec"] for r in results if r.get("spec")]
+        rounds = sum(s[0] for s in specs)
+        width = max((len(s[1]) for s in specs), default=0)
+        drafted, accepted = ([sum(s[k][j] for s in specs if j < len(s[k])) for j in range(width)] for k in (1, 2))
+        out["speculation"] = {"rounds": rounds, "draft_tokens": sum(drafted), "accepted_tokens": sum(accepted),
+                              "tau": (rounds + sum(accepted)) / rounds if rounds else None,
+                              # per draft position: verified, kept, and the rate (vLLM's per-position acceptance)
+                              "per_position": [{"draft_tokens": d, "accepted_tokens": a, "acceptance_rate": a / d}
+                                               for d, a in zip(drafted, accepted)]}
     return out
 
 

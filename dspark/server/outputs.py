@@ -27,7 +27,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
-    spec: tuple[int, int, int] | None = None  # so far: (drafting rounds, draft tokens verified, accepted)
+    spec: tuple[int, list[int], list[int]] | None = None  # so far: rounds, verified and kept per draft position
 
     def merge(self, later: RequestOutput) -> None:
         """Append a later delta of the same request (for a consumer that fell behind: one chunk, not several)."""
