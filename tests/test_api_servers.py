@@ -30,7 +30,7 @@ from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.messages import Abort, CoreReady, EngineCoreOutputs, EngineCoreRequest, Gauges, Shutdown
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
-from dspark.loadtest.sweep import free_port
+from dspark.loadtest.sweep import free_port, scrape
 
 FLAGS = ("--max-num-batched-tokens", "256", "--speculative", "none")
 PROMPTS = [f"def {name}(" for name in ("parse", "main", "read", "write", "split", "join", "sort", "find")]
@@ -145,6 +145,10 @@ def test_two_api_servers_serve_count_once_and_drain(server, model_dir):
         # gauges: each API server's own requests, summed (none left), and the core's KV pool from client 0
         assert wait_for(lambda: m("dspark_num_requests_running") == 0 and m("dspark_num_requests_waiting") == 0)
         assert m("dspark_kv_free_blocks") == m("dspark_kv_total_blocks") > 0
+        # the GIE endpoint picker's vLLM-named twins merge the same way, and the cache info is exported once
+        assert m("vllm:num_requests_running") == m("vllm:num_requests_waiting") == m("vllm:kv_cache_usage_perc") == 0
+        info = [k for k in scrape(s.url) if k.startswith("vllm:cache_config_info{")]
+        assert len(info) == 1 and f'num_gpu_blocks="{int(m("dspark_kv_total_blocks"))}"' in info[0], info
 
         # clients that go away mid-stream abort their requests, on whichever API server had them
         aborted = m(ABORTED, 0)
@@ -154,6 +158,7 @@ def test_two_api_servers_serve_count_once_and_drain(server, model_dir):
                 chunks = (line for line in r.iter_lines() if line.startswith("data: {"))
                 for _ in range(3):
                     next(chunks)
+                assert m("vllm:num_requests_running") == 1  # summed over the API servers: the one has it
         assert wait_for(lambda: m(ABORTED, 0) == aborted + 3, 20), "the requests were not aborted"
         assert wait_for(lambda: m("dspark_kv_free_blocks") == m("dspark_kv_total_blocks"))
         assert wait_for(lambda: m("dspark_num_requests_running") == 0)
