@@ -356,7 +356,7 @@ def table_rows(data: dict) -> list[dict]:
     and each throughput figure over this server's ("dspark") at the same concurrency."""
     users = data["config"]["users"]
     first, rest = users[0], users[1:]
-    base = data["systems"].get("dspark", {})
+    base = data["systems"].get("dspark") or data["systems"].get("dspark --speculative none", {})
 
     def figures(entry):
         p1 = _point(entry, first)
@@ -468,14 +468,16 @@ def measure_groups(server: Server, s: System, groups: dict[str, list[dict]], tem
 def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group: int = 8, max_tokens: int = 128,
                max_prompt_tokens: int = 512, seed: int = 0, threads: int = 2, pld_tokens: int = 10,
                which: list[str] | None = None, out_dir: str = "docs", name: str = "peers-batch1",
-               write_md: str | None = "docs/benchmarks.md", command: str | None = None) -> dict:
-    """Batch 1 over HTTP per group and temperature: this server without and with its shipped dspark drafter,
-    llama.cpp plain and with prompt lookup (transformers serve is left out: see the in-process HF rows)."""
+               write_md: str | None = "docs/benchmarks.md", command: str | None = None,
+               variants: list[str] | None = None) -> dict:
+    """Batch 1 over HTTP per group and temperature: this server without and with its shipped dspark drafter (or
+    one system per `variants` flag set; the ratios are then to the one with `--speculative none`), llama.cpp plain
+    and with prompt lookup (transformers serve is left out: see the in-process HF rows)."""
     count = token_counter(hf_dir)
     groups = group_prompts(count, per_group, max_prompt_tokens, seed)
     v = versions(peers_python)
-    chosen = [x for x in systems(model, gguf, hf_dir, peers_python, threads, pld_tokens, which, speculative=True)
-              if x.kind != "transformers"]
+    chosen = [x for x in systems(model, gguf, hf_dir, peers_python, threads, pld_tokens, which, speculative=True,
+                                 variants=variants) if x.kind != "transformers"]
     log_dir = REPO / "runs" / f"{name}-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     data = {"config": {"model": model, "gguf": gguf, "per_group": per_group, "max_tokens": max_tokens,
@@ -490,7 +492,7 @@ def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group:
 def groups_markdown(data: dict, name: str) -> str:
     cfg = data["config"]
     cols = [(t, g) for t in cfg["temperatures"] for g in GROUPS]
-    base = data["systems"].get("dspark", {})
+    base = data["systems"].get("dspark") or data["systems"].get("dspark --speculative none", {})
 
     def fig(entry, t, g):
         p = next((x for x in entry.get("points", []) if x["temperature"] == t and x["group"] == g and x["ok"]), None)
@@ -561,7 +563,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> dict:
         return run_groups(a.model, a.gguf, hf_dir, a.peers_python, a.by_group, a.max_tokens, a.max_prompt_tokens,
                           a.seed, a.threads, a.pld_tokens, which,
                           a.out_dir, "peers-batch1" if a.name == "peers" else a.name, a.write_md or None,
-                          command or "python -m dspark.loadtest.peers " + shlex.join(argv))
+                          command or "python -m dspark.loadtest.peers " + shlex.join(argv), a.dspark)
     return run_peers(a.model, a.gguf, hf_dir, a.peers_python, [int(u) for u in a.users.split(",")], a.requests,
                      a.max_tokens, a.num_prompts, a.max_prompt_tokens, a.seed, a.threads, a.pld_tokens,
                      [s.strip() for s in a.systems.split(",") if s.strip()] or None, a.out_dir, a.name,
