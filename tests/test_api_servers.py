@@ -367,7 +367,7 @@ def test_an_attached_api_server_sees_outputs_and_the_core_exit(tmp_path, monkeyp
     the core lives on."""
     if not pidfd:
         monkeypatch.setattr(os, "pidfd_open", lambda pid: (_ for _ in ()).throw(OSError("no pidfd")))
-    info = CoreReady(64, 100, 10, "none", "tiny", 16, True)
+    info = CoreReady(64, 100, 10, "tiny", 16, True)
     addrs = [f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out"]
     ctx = zmq.Context()
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)

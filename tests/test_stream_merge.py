@@ -15,7 +15,7 @@ from dspark.server.async_llm import AsyncLLM, EngineDeadError
 class HeldCore:
     """A core client that sends nothing by itself: the test hands the front end its outputs."""
 
-    info = CoreReady(max_model_len=256, vocab_size=0, num_kv_blocks=8, speculative_method="none",
+    info = CoreReady(max_model_len=256, vocab_size=0, num_kv_blocks=8,
                      model_name="held", block_size=16, prefix_caching=False)
     alive = True
 

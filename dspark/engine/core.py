@@ -55,8 +55,8 @@ class EngineCore:
     def ready(self) -> CoreReady:
         eng = self.engine
         bm = eng.block_manager
-        return CoreReady(eng.max_model_len, eng.model_config.vocab_size, bm.num_blocks,
-                         eng.settings.speculative_method, eng.settings.model_name, bm.block_size, bm.prefix_caching)
+        return CoreReady(eng.max_model_len, eng.model_config.vocab_size, bm.num_blocks, eng.settings.model_name,
+                         bm.block_size, bm.prefix_caching)
 
     def apply(self, msg: CoreInput, outputs: list[EngineCoreOutput]) -> bool:
         """Apply one input between steps; False on Shutdown."""

@@ -127,9 +127,10 @@ class GGUFCheckpoint:
         return gname
 
     def _unpermute(self, gname: str, w: torch.Tensor) -> torch.Tensor:
+        """llama.cpp's q / k row order undone, head by head (w's rows are whole heads: all of them, or a
+        tensor-parallel shard's)."""
         if self.arch in PERMUTED_QK and gname.endswith((".attn_q.weight", ".attn_k.weight")):
-            cfg = self.hf_config()
-            return unpermute_qk(w, cfg["num_attention_heads"] if ".attn_q." in gname else cfg["num_key_value_heads"])
+            return unpermute_qk(w, w.shape[0] // self.hf_config()["head_dim"])
         return w
 
     def stores_q4(self, hf: str) -> bool:
@@ -186,9 +187,7 @@ class GGUFCheckpoint:
             return w[:, lo:hi].contiguous()
         w = np.array(quants.dequantize(np.ascontiguousarray(data), t.tensor_type), dtype=np.float32).reshape(shape)
         w = torch.from_numpy(w)
-        if dim == 0 and self.arch in PERMUTED_QK and gname.endswith((".attn_q.weight", ".attn_k.weight")):
-            w = unpermute_qk(w, (hi - lo) // self.hf_config()["head_dim"])  # whole heads: permuted within each
-        return w
+        return self._unpermute(gname, w) if dim == 0 else w
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

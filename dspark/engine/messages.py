@@ -87,7 +87,6 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     max_model_len: int
     vocab_size: int
     num_kv_blocks: int
-    speculative_method: str
     model_name: str  # the served name (the vllm: metrics' model_name label)
     block_size: int  # tokens per KV block (GIE's optional BlockSize)
     prefix_caching: bool

@@ -366,33 +366,31 @@ class TPDriver:
         log.info("tensor parallel: %d ranks over %s (%s:%d), worker pids %s", self.world,
                  comm_backend(settings.device), self.addr, self.port, [p.pid for p in self.procs])
 
+    def dead_worker(self) -> str | None:
+        """Why the engine cannot go on, when a worker has exited (the first one found); None while all run."""
+        for rank, p in enumerate(self.procs, 1):
+            if p.poll() is not None:
+                return (f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.returncode}; the "
+                        "model's shards are incomplete, so the engine stops")
+        return None
+
     def _watch(self) -> None:
         while not self.closing:
-            for rank, p in enumerate(self.procs, 1):
-                code = p.poll()
-                if code is not None and not self.closing:
-                    self.on_dead(f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {code}; "
-                                 "the model's shards are incomplete, so the engine stops")
-                    return
+            if (dead := self.dead_worker()) is not None and not self.closing:
+                self.on_dead(dead)
+                return
             time.sleep(0.2)
 
     def step_failed(self, e: BaseException) -> None:
         """A step failed on rank 0 after its inputs went out: the other ranks are inside (or past) collectives this
         rank will not match, so the engine cannot go on. Names a dead worker where there is one."""
         time.sleep(0.1)  # a worker killed mid-step: let its exit be seen
-        dead = [(r, p) for r, p in enumerate(self.procs, 1) if p.poll() is not None]
-        if dead:
-            r, p = dead[0]
-            self.on_dead(f"tensor-parallel worker rank {r} (pid {p.pid}) exited with code {p.returncode}; the "
-                         "model's shards are incomplete, so the engine stops")
-        else:
-            self.on_dead(f"a tensor-parallel step failed on rank 0 ({e!r}); the ranks are out of step, so the "
-                         "engine stops")
+        self.on_dead(self.dead_worker() or f"a tensor-parallel step failed on rank 0 ({e!r}); the ranks are out of "
+                     "step, so the engine stops")
 
     def check(self) -> None:
-        for rank, p in enumerate(self.procs, 1):
-            if p.poll() is not None:
-                raise RuntimeError(f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.returncode}")
+        if (dead := self.dead_worker()) is not None:
+            raise RuntimeError(dead)
 
     def configure(self, **kw) -> None:
         """What every worker needs from rank 0 before its first step (e.g. the number of KV blocks)."""
@@ -487,11 +485,7 @@ def run_worker(settings, rank: int, world: int, local_rank: int) -> None:
             payload = torch.empty(t + 3 * b + j + n, dtype=torch.long, device=device)
             dist.broadcast(payload, src=0, group=group)
             chunks, seq_ids, rows = unpack_step(h, payload, mirror)
-            ids, positions, meta = runner.build_metadata(chunks, mirror, seq_ids)  # rank 0's code, the same tensors
-            index = torch.tensor(rows, dtype=torch.long, device=device)
-            runner.backend.plan(meta)
-            hidden, _ = model(ids, positions, runner.backend, runner.kv_caches)
-            model.logits(hidden[index])
+            runner.forward(chunks, mirror, seq_ids, rows)  # rank 0's code: the same metadata, the same collectives
     dist.destroy_process_group()
 
 

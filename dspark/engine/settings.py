@@ -181,18 +181,11 @@ class Settings(BaseSettings):
             parse_config(v)  # malformed JSON or an unknown field fails here, at start-up, with a clear message
         return v
 
-    @field_validator("tensor_parallel_size")
+    @field_validator("api_server_count", "tensor_parallel_size")
     @classmethod
-    def _tp_size(cls, v: int) -> int:
+    def _at_least_one(cls, v: int, info) -> int:
         if v < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, not {v}")
-        return v
-
-    @field_validator("api_server_count")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"api_server_count must be at least 1, not {v}")
+            raise ValueError(f"{info.field_name} must be at least 1, not {v}")
         return v
 
     @model_validator(mode="after")

@@ -40,7 +40,6 @@ class AsyncLLM:
         self.grammars = GrammarCompiler(tokenizer)  # the front end's: it compiles and checks each grammar once
         info = client.info
         self.max_model_len, self.vocab_size = info.max_model_len, info.vocab_size
-        self.method = info.speculative_method
         self.max_waiting = max_waiting
         self._requests: dict[str, tuple[RequestState, asyncio.Queue]] = {}
         self._gauges = Gauges(0, 0, 0.0, info.num_kv_blocks, 0)

@@ -87,6 +87,14 @@ class Draft:
         return Draft(self.tokens[:n], None if self.q is None else self.q[:n], self.confidence[:n], self.source)
 
 
+def point_mass(tokens: list[int], vocab_size: int, device) -> torch.Tensor:
+    """The q of a model-free draft (prompt lookup, suffix decoding) for a sampled request: each token "drawn" with
+    probability 1, so rejection sampling accepts it with probability p(x) and stays exact."""
+    q = torch.zeros(len(tokens), vocab_size, device=device)
+    q[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+    return q
+
+
 class DraftSampler:
     """A drafting round's token choice for the whole batch at one position, on the drafter's device: argmax for
     greedy requests, an inverse-CDF draw from the filtered distribution (temperature / top-k / top-p, as the

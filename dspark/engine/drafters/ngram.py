@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dspark.engine.drafters.block import Draft
+from dspark.engine.drafters.block import Draft, point_mass
 from dspark.engine.sampling import SamplingParams
 
 
@@ -62,9 +62,6 @@ class NgramProposer:
             found = lookup(np.asarray(tokens, dtype=np.int64), k, self.min_n, self.max_n) if k else []
             if len(found) < min(k, min_len):
                 found = []
-            q = None
-            if found and not p.greedy:  # the point mass each token was "drawn" from
-                q = torch.zeros(len(found), self.vocab_size, device=self.device)
-                q[torch.arange(len(found)), torch.tensor(found)] = 1.0
+            q = point_mass(found, self.vocab_size, self.device) if found and not p.greedy else None
             drafts.append(Draft(found, q, [self.survival] * len(found), "lookup"))
         return drafts

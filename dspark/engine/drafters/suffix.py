@@ -29,7 +29,7 @@ from collections.abc import Hashable
 import numpy as np
 import torch
 
-from dspark.engine.drafters.block import Draft
+from dspark.engine.drafters.block import Draft, point_mass
 from dspark.engine.sampling import SamplingParams
 
 SEP = -1  # ends each stored output: matches no token, so no match or continuation crosses from one to the next
@@ -174,10 +174,7 @@ class SuffixProposer:
             found, probs = self.speculate(tokens, k) if k else ([], [])
             if not found or sum(probs) < need:
                 found, probs = [], []
-            q = None
-            if found and not p.greedy:  # the point mass each token was "drawn" from
-                q = torch.zeros(len(found), self.vocab_size, device=self.device)
-                q[torch.arange(len(found)), torch.tensor(found)] = 1.0
+            q = point_mass(found, self.vocab_size, self.device) if found and not p.greedy else None
             conf = [b / a for a, b in zip([1.0, *probs], probs)]
             drafts.append(Draft(found, q, conf, "suffix"))
         return drafts
