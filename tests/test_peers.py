@@ -154,3 +154,12 @@ def test_table_ratios_to_this_server_and_failed_systems():
     assert "2.00x / 0.50x / -" in md
     assert "| transformers serve --continuous-batching | transformers 5 | - | - | - | - | - | - | failed: " in md
     assert "llama.cpp built for: `AVX2 = 1`" in md and "peers llama_cpp_python 0.3.36" in md
+
+
+def test_default_chat_prompts_are_the_drafters_held_out_ones(monkeypatch):
+    texts = [f"question number {i} about something" for i in range(200)]
+    monkeypatch.setattr(peers, "sharegpt_prompts", lambda limit=None: texts)
+    words = lambda t: len(t.split())  # noqa: E731
+    chat = [b["messages"][0]["content"] for b in peers.build_prompts(20, words, humaneval=[])]
+    held = [t for t in texts if peers.heldout_text(t)]
+    assert len(chat) == 10 and set(chat) <= set(held)  # n // 2 chat turns, each held out

@@ -48,6 +48,7 @@ from dspark.engine.settings import DEFAULT_MODEL, resolve_model
 from dspark.engine.training.prompts import (  # noqa: F401
     GROUPS,
     HUMANEVAL_ASK,
+    heldout_text,
     humaneval_prompts,
     iter_json_array,
     prompt_set,
@@ -92,10 +93,11 @@ def pick(texts: list[str], n: int, count_tokens: Callable[[str], int], max_token
 def build_prompts(n: int, count_tokens: Callable[[str], int], max_prompt_tokens: int = 512, min_prompt_tokens: int = 4,
                   seed: int = 0, humaneval: list[str] | None = None, sharegpt: list[str] | None = None) -> list[dict]:
     """Chat request bodies: n/2 HumanEval problems and n/2 ShareGPT first turns, alternating, the same for every
-    system. Token counts are of the message text (without the chat template)."""
+    system. Token counts are of the message text (without the chat template). The ShareGPT turns are the drafters'
+    held-out ones: a prompt the drafter was trained on would credit speculation with acceptance it has not earned."""
     rng = random.Random(seed)
     humaneval = humaneval_prompts() if humaneval is None else humaneval
-    sharegpt = sharegpt_prompts() if sharegpt is None else sharegpt
+    sharegpt = [t for t in sharegpt_prompts(None) if heldout_text(t)] if sharegpt is None else sharegpt
     code = pick([HUMANEVAL_ASK.format(prompt=p) for p in humaneval], (n + 1) // 2, count_tokens, max_prompt_tokens,
                 min_prompt_tokens, rng)
     chat = pick(sharegpt, n // 2, count_tokens, max_prompt_tokens, min_prompt_tokens, rng)
