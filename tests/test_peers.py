@@ -163,3 +163,13 @@ def test_default_chat_prompts_are_the_drafters_held_out_ones(monkeypatch):
     chat = [b["messages"][0]["content"] for b in peers.build_prompts(20, words, humaneval=[])]
     held = [t for t in texts if peers.heldout_text(t)]
     assert len(chat) == 10 and set(chat) <= set(held)  # n // 2 chat turns, each held out
+
+
+def test_later_turns_cut_after_the_last_user_turn_that_fits():
+    words = lambda t: len(t.split())  # noqa: E731
+    u, a = (lambda t: {"role": "user", "content": t}), (lambda t: {"role": "assistant", "content": t})
+    long = [u("one two"), a("three four five"), u("six"), a("seven eight"), u("nine ten eleven twelve")]
+    short = [u("hi"), a("hello there")]  # one user turn: not a later turn
+    assert peers.later_turns([short, long], 5, words, max_tokens=8) == [long[:3]]
+    assert peers.later_turns([short, long], 5, words, max_tokens=99) == [long]
+    assert peers.later_turns([long, long], 1, words, max_tokens=99) == [long]

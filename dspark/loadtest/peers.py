@@ -48,11 +48,13 @@ from dspark.engine.settings import DEFAULT_MODEL, resolve_model
 from dspark.engine.training.prompts import (  # noqa: F401
     GROUPS,
     HUMANEVAL_ASK,
+    edit_prompts,
     heldout_text,
     humaneval_prompts,
     iter_json_array,
     prompt_set,
     sharegpt_first_turns,
+    sharegpt_heldout_dialogues,
     sharegpt_prompts,
 )
 from dspark.loadtest.loadgen import LoadConfig, Result, closed_loop, summarize
@@ -434,11 +436,38 @@ LLAMA_PLAIN_SAMPLING = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty"
 
 
 def group_prompts(count_tokens: Callable[[str], int], per_group: int, max_prompt_tokens: int = 512,
-                  seed: int = 0) -> dict[str, list[dict]]:
-    """Held-out chat bodies per group (HumanEval code, held-out ShareGPT chat, generated math): the drafters'
-    evaluation prompts (dspark/engine/training/prompts.py), so no system saw them in training."""
+                  seed: int = 0, dialogues: list[list[dict]] | None = None) -> dict[str, list[dict]]:
+    """Held-out chat bodies per group: HumanEval code, held-out ShareGPT chat, generated math (the drafters'
+    evaluation prompts, dspark/engine/training/prompts.py, so no system saw them in training); edit (rewrite a given
+    HumanEval solution: answers that copy their prompt); multiturn (held-out ShareGPT conversations up to a later
+    user turn, the recorded answers in the history, so the answer can quote them)."""
     sets = prompt_set("heldout", per_group, count_tokens, max_prompt_tokens, seed)
-    return {g: [{"messages": m} for m in sets[g]] for g in GROUPS}
+    out = {g: [{"messages": m} for m in sets[g]] for g in GROUPS}
+    out["edit"] = [{"messages": m} for m in edit_prompts(per_group)]
+    out["multiturn"] = [{"messages": m} for m in later_turns(
+        sharegpt_heldout_dialogues(50 * per_group) if dialogues is None else dialogues, per_group, count_tokens,
+        max_prompt_tokens)]
+    return out
+
+
+def later_turns(dialogues: list[list[dict]], n: int, count_tokens: Callable[[str], int],
+                max_tokens: int) -> list[list[dict]]:
+    """Up to n conversations cut after their last user turn (the second or later) whose history fits max_tokens
+    (the messages' text, without the chat template)."""
+    out = []
+    for d in dialogues:
+        best, total = None, 0
+        for i, m in enumerate(d):
+            total += count_tokens(m["content"])
+            if total > max_tokens:
+                break
+            if m["role"] == "user" and i >= 2:
+                best = d[: i + 1]
+        if best is not None:
+            out.append(best)
+        if len(out) >= n:
+            break
+    return out
 
 
 def measure_groups(server: Server, s: System, groups: dict[str, list[dict]], temperatures: list[float],
@@ -493,7 +522,7 @@ def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group:
 
 def groups_markdown(data: dict, name: str) -> str:
     cfg = data["config"]
-    cols = [(t, g) for t in cfg["temperatures"] for g in GROUPS]
+    cols = [(t, g) for t in cfg["temperatures"] for g in data["prompts"]]
     base = data["systems"].get("dspark") or data["systems"].get("dspark --speculative none", {})
 
     def fig(entry, t, g):
@@ -502,7 +531,8 @@ def groups_markdown(data: dict, name: str) -> str:
 
     lines = [f"<!-- bench:{name} -->", "## Batch 1 over HTTP per prompt group: this server and llama.cpp (CPU)", "",
              f"Command: `{cfg['command']}`. One user, {cfg['per_group']} held-out prompts per group (code: HumanEval, "
-             f"chat: held-out ShareGPT, math: generated), `max_tokens` {cfg['max_tokens']}, streamed through the "
+             f"chat: held-out ShareGPT, math: generated, edit: rewrite a given HumanEval solution, multiturn: held-out "
+             f"ShareGPT conversations up to a later user turn), `max_tokens` {cfg['max_tokens']}, streamed through the "
              f"same client; {cfg['threads']} threads each, {cfg['cpu']}. Cells: per-user tok/s, p50 over requests "
              "(ratio to this server without speculation). llama.cpp is sent top_k 0, top_p 1, min_p 0 so that T=1 "
              "is the plain distribution for every system.", "",
