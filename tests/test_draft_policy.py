@@ -358,9 +358,10 @@ def test_guard_stops_drafting_that_delivers_fewer_tokens_per_second():
     assert kinds[:4] == [True, True, True, False]  # the model's choice, with every 4th step plain to measure
     assert kinds[-8:] == [False, False, False, True] * 2  # measured worse: plain, every 4th step drafting
     assert pol.drafting_pays(8) is False and pol.drafting_pays(5) is False and pol.drafting_pays(4) is None
-    (drafting, plain, pays), = pol.guard_state().values()  # what /metrics shows, under the band's label
-    assert list(pol.guard_state()) == ["5-8"] and pays is False
-    assert drafting == pytest.approx(60.0) and plain == pytest.approx(80.0)
+    assert pol.drafting_pays(8, greedy=False) is None  # greedy drafters vouch for (or against) greedy ones only
+    rates, = pol.guard_state().values()  # what /metrics shows, under the band's label
+    assert list(pol.guard_state()) == ["5-8"] and rates["sampled"] is None
+    assert rates["greedy"] == pytest.approx(60.0) and rates["false"] == pytest.approx(80.0)
     pol, kinds = run(20)  # 100 tokens/s with drafters: drafting goes on
     assert pol.drafting_pays(8) is True and kinds[-8:] == [True, True, True, False] * 2
 
@@ -379,4 +380,68 @@ def test_probe_only_steps_teach_the_guard_nothing():
     assert pol.step_rate == {}
     assert pol.gate([(1, True, 4, 1.0), (2, True, 4, 1.0)], 2, 2) == set()
     pol.observe_step(2, 0.1)
-    assert pol.step_rate == {(1, False): [1, 20.0]}
+    assert pol.step_rate == {(1, None): [1, 20.0]}
+
+
+# -- the per-request realized-rate guard: synthetic steps at batch 1 ------------------------------------------------
+def drive(pol, sid, greedy, steps, accepted, draft_s=0.15, plain_s=0.1):
+    """`steps` decode steps of request `sid` alone: each round it drafts accepts `accepted` of 4 tokens; a step
+    with a drafter takes draft_s, a plain one plain_s. Returns whether it drafted, per step."""
+    drafted = []
+    for _ in range(steps):
+        chosen = pol.gate([(sid, greedy, 4, 1.0)], 1, 1)
+        if chosen:
+            pol.observe(sid, greedy, 4, accepted)
+        pol.observe_step(1 + accepted if chosen else 1, draft_s if chosen else plain_s)
+        drafted.append(bool(chosen))
+    return drafted
+
+
+def optimistic():
+    """A cost model that says drafting is nearly free (as a CPU's can be wrong about the drafter's forward)."""
+    return DraftPolicy(LinearCost(per_token=0.01, per_request=0.0), max_len=4)
+
+
+def test_a_request_slower_with_drafts_stops_within_a_few_rounds_and_is_reprobed_with_backoff():
+    """Sampled, nothing accepted, drafting steps 1.5x a plain step: 1 token per 0.15 s against 1 per 0.1 s.
+    The cost model keeps saying draft (tau still above 1); the request's own realized rate stops it."""
+    pol = optimistic()
+    drafted = drive(pol, 1, False, 200, accepted=0)
+    # its first round (a probe), two more, then one plain step for the band's baseline: benched from there
+    assert drafted[:4] == [True, True, True, False]
+    assert pol.state[1].benched and pol.plain_seconds[0] == pytest.approx(0.1)
+    probes = [i for i, d in enumerate(drafted) if d][3:]
+    assert probes and probes[0] >= 16  # no drafting for the next 16 steps
+    gaps = [b - a for a, b in zip([2, *probes], probes)]
+    assert gaps[:3] == [16, 32, 64]  # re-probed one round at a time, backing off while it still does not pay
+    assert sum(drafted) <= 3 + 4
+
+
+def test_a_request_whose_drafting_pays_keeps_drafting_whatever_its_class_measured():
+    """A sampled request accepting 3 of 4 (4 tokens per 0.15 s against 1 per 0.1 s) drafts on all but the band's
+    baseline steps, even after another sampled request's losing rounds (unchecked by its own guard here) made
+    the band's sampled verdict negative: its own rounds outrank its class's."""
+    pol = optimistic()
+    pol.guard_rounds = 10**6  # request 1 never gets a verdict of its own: only the band guard sees it lose
+    drive(pol, 1, False, 100, accepted=0)
+    assert pol.drafting_pays(1, greedy=False) is False
+    pol.forget(1)
+    pol.guard_rounds = 3
+    drafted = drive(pol, 2, False, 64, accepted=3)
+    assert sum(drafted) >= 64 - 64 // pol.guard_every - 1 and not pol.state[2].benched
+    assert drafted[0] and all(drafted[1:8])
+
+
+def test_greedy_traffic_that_pays_does_not_vouch_for_sampled_traffic_that_does_not():
+    """T=0 requests gaining 4 tokens a round, then T=1 requests gaining none (drafting steps 1.5x plain): each
+    sampled request stops drafting within its first few rounds (later, at most a probe or a measuring round now and
+    then)."""
+    pol = optimistic()
+    for sid in range(3):
+        assert sum(drive(pol, sid, True, 64, accepted=3)) >= 56  # greedy, paying: drafts nearly every step
+        pol.forget(sid)
+    assert pol.drafting_pays(1, greedy=True)
+    for sid in range(10, 14):
+        drafted = drive(pol, sid, False, 40, accepted=0)
+        assert sum(drafted[:16]) <= 3 and sum(drafted) <= 6, (sid, drafted)
+        pol.forget(sid)

@@ -130,8 +130,8 @@ class EngineCore:
         if eng.stats["steps"] % 50 == 1:
             st.sps = {b: 1.0 / s if s > 0 else 0.0 for b, s in eng.cost.verify.items()}
         if eng.scheduler.policy is not None:
-            st.guard = [(band, label, rate) for band, (drafting, plain, _) in eng.scheduler.policy.guard_state().items()
-                        for label, rate in (("true", drafting), ("false", plain)) if rate is not None]
+            st.guard = [(band, label, rate) for band, rates in eng.scheduler.policy.guard_state().items()
+                        for label, rate in rates.items() if rate is not None]
         return st
 
     def route(self, outputs: list[EngineCoreOutput], stats: StepStats | None, busy: bool,

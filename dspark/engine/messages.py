@@ -62,7 +62,8 @@ class StepStats(msgspec.Struct, array_like=True, omit_defaults=True):
     rounds: list[tuple[int, int, str]] = []  # (verified, accepted, proposer) per drafting round
     finished_rates: list[tuple[float, float]] = []  # (delivered tokens/s, SLO target) per finished request
     sps: dict[int, float] = {}  # the cost model's steps/s per batch-token bucket (every 50 steps)
-    guard: list[tuple[str, str, float]] = []  # (band, drafting, tokens/s) of the draft policy's realized-rate guard
+    # (band, drafting: false | greedy | sampled, tokens/s) of the draft policy's realized-rate guard
+    guard: list[tuple[str, str, float]] = []
 
 
 class Gauges(msgspec.Struct, array_like=True):

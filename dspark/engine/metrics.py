@@ -59,8 +59,8 @@ ACCEPT_LEN = Histogram("dspark_acceptance_length", "Tokens committed per specula
 SPS = Gauge("dspark_steps_per_second", "Step cost model: verification steps/s at this many batch tokens",
             ["batch_tokens"], multiprocess_mode="mostrecent")
 GUARD_RATE = Gauge("dspark_draft_guard_tokens_per_second", "Draft policy's realized-rate guard: running tokens/s of "
-                   "decode steps with and without drafters, per batch-size band", ["batch", "drafting"],
-                   multiprocess_mode="mostrecent")
+                   "decode steps without drafters (false) and with greedy / sampled drafters, per batch-size band",
+                   ["batch", "drafting"], multiprocess_mode="mostrecent")
 SCHEDULER_TIME = Histogram("dspark_scheduler_seconds", "Scheduler and draft-policy time per step",
                            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1))
 REQUEST_TPS = Histogram("dspark_request_tokens_per_second", "Per-request decode speed after the first token",
