@@ -193,3 +193,34 @@ def test_prefix_caching_keeps_every_mapped_block_right_and_leaks_nothing(ops):
         bm.free(sid)
     bm.check()
     assert bm.num_free == bm.num_blocks
+
+
+def test_blocks_filled_by_generated_tokens_are_cached_and_a_resent_answer_maps_them():
+    """As the engine runs a request: the prompt's chunk, then one decode step per token, each step computing the
+    last committed token and committing with the token it samples pending. Blocks full of generated tokens get
+    keys like prompt blocks (vLLM caches full output blocks too), so the next turn (prompt + answer + new user
+    turn) maps the whole previous turn but the answer's last token, whose K/V never ran."""
+    bs = 4
+    bm = BlockManager(num_blocks=8, block_size=bs, prefix_caching=True)
+    prompt, answer = [1, 2, 3, 4, 5, 6], [50 + i for i in range(9)]
+    tokens, done = list(prompt), 0
+    for sampled in answer:  # step: compute tokens[done:], sample one (pending until the engine appends it)
+        bm.allocate(1, len(tokens))
+        done = len(tokens)
+        bm.commit(1, tokens, done, [sampled])
+        tokens.append(sampled)
+    assert done == len(prompt) + len(answer) - 1 == 14  # 3 full blocks keyed: 1 of prompt, 1 mixed, 1 generated
+    assert len(bm._seq_keys[1]) == 3
+    bm.free(1)
+    assert bm.num_cached == 3
+    turn2 = prompt + answer + [90, 91, 92]
+    assert bm.match_prefix(2, turn2) == 12  # blocks 2 and 3 hold generated tokens
+    bm.count_lookup(len(turn2), 12)
+    bm.free(2)
+    # an answer the client re-tokenizes differently from the 6th generated token on: the blocks before it match
+    assert bm.match_prefix(3, prompt + answer[:5] + [77, 78, 79, 80]) == 8
+    bm.free(3)
+    assert bm.evictions == 0
+    bm.allocate(4, 8 * bs)  # the whole pool: the 3 cached blocks are evicted, least recently released first
+    assert bm.evictions == 3 and bm.num_cached == 0
+    bm.check()

@@ -354,6 +354,7 @@ def test_kv_exhaustion_over_http_completes_everything_exactly(server, client):
         assert [r.status_code for r in got] == [200] * 8
         assert [r.json()["choices"][0]["text"] for r in got] == want
         assert tiny.metric("dspark_preemptions_total") > 0
+        assert tiny.metric("dspark_prefix_cache_evictions_total") > 0  # cached blocks made room for the next ones
         assert wait_for(lambda: tiny.metric("dspark_kv_free_blocks") == 24, 10)
     finally:
         tiny.stop()

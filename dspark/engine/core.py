@@ -122,6 +122,7 @@ class EngineCore:
                        preempted=preempted)
         st.prefix_queries = int(self._delta("prefix_queries", bm.queries))
         st.prefix_hits = int(self._delta("prefix_hits", bm.hits))
+        st.prefix_evictions = int(self._delta("prefix_evictions", bm.evictions))
         st.scheduler_s = self._delta("scheduler_seconds", eng.stats["scheduler_seconds"])
         rounds, eng.round_log = eng.round_log, deque(maxlen=100000)
         st.rounds = [(verified, accepted, proposer) for verified, accepted, _, proposer in rounds]

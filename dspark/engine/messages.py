@@ -59,6 +59,7 @@ class StepStats(msgspec.Struct, array_like=True, omit_defaults=True):
     preempted: int = 0
     prefix_queries: int = 0  # prefix-cache lookups (tokens) since the last step
     prefix_hits: int = 0
+    prefix_evictions: int = 0  # cached blocks evicted for room since the last step
     rounds: list[tuple[int, int, str]] = []  # (verified, accepted, proposer) per drafting round
     finished_rates: list[tuple[float, float]] = []  # (delivered tokens/s, SLO target) per finished request
     sps: dict[int, float] = {}  # the cost model's steps/s per batch-token bucket (every 50 steps)

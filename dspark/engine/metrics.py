@@ -35,6 +35,8 @@ PREEMPTIONS = Counter("dspark_preemptions", "Sequences preempted for recompute")
 PREFIX_QUERIES = Counter("dspark_prefix_cache_queries", "Prompt tokens of admitted requests looked up in the "
                          "prefix cache")
 PREFIX_HITS = Counter("dspark_prefix_cache_hits", "Prompt tokens found in the prefix cache (their prefill skipped)")
+PREFIX_EVICTIONS = Counter("dspark_prefix_cache_evictions", "Cached KV blocks evicted (contents dropped, least "
+                           "recently released first) to make room")
 PREFIX_BLOCKS = Gauge("dspark_prefix_cache_blocks", "Cached KV blocks nobody holds (reusable, evicted LRU on demand)",
                       multiprocess_mode="mostrecent")
 STEP_TOKENS = Histogram("dspark_batch_tokens_per_step", "Tokens run per engine step",

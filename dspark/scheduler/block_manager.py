@@ -10,7 +10,12 @@ model). A new request maps the longest run of cached blocks matching its prompt 
 Blocks are reference-counted; a mapped block is shared read-only (writes only ever go to positions at or after
 a sequence's `num_computed`, which is past every block it shares). A block nobody holds any more keeps its
 contents and key until the pool needs room: free blocks are reused first, then cached ones, least recently
-released first.
+released first (`evictions` counts those).
+
+Keys are given to full blocks whatever filled them: the engine commits after every step, prefill chunks and
+decode steps alike, so a block of generated tokens is cached once its last token's K/V is computed (the step
+after the token was sampled; a finished request's very last token never runs), as vLLM caches full output blocks.
+A chat client that resends the answer it got finds the previous turn's prompt and answer cached.
 
 KV-cache events (--kv-events-config): with `events` a list (None, the default, records nothing), every key given
 and every key dropped is appended to it, ("stored", key, parent key, tokens) and ("removed", key), so that the
@@ -47,6 +52,7 @@ class BlockManager:
         self.events: list[tuple] | None = None  # the change log of keys, when KV events are on
         self.queries = 0  # tokens of admitted requests looked up, and how many of them were found cached
         self.hits = 0
+        self.evictions = 0  # cached blocks whose contents were dropped to make room (LRU)
 
     @property
     def num_free(self) -> int:
@@ -77,6 +83,7 @@ class BlockManager:
         else:  # evict the least recently released cached block
             block, _ = self._cached.popitem(last=False)
             self._forget(block)
+            self.evictions += 1
         self._ref[block] = 1
         return block
 

@@ -219,6 +219,7 @@ class AsyncLLM:
         metrics.PREEMPTIONS.inc(st.preempted)
         metrics.PREFIX_QUERIES.inc(st.prefix_queries)
         metrics.PREFIX_HITS.inc(st.prefix_hits)
+        metrics.PREFIX_EVICTIONS.inc(st.prefix_evictions)
         metrics.SCHEDULER_TIME.observe(st.scheduler_s)
         # every round under the proposer that drafted it (a hybrid's rounds split between its two), summed over
         # the step first: one increment per series
