@@ -5,8 +5,12 @@ call; quantized ones compute each row alone already."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
+from conftest import MODEL_DIR, ServerProcess
+from openai import AsyncOpenAI
 
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.sampling import SamplingParams
@@ -172,3 +176,43 @@ def test_a_rows_logits_are_the_same_bits_in_steps_of_1_2_5_8_64_rows(quantizatio
     alone = rows_of_request_0(1)
     for n in (2, 5, 8, 64):
         assert all(torch.equal(a, b) for a, b in zip(alone, rows_of_request_0(n))), f"other bits beside {n - 1}"
+
+
+# Over HTTP: the tiny model's raw completions, where --deterministic off changes some texts in a batch of 8 (bf16,
+# speculation on, 48 tokens: e.g. "lorem ipsum dolor" from its 12th token, measured in-process)
+BATCH_PROMPTS = ["lorem ipsum dolor", "    return self.", "Once upon a time, there", "Mary had a little",
+                 "1 + 1 =", "<html><body>", "def parse(", "Dear Sir or Madam,"]
+
+
+def texts_alone_and_in_a_batch(*flags: str, tokens: int = 48) -> tuple[list[str], list[str]]:
+    """A bf16 server (the default speculative mode) with `flags`: each prompt's greedy text sent alone, then the
+    8 sent at once."""
+    server = ServerProcess(MODEL_DIR, "--dtype", "bfloat16", "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
+                           *flags)
+    try:
+        client = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+        async def text(prompt: str) -> str:
+            r = await client.completions.create(model=server.name, prompt=prompt, max_tokens=tokens, temperature=0,
+                                                extra_body={"ignore_eos": True})
+            return r.choices[0].text
+
+        async def run():
+            alone = [await text(p) for p in BATCH_PROMPTS]
+            return alone, await asyncio.gather(*(text(p) for p in BATCH_PROMPTS))
+
+        return asyncio.run(run())
+    finally:
+        server.stop()
+
+
+def bf16_kernels() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not bf16_kernels(), reason="no native bf16 CPU kernels (AVX512-BF16 / AMX) here: bf16 would "
+                    "run on emulated kernels, whose bits this mode was not measured on")
+def test_over_http_a_requests_text_alone_equals_its_text_in_a_batch_of_8():
+    """With --deterministic off this fails here (some texts change in the batch: checked when it was written)."""
+    alone, together = texts_alone_and_in_a_batch("--deterministic", "on")
+    assert together == alone
