@@ -103,9 +103,9 @@ def test_float32_needs_one_call_each():
     assert not all(rows_as_decoded(False, True, **F32_HEADS))
 
 
-@pytest.mark.parametrize("quantization", ["none", "int4"])
-def test_greedy_speculation_in_bf16_gives_the_text_of_plain_decoding(quantization):
-    base = Settings(model=TEST_MODEL, dtype="bfloat16", quantization=quantization, deterministic="on",
+@pytest.mark.parametrize(("quantization", "dtype"), [("none", "bfloat16"), ("int4", "bfloat16"), ("none", "float32")])
+def test_greedy_speculation_gives_the_text_of_plain_decoding(quantization, dtype):
+    base = Settings(model=TEST_MODEL, dtype=dtype, quantization=quantization, deterministic="on",
                     draft_policy="fixed", num_kv_blocks=256)
     plain = LLMEngine(base.model_copy(update={"speculative": "none"}))
     spec = LLMEngine(base.model_copy(update={"speculative": "ngram", "ngram_min": 1}))
