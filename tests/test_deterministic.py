@@ -127,6 +127,9 @@ def test_greedy_speculation_gives_the_text_of_plain_decoding(quantization, dtype
 def test_deterministic_needs_the_torch_backend():
     from dspark.kernels import make_backend
 
+    assert make_backend("torch", dtype=torch.float32, row_invariant=True).one_call_each  # see F32_HEADS
+    assert not make_backend("torch", dtype=torch.bfloat16, row_invariant=True).one_call_each
+    assert not make_backend("torch", dtype=torch.float32).one_call_each
     with pytest.raises(ValueError, match="torch attention backend only"):
         make_backend("flashinfer", 4, 2, 64, "cuda", torch.bfloat16, row_invariant=True)
 
