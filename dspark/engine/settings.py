@@ -61,8 +61,9 @@ class Settings(BaseSettings):
                               "target's projections at load (CPU): int8 per channel, int4 in groups (a GGUF's "
                               "Q4_0 / Q4_1 codes taken as stored); none keeps the checkpoint's weights in --dtype")
     deterministic: str = Field("auto", description="on | off | auto: a token's logits are the same bits in any "
-                               "step (bf16 on the CPU), so greedy speculation gives plain decoding's text: attention "
-                               "reads whole pages, masked, and verification attends each draft row as a decode row; "
+                               "step (bf16 and float32 on the CPU), so greedy speculation gives plain decoding's text: "
+                               "attention reads whole pages, masked, and verification attends each draft row as a "
+                               "decode row (float32: every row its own SDPA call); "
                                "float projections run one row per call (int8 / int4 compute each row alone anyway). "
                                "auto: on with int8 / int4 (measured at no cost there), off otherwise (float "
                                "projections one row per call cost speculation its gain); torch attention only")

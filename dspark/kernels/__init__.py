@@ -15,7 +15,7 @@ def make_backend(name: str, num_qo_heads: int = 0, num_kv_heads: int = 0, head_d
     if name == "torch":
         from dspark.kernels.torch_backend import TorchPagedAttention
 
-        return TorchPagedAttention(row_invariant)
+        return TorchPagedAttention(row_invariant, one_call_each=dtype != torch.bfloat16)
     if row_invariant:
         raise ValueError("--deterministic runs on the torch attention backend only (FlashInfer's fixed-split "
                          "attention is not wired yet): pass --attention-backend torch")

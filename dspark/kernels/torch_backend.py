@@ -31,14 +31,24 @@ class TorchPagedAttention:
 
     SHORT_Q = 16  # query rows up to this many (decode, drafts to verify) go in the short part of a mixed step
 
-    def __init__(self, row_invariant: bool = False):
+    def __init__(self, row_invariant: bool = False, one_call_each: bool = False):
         # `--deterministic` (issue 39): every step attends whole pages, masked, and short rows (drafts to verify)
         # are attended as decode rows, each a one-query request of its own length, so that a row gets the very
-        # bits its decode step would give it
-        self.row_invariant = row_invariant
+        # bits its decode step would give it.
+        # `one_call_each` (float32 there): every decode or draft row, and every longer chunk, is its own SDPA call,
+        # the very call its request makes when it runs alone. CPU SDPA in float32 is not batch-invariant: its
+        # q.k^T and p.v products are MKL sgemm calls on per-thread scratch buffers, whose bits depend on those
+        # buffers' alignment (sgemm's results change with a 4-byte shift of a pointer: measured), so a head gets
+        # other bits on another thread, and how the (batch, head) items are spread over threads depends on the
+        # batch (e.g. 3 KV heads, 2 threads: a lone request's head 2 runs on thread 1, in a batch of 2 on thread
+        # 0). bf16 SDPA (oneDNN's brgemm) is batch-invariant as is.
+        self.row_invariant, self.one_call_each = row_invariant, row_invariant and one_call_each
 
     def plan(self, meta: AttentionMetadata) -> None:
-        self.parts = None
+        self.parts = self.units = None
+        if self.one_call_each:
+            self._plan_units(meta)
+            return
         short = [q <= self.SHORT_Q for q in meta.q_lens]
         if max(meta.q_lens) > self.SHORT_Q and any(short):
             dev = meta.slot_mapping.device
@@ -56,6 +66,20 @@ class TorchPagedAttention:
                 self.parts.append((sub, tok))
             return
         self._plan(meta)
+
+    def _plan_units(self, meta: AttentionMetadata) -> None:
+        """`one_call_each`: one lone-request plan per call, each over a range of the flat tokens: a token of a
+        short row (decode, a draft to verify) as the decode step of its own position; a longer chunk whole."""
+        self.slot_mapping, self.units, start = meta.slot_mapping, [], 0
+        for r, (ql, kl) in enumerate(zip(meta.q_lens, meta.kv_lens)):
+            table = meta.block_tables[r : r + 1]
+            calls = [(1, kl - ql + i + 1) for i in range(ql)] if ql <= self.SHORT_Q else [(ql, kl)]
+            for q_len, kv_len in calls:
+                unit = TorchPagedAttention(row_invariant=True)
+                unit._plan(AttentionMetadata([q_len], [kv_len], table, meta.slot_mapping[start : start + q_len],
+                                             meta.block_size))
+                self.units.append((unit, start, start + q_len))
+                start += q_len
 
     def _plan(self, meta: AttentionMetadata) -> None:
         dev = meta.slot_mapping.device
@@ -111,6 +135,8 @@ class TorchPagedAttention:
         k_flat, v_flat = k_cache.view(-1, n_kv, d), v_cache.view(-1, n_kv, d)
         k_flat.index_copy_(0, self.slot_mapping, k if k.dtype == k_flat.dtype else k.to(k_flat.dtype))
         v_flat.index_copy_(0, self.slot_mapping, v if v.dtype == v_flat.dtype else v.to(v_flat.dtype))
+        if self.units is not None:
+            return torch.cat([unit._attend(q[a:b], kv_cache, scale) for unit, a, b in self.units])
         if self.parts is None:
             return self._attend(q, kv_cache, scale)
         out = torch.empty_like(q)
