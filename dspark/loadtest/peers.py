@@ -302,7 +302,8 @@ def run_peers(model: str, gguf: str, hf_dir: str, peers_python: str, users: list
                        "command": command or "", "cpu": _cpu_name()},
             "versions": v, "prompts": prompts, "systems": {}}
     run_each(chosen, v, data, log_dir,
-             lambda server, s, points: measure(server, prompts, users, requests, max_tokens, count, s.name, points))
+             lambda server, s, points: measure(server, [{**b, **sampling(s)} for b in prompts], users, requests,
+                                               max_tokens, count, s.name, points))
     return save(data, out_dir, name, write_md, markdown)
 
 
@@ -397,7 +398,7 @@ def markdown(data: dict, name: str = "peers") -> str:
              f"for this server. {cfg['threads']} threads each, {cfg['cpu']}; one system at a time, one run.", "",
              f"Same client for all (dspark/loadtest/loadgen.py, SSE streaming, closed loop: N users back to back, "
              f"{cfg['requests']} requests per point, at least one per user), the same {cfg['num_prompts']} chat "
-             f"requests for all: HumanEval problems and ShareGPT first human turns, alternating, at most "
+             f"requests for all: HumanEval problems and held-out ShareGPT first human turns, alternating, at most "
              f"{cfg['max_prompt_tokens']} prompt tokens, seed {cfg['seed']}. Temperature 0, `max_tokens` "
              f"{cfg['max_tokens']}; no `ignore_eos` (llama-cpp-python has no such field and transformers serve "
              "rejects unknown fields with 422), so a request ends at EOS or at the cap: tokens/request is the work "
@@ -405,7 +406,9 @@ def markdown(data: dict, name: str = "peers") -> str:
              "tokens are the streamed text re-tokenized with the model's tokenizer. Per-user tok/s = 1 / TPOT "
              "(first to last token), p50 over requests; total tok/s = generated tokens / wall time. llama-cpp-python's "
              "server runs one request at a time (started with `--interrupt_requests False`, so queued requests "
-             "wait instead of cutting the running stream).", "",
+             "wait instead of cutting the running stream); it is sent top_k 0, top_p 1, min_p 0 and repeat_penalty "
+             "1, so that it samples (and at temperature 0 decodes) as this server does, without its default sampler "
+             "chain.", "",
              "| system | version | " + " | ".join(heads) + " | TTFT p50 ms " + " / ".join(f"@{u}" for u in users)
              + " | tokens/request | ratio to dspark | errors |",
              "|---|---|" + "---|" * len(heads) + "---|---|---|---|"]
@@ -433,6 +436,11 @@ def markdown(data: dict, name: str = "peers") -> str:
 # llama-cpp-python's server samples with top_k 40, top_p 0.95, min_p 0.05 unless told; these make its T=1 the
 # plain temperature-1 distribution that this server samples from by default (top_k off, top_p 1).
 LLAMA_PLAIN_SAMPLING = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+def sampling(s: System) -> dict:
+    """Body fields that make a system sample as this server does by default (llama.cpp: its sampler chain off)."""
+    return LLAMA_PLAIN_SAMPLING if s.kind == "llama.cpp" else {}
 
 
 def group_prompts(count_tokens: Callable[[str], int], per_group: int, max_prompt_tokens: int = 512,
@@ -473,7 +481,7 @@ def later_turns(dialogues: list[list[dict]], n: int, count_tokens: Callable[[str
 def measure_groups(server: Server, s: System, groups: dict[str, list[dict]], temperatures: list[float],
                    max_tokens: int, count_tokens: Callable[[str], int], points: list[dict]) -> list[dict]:
     """One user, every prompt of a group in turn, at each temperature: per-user tok/s (p50 over requests)."""
-    extra = LLAMA_PLAIN_SAMPLING if s.kind == "llama.cpp" else {}
+    extra = sampling(s)
     warm = LoadConfig(server.url, server.model, next(iter(groups.values())), max_tokens=8, ignore_eos=False,
                       timeout=600)
     asyncio.run(closed_loop(warm, 1, 2))
