@@ -173,3 +173,25 @@ def test_later_turns_cut_after_the_last_user_turn_that_fits():
     assert peers.later_turns([short, long], 5, words, max_tokens=8) == [long[:3]]
     assert peers.later_turns([short, long], 5, words, max_tokens=99) == [long]
     assert peers.later_turns([long, long], 1, words, max_tokens=99) == [long]
+
+
+def test_decode_rate_is_tokens_past_the_first_over_the_time_they_added(monkeypatch):
+    import time as _time
+    from types import SimpleNamespace
+
+    def fake_post(url, timeout, json):  # a server that takes 10 ms a token, prompt cached or not
+        n = min(json["max_tokens"], 41)
+        _time.sleep(0.01 * n)
+        return SimpleNamespace(raise_for_status=lambda: None, json=lambda: {"usage": {"completion_tokens": n}})
+
+    monkeypatch.setattr(peers.httpx, "post", fake_post)
+    server = SimpleNamespace(url="http://x", model="m")
+    s = peers.System("dspark", "dspark", [])
+    groups = {"code": [{"messages": []}], "chat": [{"messages": []}]}
+    points = peers.measure_decode_rate(server, s, groups, 64, [])
+    assert [p["group"] for p in points] == ["code", "chat"]
+    assert all(70 < p["median"] < 101 for p in points)  # 40 tokens in 0.40 s: 100 tok/s less the sleeps' overshoot
+    md = peers.decode_rate_markdown({"config": {"per_group": 1, "max_tokens": 64, "threads": 2, "command": "c",
+                                                "cpu": "cpu"}, "systems": {"dspark": {"points": points,
+                                                                                      "command": "x"}}}, "dr")
+    assert "| dspark | " in md and md.startswith("<!-- bench:dr -->")

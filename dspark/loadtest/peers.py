@@ -35,6 +35,7 @@ import random
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -528,6 +529,68 @@ def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group:
     return save(data, out_dir, name, write_md, groups_markdown)
 
 
+def measure_decode_rate(server, s: System, groups: dict[str, list[dict]], max_tokens: int,
+                        points: list[dict]) -> list[dict]:
+    """Batch-1 decode speed free of streaming artifacts (a server that holds back its first chunks, or counts
+    tokens per chunk): per prompt, non-streamed and greedy, (n - 1) / (t(max_tokens=n) - t(max_tokens=1)), both
+    timed after a first request of n tokens cached the prompt on every system; n = the server's own usage count."""
+    extra = sampling(s)
+
+    def post(body: dict, n: int) -> tuple[float, int]:
+        t = time.perf_counter()
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=600, json={
+            **body, **extra, "model": server.model, "max_tokens": n, "temperature": 0.0, "stream": False})
+        r.raise_for_status()
+        return time.perf_counter() - t, r.json()["usage"]["completion_tokens"]
+
+    for g, bodies in groups.items():
+        rates = []
+        for b in bodies:
+            post(b, max_tokens)
+            t1, _ = post(b, 1)
+            tn, n = post(b, max_tokens)
+            if n > 8 and tn > t1:  # an answer that ends at once measures nothing
+                rates.append((n - 1) / (tn - t1))
+        p = {"group": g, "ok": bool(rates), "rates": rates, "median": statistics.median(rates) if rates else None}
+        points.append(p)
+        print(f"{s.name:>42} {g:<9} decode {p['median'] or 0:6.1f} tok/s (median of {len(rates)})", flush=True)
+    return points
+
+
+def run_decode_rate(model: str, gguf: str, hf_dir: str, peers_python: str, per_group: int, max_tokens: int,
+                    threads: int, pld_tokens: int, which: list[str] | None, out_dir: str, name: str,
+                    write_md: str | None, command: str, variants: list[str] | None) -> dict:
+    count = token_counter(hf_dir)
+    groups = {g: b for g, b in group_prompts(count, per_group).items() if g in GROUPS}
+    chosen = [x for x in systems(model, gguf, hf_dir, peers_python, threads, pld_tokens, which, variants=variants)
+              if x.kind != "transformers"]
+    log_dir = REPO / "runs" / f"{name}-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    data = {"config": {"model": model, "gguf": gguf, "per_group": per_group, "max_tokens": max_tokens,
+                       "threads": threads, "command": command, "cpu": _cpu_name()},
+            "versions": versions(peers_python), "prompts": groups, "systems": {}}
+    run_each(chosen, data["versions"], data, log_dir,
+             lambda server, s, points: measure_decode_rate(server, s, groups, max_tokens, points))
+    return save(data, out_dir, name, write_md, decode_rate_markdown)
+
+
+def decode_rate_markdown(data: dict, name: str) -> str:
+    cfg = data["config"]
+    lines = [f"<!-- bench:{name} -->", "## Batch-1 decode speed without streaming: this server and llama.cpp (CPU)",
+             "", f"Command: `{cfg['command']}`. {cfg['per_group']} held-out prompts per group, greedy (llama.cpp "
+             "sent top_k 0, top_p 1, min_p 0, repeat_penalty 1), not streamed; per prompt (n - 1) / (t(n) - t(1)) "
+             f"with n the server's usage count (`max_tokens` {cfg['max_tokens']}), both timed after a first request "
+             f"cached the prompt; cells: the median over a group's prompts. {cfg['threads']} threads each, "
+             f"{cfg['cpu']}, one system at a time, one run.", "", "| system | " + " | ".join(GROUPS) + " |",
+             "|---|" + "---|" * len(GROUPS)]
+    for n, e in data["systems"].items():
+        med = {p["group"]: p["median"] for p in e.get("points", [])}
+        lines.append(f"| {n} | " + " | ".join(_f(med.get(g)) for g in GROUPS) + " |")
+    lines += ["", "Commands (P = a free port):", ""] + [f"- {n}: `{e['command']}`" for n, e in data["systems"].items()]
+    lines += ["", f"<!-- /bench:{name} -->"]
+    return "\n".join(lines)
+
+
 def groups_markdown(data: dict, name: str) -> str:
     cfg = data["config"]
     cols = [(t, g) for t in cfg["temperatures"] for g in data["prompts"]]
@@ -586,6 +649,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--by-group", type=int, default=0, metavar="N",
                     help="instead: batch 1 per held-out group (N prompts each) at T=0 and T=1, with this server's "
                     "dspark drafter too (section/JSON name peers-batch1 unless --name)")
+    ap.add_argument("--decode-rate", type=int, default=0, metavar="N",
+                    help="instead: batch-1 decode tok/s per group (N prompts each), not streamed, from the time of "
+                    "max_tokens against 1 token on a cached prompt (section/JSON name peers-decode-rate)")
     return ap
 
 
@@ -599,6 +665,11 @@ def main(argv: list[str] | None = None, command: str | None = None) -> dict:
     signal.signal(signal.SIGTERM, on_term)
     hf_dir = str(export_hf_dir(a.gguf, Path(a.hf_dir)))
     which = [s.strip() for s in a.systems.split(",") if s.strip()] or None
+    if a.decode_rate:
+        return run_decode_rate(a.model, a.gguf, hf_dir, a.peers_python, a.decode_rate, a.max_tokens, a.threads,
+                               a.pld_tokens, which, a.out_dir, "peers-decode-rate" if a.name == "peers" else a.name,
+                               a.write_md or None, command or "python -m dspark.loadtest.peers " + shlex.join(argv),
+                               a.dspark)
     if a.by_group:
         return run_groups(a.model, a.gguf, hf_dir, a.peers_python, a.by_group, a.max_tokens, a.max_prompt_tokens,
                           a.seed, a.threads, a.pld_tokens, which,
