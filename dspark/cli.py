@@ -111,7 +111,7 @@ def cmd_loadtest_sweep(args) -> None:
         raise SystemExit("sweep uses the built-in prompt sets (code, math, chat, mixed, heldout)")
     sweep([m.strip() for m in args.modes.split(",")], [int(c) for c in args.concurrency.split(",")],
           args.prompts, args.max_tokens, args.temperature, args.slo, args.requests, args.server_flags,
-          args.out_dir, write_md=args.write or None, repeats=args.repeats)
+          args.out_dir, name=args.name, write_md=args.write or None, repeats=args.repeats)
 
 
 def cmd_loadtest_soak(args) -> None:
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="runs per point; the modes take turns in rotating order (a noisy machine's drift cancels)")
     _loadtest_flags(q)
     q.add_argument("--out-dir", default="docs")
+    q.add_argument("--name", default=None, help="JSON file stem and report section (default: sweep-t<temperature>)")
     q.add_argument("--write", default="docs/benchmarks.md", help="markdown file to update ('' to skip)")
     q.add_argument("--render", default=None, help="only redraw chart and table from this saved sweep JSON")
     q.add_argument("--goodput-slo", type=float, default=0.0,
