@@ -167,7 +167,7 @@ def test_two_api_servers_serve_count_once_and_drain(server, model_dir):
         streams, done = [], []
 
         def stream() -> None:
-            with httpx.stream("POST", s.url + COMPLETIONS, json={**body(s.name, "def main():\n", 100, True),
+            with httpx.stream("POST", s.url + COMPLETIONS, json={**body(s.name, "def main():\n", 400, True),
                                                                  "stream_options": {"include_usage": True}},
                               timeout=120) as r:
                 done.append([line for line in r.iter_lines() if line.startswith("data: ")])
@@ -192,7 +192,7 @@ def test_two_api_servers_serve_count_once_and_drain(server, model_dir):
         assert len(done) == len(streams)
         for lines in done:
             usage = [json.loads(x[6:])["usage"] for x in lines if x.startswith("data: {") and '"usage"' in x]
-            assert usage and usage[-1]["completion_tokens"] == 100 and lines[-1] == "data: [DONE]", lines[-3:]
+            assert usage and usage[-1]["completion_tokens"] == 400 and lines[-1] == "data: [DONE]", lines[-3:]
         assert s.proc.wait(60) == 0
         assert not any(Path(f"/proc/{pid}").exists() for pid in [*launched.api, launched.core])
         assert not Path(launched.prom_dir).exists()

@@ -113,9 +113,11 @@ def test_gie_model_server_metrics_move_with_load_and_prometheus_scrapes_them(mod
         assert [s.value for s in idle["vllm:num_requests_running"][1]] == [0]
         assert idle["vllm:num_requests_running"][1][0].labels["model_name"] == server.name
         prom = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{server.port}")
+        # it scrapes once before the load starts, so a later scrape lands inside it (a fast host ran the load in ~1 s)
+        assert wait_for(lambda: has_data(prom.query("vllm:num_requests_running")), 15), "no first scrape"
 
         # 12 users, 4 running at most: some wait; long answers keep them there for several scrapes
-        cfg = LoadConfig(server.url, server.name, builtin_prompts("code", 12), max_tokens=200)
+        cfg = LoadConfig(server.url, server.name, builtin_prompts("code", 12), max_tokens=400)
         peak = {name: 0.0 for name in GIE_GAUGES[:3]}
 
         async def load_and_watch():
