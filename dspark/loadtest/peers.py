@@ -561,7 +561,8 @@ def run_decode_rate(model: str, gguf: str, hf_dir: str, peers_python: str, per_g
                     threads: int, pld_tokens: int, which: list[str] | None, out_dir: str, name: str,
                     write_md: str | None, command: str, variants: list[str] | None) -> dict:
     count = token_counter(hf_dir)
-    groups = {g: b for g, b in group_prompts(count, per_group).items() if g in GROUPS}
+    sets = prompt_set("heldout", per_group, count, 512)  # group_prompts' code / chat / math, without its other groups
+    groups = {g: [{"messages": m} for m in sets[g]] for g in GROUPS}
     chosen = [x for x in systems(model, gguf, hf_dir, peers_python, threads, pld_tokens, which, variants=variants)
               if x.kind != "transformers"]
     log_dir = REPO / "runs" / f"{name}-logs"
