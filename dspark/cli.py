@@ -74,7 +74,7 @@ def cmd_train_drafter(args) -> None:
 
 def _loadtest_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="mixed", help="code | math | chat | mixed | heldout (real held-out prompts), "
-                   "or a .jsonl file")
+                   "groups (`peers --by-group`'s five groups, in turn), or a .jsonl file")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--slo", type=float, default=0.0, help="per-request tokens/s target sent as slo_tokens_per_s")
@@ -108,10 +108,11 @@ def cmd_loadtest_sweep(args) -> None:
     if args.render:
         return render(args.render, args.write or None, args.goodput_slo)
     if args.prompts.endswith(".jsonl"):
-        raise SystemExit("sweep uses the built-in prompt sets (code, math, chat, mixed, heldout)")
+        raise SystemExit("sweep uses the built-in prompt sets (code, math, chat, mixed, heldout, groups)")
     sweep([m.strip() for m in args.modes.split(",")], [int(c) for c in args.concurrency.split(",")],
           args.prompts, args.max_tokens, args.temperature, args.slo, args.requests, args.server_flags,
-          args.out_dir, name=args.name, write_md=args.write or None, repeats=args.repeats)
+          args.out_dir, name=args.name, write_md=args.write or None, repeats=args.repeats,
+          ignore_eos=args.ignore_eos == "on")
 
 
 def cmd_loadtest_soak(args) -> None:
@@ -258,11 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     q.set_defaults(fn=cmd_loadtest_run)
     q = lsub.add_parser("sweep", help="start the server per mode and sweep concurrencies; chart + table to docs/")
     q.add_argument("--modes", default="none,k=1,k=4,k=7,dspark adaptive",
-                   help="comma-separated, of: none, k=1, k=4, k=7, dspark adaptive, ngram, dspark+ngram")
+                   help="comma-separated, of: none, k=1, k=4, k=7, dspark adaptive, ngram, dspark+ngram, default "
+                   "(the configured defaults)")
     q.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     q.add_argument("--requests", type=int, default=32, help="requests per point (at least 2 per user)")
     q.add_argument("--repeats", type=int, default=1,
                    help="runs per point; the modes take turns in rotating order (a noisy machine's drift cancels)")
+    q.add_argument("--ignore-eos", choices=["on", "off"], default="on",
+                   help="on: every request runs max_tokens (a fixed load); off: requests stop at EOS, as "
+                   "`peers --by-group` runs them")
     _loadtest_flags(q)
     q.add_argument("--out-dir", default="docs")
     q.add_argument("--name", default=None, help="JSON file stem and report section (default: sweep-t<temperature>)")

@@ -11,6 +11,7 @@ from dspark.loadtest.loadgen import (
     builtin_prompts,
     closed_loop,
     open_loop,
+    paired_speedup,
     percentiles,
     summarize,
 )
@@ -25,6 +26,7 @@ def test_closed_and_open_loop_against_the_server(server):
     s = summarize(results, wall)
     assert s["requests"] == s["ok"] == 6 and not s["errors"]
     assert all(r.tokens == 12 and r.ttft > 0 and r.latency >= r.ttft for r in results)
+    assert [r.prompt for r in results] == [0, 1, 2, 3, 4, 5]  # user u's i-th request: prompt u * 2 + i
     assert s["total_tokens_per_s"] > 0 and s["per_user_tokens_per_s"]["p50"] > 0
     assert s["slo_attainment"] == 1.0 and s["goodput_rps"] > 0
     results, wall = asyncio.run(open_loop(LoadConfig(server.url, "no-such-model", prompts, 4), rate=50,
@@ -46,6 +48,19 @@ def test_all_users_rate_stops_when_the_first_user_is_done():
 def test_percentiles():
     assert percentiles(list(range(1, 101))) == {"p50": 51, "p90": 91, "p99": 100}
     assert percentiles([]) == {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+
+
+def test_paired_speedup_is_taken_prompt_by_prompt():
+    """Three prompts, two repeats each: the speed-up is each prompt's median over the baseline's on the same prompt
+    (2x, 0.9x, 3x: median 2x), where the ratio of the two p50s (over a mix whose middle is another prompt) reads 1.8x.
+    Requests without a prompt index, or whose prompt the baseline lacks, are left out."""
+    base = [(0, 10.0), (0, 10.0), (1, 40.0), (1, 40.0), (2, 20.0), (2, 20.0)]
+    spec = [(0, 19.0), (0, 21.0), (1, 36.0), (1, 36.0), (2, 60.0), (2, 60.0), (3, 99.0), (-1, 99.0)]
+    vs = paired_speedup(spec, base)
+    assert vs == {"median": 2.0, "min": 0.9, "p10": 0.9, "p90": 3.0, "max": 3.0, "prompts": 3}
+    p50 = lambda xs: percentiles([x for _, x in xs])["p50"]  # noqa: E731
+    assert p50(spec[:6]) / p50(base) == 1.8
+    assert paired_speedup(spec, []) is None
 
 
 def test_sweep_writes_json_chart_and_table(tmp_path, monkeypatch):
@@ -83,6 +98,13 @@ def test_sweep_writes_json_chart_and_table(tmp_path, monkeypatch):
     assert markdown(data, "x", "x.png").count("| none |") == 2
     for points in data["modes"].values():  # per-request figures are kept, so goodput can be read afterwards
         assert all(len(p["requests_tps"]) == p["ok"] == len(p["requests_tokens"]) for p in points)
+        assert all(len(p["requests_prompt"]) == p["ok"] for p in points)
+    # against none prompt by prompt, and the drafted rounds by proposer (this sweep's drafter only)
+    vs = sweep_mod.per_prompt_speedup(a, n)
+    assert vs is not None and vs["prompts"] == 2 and vs["min"] <= vs["median"] <= vs["max"]
+    assert set(a["proposers"]) == {"dspark"} and a["proposers"]["dspark"]["rounds_share"] == 1.0
+    assert a["proposers"]["dspark"]["tau"] >= 1.0 and n["proposers"] == {}
+    assert "| dspark adaptive | 1 | " in text.split("per-user vs none, per prompt")[1]
     render(str(tmp_path / "sweep-test.json"), str(md), goodput_slo=1e-3)
     assert "Goodput at a per-user SLO of 0.001 tok/s" in md.read_text()
 

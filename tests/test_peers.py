@@ -10,7 +10,7 @@ import random
 import httpx
 
 from dspark.loadtest import peers
-from dspark.loadtest.loadgen import LoadConfig, Result, one_request
+from dspark.loadtest.loadgen import LoadConfig, Result, later_turns, one_request
 
 CONVS = [{"id": "a", "conversations": [{"from": "human", "value": " Hello there, what is 1+1? "},
                                        {"from": "gpt", "value": "2"}]},
@@ -170,9 +170,9 @@ def test_later_turns_cut_after_the_last_user_turn_that_fits():
     u, a = (lambda t: {"role": "user", "content": t}), (lambda t: {"role": "assistant", "content": t})
     long = [u("one two"), a("three four five"), u("six"), a("seven eight"), u("nine ten eleven twelve")]
     short = [u("hi"), a("hello there")]  # one user turn: not a later turn
-    assert peers.later_turns([short, long], 5, words, max_tokens=8) == [long[:3]]
-    assert peers.later_turns([short, long], 5, words, max_tokens=99) == [long]
-    assert peers.later_turns([long, long], 1, words, max_tokens=99) == [long]
+    assert later_turns([short, long], 5, words, max_tokens=8) == [long[:3]]
+    assert later_turns([short, long], 5, words, max_tokens=99) == [long]
+    assert later_turns([long, long], 1, words, max_tokens=99) == [long]
 
 
 def test_decode_rate_is_tokens_past_the_first_over_the_time_they_added(monkeypatch):
@@ -195,3 +195,53 @@ def test_decode_rate_is_tokens_past_the_first_over_the_time_they_added(monkeypat
                                                 "cpu": "cpu"}, "systems": {"dspark": {"points": points,
                                                                                       "command": "x"}}}, "dr")
     assert "| dspark | " in md and md.startswith("<!-- bench:dr -->")
+
+
+def test_by_group_systems_take_turns_prompt_by_prompt_and_pair_their_ratios(monkeypatch):
+    """measure_groups with every system up: prompt i goes to each system in turn, the first system rotating from
+    prompt to prompt, `repeats` times over the group; each point keeps (prompt, tok/s) per request, and the table
+    gives the median of the per-prompt ratios to `--speculative none` with their min-max."""
+    sent = []
+
+    async def fake_loop(cfg, users, per_user):
+        sent.append((cfg.url, cfg.prompts[0]["messages"][0]["content"], cfg.temperature))
+        rate = {"none": 10.0, "spec": {"a": 30.0, "b": 10.0, "c": 20.0}}
+        r = Result(ok=True, tokens=4, chunks=4, usage=True, latency=1.0, text="x")
+        tps = rate["none"] if cfg.url == "none" else rate["spec"][cfg.prompts[0]["messages"][0]["content"]]
+        r.ttft, r.last = 0.1, 0.1 + 3 / tps  # tokens_per_s = (tokens - 1) / (last - ttft) = tps
+        return [r], 1.0
+
+    class Up:
+        def __init__(self, url):
+            self.url, self.model, self.proc = url, "m", type("P", (), {"poll": lambda self: None})()
+
+    monkeypatch.setattr(peers, "closed_loop", fake_loop)
+    system = lambda n: peers.System(n, "dspark", ["dspark", "serve"], flags=[])  # noqa: E731
+    up = {"dspark --speculative none": (system("dspark --speculative none"), Up("none")),
+          "dspark (defaults)": (system("dspark (defaults)"), Up("spec"))}
+    data = {"systems": {n: {"points": [], "error": None, "version": "v", "command": n} for n in up},
+            "config": {"command": "c", "per_group": 3, "max_tokens": 4, "threads": 2, "cpu": "cpu",
+                       "temperatures": [0.0], "repeats": 2},
+            "prompts": {"chat": [{"messages": [{"role": "user", "content": c}]} for c in "abc"]}}
+    peers.measure_groups(up, data["prompts"], [0.0], 4, len, data, repeats=2)
+    timed = sent[2:]  # after a warm-up call per system
+    assert [(u, p) for u, p, _ in timed] == [("none", "a"), ("spec", "a"), ("spec", "b"), ("none", "b"),
+                                              ("none", "c"), ("spec", "c"), ("spec", "a"), ("none", "a"),
+                                              ("none", "b"), ("spec", "b"), ("spec", "c"), ("none", "c")]
+    p = data["systems"]["dspark (defaults)"]["points"][0]
+    assert p["requests_prompt"] == [0, 1, 2, 0, 1, 2] and p["group"] == "chat"
+    md = peers.groups_markdown(data, "g")
+    assert "| dspark (defaults) | 20.0 (2.00x, 1.00-3.00) |" in md  # per prompt 3x, 1x, 2x; p50 20 vs 10
+
+
+def test_sweep_groups_prompts_are_peers_by_group_prompts():
+    """`dspark loadtest sweep --prompts groups --requests 15` sends `peers --by-group 3`'s prompts, a group at a
+    time in turn (so the two tools can be compared on the same prompts)."""
+    from dspark.engine.settings import DEFAULT_MODEL, resolve_model
+    from dspark.engine.tokenizer import Tokenizer
+    from dspark.loadtest.loadgen import builtin_prompts, group_prompts
+
+    tok = Tokenizer(resolve_model(DEFAULT_MODEL))
+    groups = group_prompts(lambda t: len(tok.encode(t)), 3)
+    assert list(groups) == ["code", "chat", "math", "edit", "multiturn"]
+    assert builtin_prompts("groups", 15) == [groups[g][i] for i in range(3) for g in groups]

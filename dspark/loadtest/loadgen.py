@@ -14,6 +14,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,17 +30,22 @@ CHAT = ["Explain lists in Python.", "How do I read a file line by line?", "What 
 def builtin_prompts(kind: str, n: int = 24, seed: int = 0) -> list[dict]:
     """Request bodies (without model/sampling fields) for 'code', 'math', 'chat' or 'mixed' (the tiny test model's
     kind of text), or 'heldout': the drafters' held-out real prompts (HumanEval, held-out ShareGPT, generated
-    math; dspark/engine/training/prompts.py), interleaved, counted with the default model's tokenizer."""
+    math; dspark/engine/training/prompts.py), interleaved, counted with the default model's tokenizer; or 'groups':
+    `peers --by-group`'s five groups (group_prompts), interleaved: n = 5 * k gives its k prompts per group."""
     from dspark.engine.training.corpus import math_problem
 
     rng = random.Random(seed)
-    if kind == "heldout":
+    if kind in ("heldout", "groups"):
         from dspark.engine.settings import DEFAULT_MODEL, resolve_model
         from dspark.engine.tokenizer import Tokenizer
         from dspark.engine.training.prompts import prompt_set
 
         tok = Tokenizer(resolve_model(DEFAULT_MODEL))
-        sets = list(prompt_set("heldout", -(-n // 3), lambda t: len(tok.encode(t)), seed=seed).values())
+        count = lambda t: len(tok.encode(t))  # noqa: E731
+        if kind == "groups":  # `peers --by-group`'s prompts, a request from each group in turn
+            sets = list(group_prompts(count, -(-n // 5), seed=seed).values())
+            return [sets[i % 5][i // 5] for i in range(n)]
+        sets = list(prompt_set("heldout", -(-n // 3), count, seed=seed).values())
         return [{"messages": sets[i % 3][i // 3]} for i in range(n)]
     if kind == "mixed":
         sets = [builtin_prompts(k, n, seed) for k in ("code", "math", "chat")]
@@ -50,7 +56,44 @@ def builtin_prompts(kind: str, n: int = 24, seed: int = 0) -> list[dict]:
         return [{"messages": [{"role": "user", "content": math_problem(rng)[0]}]} for _ in range(n)]
     if kind == "chat":
         return [{"messages": [{"role": "user", "content": CHAT[i % len(CHAT)]}]} for i in range(n)]
-    raise ValueError(f"unknown prompt set {kind!r} (code, math, chat, mixed, heldout)")
+    raise ValueError(f"unknown prompt set {kind!r} (code, math, chat, mixed, heldout, groups)")
+
+
+def group_prompts(count_tokens: Callable[[str], int], per_group: int, max_prompt_tokens: int = 512,
+                  seed: int = 0, dialogues: list[list[dict]] | None = None) -> dict[str, list[dict]]:
+    """Held-out chat bodies per group: HumanEval code, held-out ShareGPT chat, generated math (the drafters'
+    evaluation prompts, dspark/engine/training/prompts.py, so no system saw them in training); edit (rewrite a given
+    HumanEval solution: answers that copy their prompt); multiturn (held-out ShareGPT conversations up to a later
+    user turn, the recorded answers in the history, so the answer can quote them)."""
+    from dspark.engine.training.prompts import GROUPS, edit_prompts, prompt_set, sharegpt_heldout_dialogues
+
+    sets = prompt_set("heldout", per_group, count_tokens, max_prompt_tokens, seed)
+    out = {g: [{"messages": m} for m in sets[g]] for g in GROUPS}
+    out["edit"] = [{"messages": m} for m in edit_prompts(per_group)]
+    out["multiturn"] = [{"messages": m} for m in later_turns(
+        sharegpt_heldout_dialogues(50 * per_group) if dialogues is None else dialogues, per_group, count_tokens,
+        max_prompt_tokens)]
+    return out
+
+
+def later_turns(dialogues: list[list[dict]], n: int, count_tokens: Callable[[str], int],
+                max_tokens: int) -> list[list[dict]]:
+    """Up to n conversations cut after their last user turn (the second or later) whose history fits max_tokens
+    (the messages' text, without the chat template)."""
+    out = []
+    for d in dialogues:
+        best, total = None, 0
+        for i, m in enumerate(d):
+            total += count_tokens(m["content"])
+            if total > max_tokens:
+                break
+            if m["role"] == "user" and i >= 2:
+                best = d[: i + 1]
+        if best is not None:
+            out.append(best)
+        if len(out) >= n:
+            break
+    return out
 
 
 def file_prompts(path: str) -> list[dict]:
@@ -78,6 +121,7 @@ class Result:
     chunks: int = 0  # content chunks received
     usage: bool = False  # tokens come from the server's usage; False: the server sent none, tokens = chunks
     text: str = ""  # the generated text, kept only with LoadConfig.keep_text
+    prompt: int = -1  # the index of its body in LoadConfig.prompts (closed_loop): pairs runs prompt by prompt
 
     @property
     def tpot(self) -> float:
@@ -163,9 +207,13 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, body: dict,
 async def closed_loop(cfg: LoadConfig, users: int, requests_per_user: int) -> tuple[list[Result], float]:
     async with httpx.AsyncClient(base_url=cfg.url, limits=httpx.Limits(max_connections=users + 4),
                                  headers=cfg.headers()) as client:
+        async def ask(i: int) -> Result:
+            r = await one_request(client, cfg, cfg.prompts[i])
+            r.prompt = i
+            return r
+
         async def user(u: int) -> list[Result]:
-            return [await one_request(client, cfg, cfg.prompts[(u * requests_per_user + i) % len(cfg.prompts)])
-                    for i in range(requests_per_user)]
+            return [await ask((u * requests_per_user + i) % len(cfg.prompts)) for i in range(requests_per_user)]
 
         t0 = time.perf_counter()
         per_user = await asyncio.gather(*(user(u) for u in range(users)))
@@ -237,6 +285,30 @@ def summarize(results: list[Result], wall: float) -> dict:
         "goodput_rps": (len(met) / wall if wall > 0 else 0.0) if with_slo else None,
         "slo_attainment": len(met) / len(with_slo) if with_slo else None,
     }
+
+
+def paired_speedup(rates: Iterable[tuple[int, float]], base: Iterable[tuple[int, float]]) -> dict | None:
+    """Speed-up over a baseline prompt by prompt, from (prompt index, tokens/s) per request (Result.prompt and
+    Result.tokens_per_s): per prompt, the median rate of its requests over the baseline's median on the same prompt;
+    then the median of those ratios and their spread (min, p10, p90, max).
+
+    Why not the ratio of two p50s: at batch 1 speculation's gain is a property of the text (1.0x on one prompt,
+    2.5x on the next), so the p50 over a mix of prompts sits on whichever prompt lands in the middle. The same 30
+    held-out prompts read 1.22x that way in one sweep and 1.43x in the next (docs/benchmarks.md, sweep-agreement)."""
+    def by_prompt(pairs: Iterable[tuple[int, float]]) -> dict[int, float]:
+        out: dict[int, list[float]] = {}
+        for i, rate in pairs:
+            if i >= 0:
+                out.setdefault(i, []).append(rate)
+        return {i: statistics.median(v) for i, v in out.items()}
+
+    a, b = by_prompt(rates), by_prompt(base)
+    ratios = sorted(a[i] / b[i] for i in a.keys() & b.keys() if b[i] > 0)
+    if not ratios:
+        return None
+    pick = lambda q: ratios[round(q * (len(ratios) - 1))]  # noqa: E731
+    return {"median": statistics.median(ratios), "min": ratios[0], "p10": pick(0.1), "p90": pick(0.9),
+            "max": ratios[-1], "prompts": len(ratios)}
 
 
 def save_results(path: Path, summary: dict, results: list[Result]) -> None:

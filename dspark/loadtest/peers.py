@@ -58,7 +58,14 @@ from dspark.engine.training.prompts import (  # noqa: F401
     sharegpt_heldout_dialogues,
     sharegpt_prompts,
 )
-from dspark.loadtest.loadgen import LoadConfig, Result, closed_loop, summarize
+from dspark.loadtest.loadgen import (
+    LoadConfig,
+    Result,
+    closed_loop,
+    group_prompts,
+    paired_speedup,
+    summarize,
+)
 from dspark.loadtest.sweep import REPO, Server, answers_ok, free_port
 
 
@@ -444,75 +451,59 @@ def sampling(s: System) -> dict:
     return LLAMA_PLAIN_SAMPLING if s.kind == "llama.cpp" else {}
 
 
-def group_prompts(count_tokens: Callable[[str], int], per_group: int, max_prompt_tokens: int = 512,
-                  seed: int = 0, dialogues: list[list[dict]] | None = None) -> dict[str, list[dict]]:
-    """Held-out chat bodies per group: HumanEval code, held-out ShareGPT chat, generated math (the drafters'
-    evaluation prompts, dspark/engine/training/prompts.py, so no system saw them in training); edit (rewrite a given
-    HumanEval solution: answers that copy their prompt); multiturn (held-out ShareGPT conversations up to a later
-    user turn, the recorded answers in the history, so the answer can quote them)."""
-    sets = prompt_set("heldout", per_group, count_tokens, max_prompt_tokens, seed)
-    out = {g: [{"messages": m} for m in sets[g]] for g in GROUPS}
-    out["edit"] = [{"messages": m} for m in edit_prompts(per_group)]
-    out["multiturn"] = [{"messages": m} for m in later_turns(
-        sharegpt_heldout_dialogues(50 * per_group) if dialogues is None else dialogues, per_group, count_tokens,
-        max_prompt_tokens)]
-    return out
+def measure_groups(up: dict[str, tuple[System, Server]], groups: dict[str, list[dict]], temperatures: list[float],
+                   max_tokens: int, count_tokens: Callable[[str], int], data: dict, repeats: int = 1) -> None:
+    """Batch 1 with every system up: at each temperature and group, each prompt goes to every system in turn (the
+    order rotating from prompt to prompt), the group `repeats` times over. Per system and point: per-user tok/s
+    (p50 over requests) and each request's (prompt, tok/s), so that ratios are taken prompt by prompt
+    (loadgen.paired_speedup) between requests sent seconds apart, as `dspark loadtest sweep` takes them."""
+    models = {}
+    for name, (_, server) in up.items():
+        models[name] = server.model
+        warm = LoadConfig(server.url, models[name], next(iter(groups.values())), max_tokens=8, ignore_eos=False,
+                          timeout=600)
+        asyncio.run(closed_loop(warm, 1, 2))
 
+    def ask(name: str, body: dict, i: int, t: float) -> Result:
+        s, server = up[name]
+        cfg = LoadConfig(server.url, models[name], [{**body, **sampling(s)}], max_tokens=max_tokens, temperature=t,
+                         ignore_eos=False, keep_text=True, timeout=3600)
+        (r,), _ = asyncio.run(closed_loop(cfg, 1, 1))
+        r.prompt = i
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{name}: server exited with {server.proc.returncode}")
+        return r
 
-def later_turns(dialogues: list[list[dict]], n: int, count_tokens: Callable[[str], int],
-                max_tokens: int) -> list[list[dict]]:
-    """Up to n conversations cut after their last user turn (the second or later) whose history fits max_tokens
-    (the messages' text, without the chat template)."""
-    out = []
-    for d in dialogues:
-        best, total = None, 0
-        for i, m in enumerate(d):
-            total += count_tokens(m["content"])
-            if total > max_tokens:
-                break
-            if m["role"] == "user" and i >= 2:
-                best = d[: i + 1]
-        if best is not None:
-            out.append(best)
-        if len(out) >= n:
-            break
-    return out
-
-
-def measure_groups(server: Server, s: System, groups: dict[str, list[dict]], temperatures: list[float],
-                   max_tokens: int, count_tokens: Callable[[str], int], points: list[dict]) -> list[dict]:
-    """One user, every prompt of a group in turn, at each temperature: per-user tok/s (p50 over requests)."""
-    extra = sampling(s)
-    warm = LoadConfig(server.url, server.model, next(iter(groups.values())), max_tokens=8, ignore_eos=False,
-                      timeout=600)
-    asyncio.run(closed_loop(warm, 1, 2))
     for t in temperatures:
         for g, bodies in groups.items():
-            cfg = LoadConfig(server.url, server.model, [{**b, **extra} for b in bodies], max_tokens=max_tokens,
-                             temperature=t, ignore_eos=False, keep_text=True, timeout=3600)
-            results, wall = asyncio.run(closed_loop(cfg, 1, len(bodies)))
-            recount_tokens(results, count_tokens, max_tokens)
-            p = summarize(results, wall)
-            ok = [r for r in results if r.ok]
-            p.update(temperature=t, group=g, mean_tokens=sum(r.tokens for r in ok) / max(len(ok), 1),
-                     tokens_per_s_overall=sum(r.tokens for r in ok) / wall)
-            points.append(p)
-            print(f"{s.name:>42} T={t} {g:<5} per-user p50 {p['per_user_tokens_per_s']['p50']:6.1f} tok/s  "
-                  f"overall {p['tokens_per_s_overall']:6.1f}  tokens/request {p['mean_tokens']:5.1f}  errors "
-                  f"{sum(p['errors'].values())}", flush=True)
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {server.proc.returncode}")
-    return points
+            results: dict[str, list[Result]] = {name: [] for name in up}
+            for k in range(repeats * len(bodies)):
+                names = list(up)
+                for name in names[k % len(names):] + names[: k % len(names)]:
+                    results[name].append(ask(name, bodies[k % len(bodies)], k % len(bodies), t))
+            for name, rs in results.items():
+                recount_tokens(rs, count_tokens, max_tokens)
+                wall = sum(r.latency for r in rs)
+                p = summarize(rs, wall)
+                ok = [r for r in rs if r.ok]
+                p.update(temperature=t, group=g, mean_tokens=sum(r.tokens for r in ok) / max(len(ok), 1),
+                         tokens_per_s_overall=sum(r.tokens for r in ok) / wall if wall else 0.0,
+                         requests_prompt=[r.prompt for r in ok], requests_tps=[round(r.tokens_per_s, 2) for r in ok])
+                data["systems"][name]["points"].append(p)
+                print(f"{name:>42} T={t} {g:<9} per-user p50 {p['per_user_tokens_per_s']['p50']:6.1f} tok/s  "
+                      f"overall {p['tokens_per_s_overall']:6.1f}  tokens/request {p['mean_tokens']:5.1f}  errors "
+                      f"{sum(p['errors'].values())}", flush=True)
 
 
 def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group: int = 8, max_tokens: int = 128,
                max_prompt_tokens: int = 512, seed: int = 0, threads: int = 2, pld_tokens: int = 10,
                which: list[str] | None = None, out_dir: str = "docs", name: str = "peers-batch1",
                write_md: str | None = "docs/benchmarks.md", command: str | None = None,
-               variants: list[str] | None = None) -> dict:
+               variants: list[str] | None = None, repeats: int = 1) -> dict:
     """Batch 1 over HTTP per group and temperature: this server without and with its shipped dspark drafter (or
     one system per `variants` flag set; the ratios are then to the one with `--speculative none`), llama.cpp plain
-    and with prompt lookup (transformers serve is left out: see the in-process HF rows)."""
+    and with prompt lookup (transformers serve is left out: see the in-process HF rows). Every system is up for
+    the whole run and they take turns prompt by prompt (measure_groups)."""
     count = token_counter(hf_dir)
     groups = group_prompts(count, per_group, max_prompt_tokens, seed)
     v = versions(peers_python)
@@ -523,9 +514,21 @@ def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group:
     data = {"config": {"model": model, "gguf": gguf, "per_group": per_group, "max_tokens": max_tokens,
                        "max_prompt_tokens": max_prompt_tokens, "seed": seed, "threads": threads,
                        "pld_tokens": pld_tokens, "temperatures": [0.0, 1.0], "command": command or "",
-                       "cpu": _cpu_name()}, "versions": v, "prompts": groups, "systems": {}}
-    run_each(chosen, v, data, log_dir,
-             lambda server, s, points: measure_groups(server, s, groups, [0.0, 1.0], max_tokens, count, points))
+                       "cpu": _cpu_name(), "repeats": repeats}, "versions": v, "prompts": groups, "systems": {}}
+    up: dict[str, tuple[System, Server]] = {}
+    try:
+        for s in chosen:
+            data["systems"][s.name] = {"version": system_version(s, v), "command": s.command(), "points": [],
+                                       "error": None}
+            try:
+                up[s.name] = (s, start(s, log_dir))
+            except (RuntimeError, httpx.HTTPError, OSError) as e:
+                data["systems"][s.name]["error"] = f"{type(e).__name__}: {e}"
+                print(f"{s.name}: {data['systems'][s.name]['error']}", file=sys.stderr, flush=True)
+        measure_groups(up, groups, [0.0, 1.0], max_tokens, count, data, repeats)
+    finally:
+        for _, server in up.values():
+            server.stop()
     return save(data, out_dir, name, write_md, groups_markdown)
 
 
@@ -597,17 +600,36 @@ def groups_markdown(data: dict, name: str) -> str:
     cols = [(t, g) for t in cfg["temperatures"] for g in data["prompts"]]
     base = data["systems"].get("dspark") or data["systems"].get("dspark --speculative none", {})
 
+    def point(entry, t, g):
+        return next((x for x in entry.get("points", []) if x["temperature"] == t and x["group"] == g and x["ok"]),
+                    None)
+
     def fig(entry, t, g):
-        p = next((x for x in entry.get("points", []) if x["temperature"] == t and x["group"] == g and x["ok"]), None)
+        p = point(entry, t, g)
         return p["per_user_tokens_per_s"]["p50"] if p else None
+
+    def versus(entry, t, g):
+        """Prompt by prompt against the base (median, min-max over the prompts), or the ratio of the p50s for a
+        run saved before requests were paired."""
+        p, b = point(entry, t, g), point(base, t, g) if base else None
+        if not p or not b:
+            return ""
+        if "requests_prompt" in p and "requests_prompt" in b:
+            vs = paired_speedup(zip(p["requests_prompt"], p["requests_tps"]),
+                                zip(b["requests_prompt"], b["requests_tps"]))
+            return f" ({vs['median']:.2f}x, {vs['min']:.2f}-{vs['max']:.2f})" if vs else ""
+        x, y = fig(entry, t, g), fig(base, t, g)
+        return f" ({x / y:.2f}x)" if x is not None and y else ""
 
     lines = [f"<!-- bench:{name} -->", "## Batch 1 over HTTP per prompt group: this server and llama.cpp (CPU)", "",
              f"Command: `{cfg['command']}`. One user, {cfg['per_group']} held-out prompts per group (code: HumanEval, "
              f"chat: held-out ShareGPT, math: generated, edit: rewrite a given HumanEval solution, multiturn: held-out "
              f"ShareGPT conversations up to a later user turn), `max_tokens` {cfg['max_tokens']}, streamed through the "
              f"same client; {cfg['threads']} threads each, {cfg['cpu']}. Cells: per-user tok/s, p50 over requests "
-             "(ratio to this server without speculation). llama.cpp is sent top_k 0, top_p 1, min_p 0 so that T=1 "
-             "is the plain distribution for every system.", "",
+             "(against this server without speculation, prompt by prompt: the median of the per-prompt ratios and "
+             "their min-max). Every system is up, and they take turns prompt by prompt, "
+             f"{cfg.get('repeats', 1)} time(s) over each group. llama.cpp is sent top_k 0, top_p 1, min_p 0 so that "
+             "T=1 is the plain distribution for every system.", "",
              "| system | " + " | ".join(f"T={t} {g}" for t, g in cols) + " |", "|---|" + "---|" * len(cols)]
     for n, e in data["systems"].items():
         if e.get("error") and not e.get("points"):
@@ -615,8 +637,7 @@ def groups_markdown(data: dict, name: str) -> str:
             continue
         cells = []
         for t, g in cols:
-            x, b = fig(e, t, g), fig(base, t, g) if base else None
-            cells.append(_f(x) + (f" ({x / b:.2f}x)" if x is not None and b else ""))
+            cells.append(_f(fig(e, t, g)) + versus(e, t, g))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "Commands (P = a free port):", ""] + [f"- {n}: `{e['command']}`" for n, e in data["systems"].items()]
     lines += ["", f"<!-- /bench:{name} -->"]
@@ -650,6 +671,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--by-group", type=int, default=0, metavar="N",
                     help="instead: batch 1 per held-out group (N prompts each) at T=0 and T=1, with this server's "
                     "dspark drafter too (section/JSON name peers-batch1 unless --name)")
+    ap.add_argument("--repeats", type=int, default=1, help="with --by-group: times over each group's prompts")
     ap.add_argument("--decode-rate", type=int, default=0, metavar="N",
                     help="instead: batch-1 decode tok/s per group (N prompts each), not streamed, from the time of "
                     "max_tokens against 1 token on a cached prompt (section/JSON name peers-decode-rate)")
@@ -675,7 +697,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> dict:
         return run_groups(a.model, a.gguf, hf_dir, a.peers_python, a.by_group, a.max_tokens, a.max_prompt_tokens,
                           a.seed, a.threads, a.pld_tokens, which,
                           a.out_dir, "peers-batch1" if a.name == "peers" else a.name, a.write_md or None,
-                          command or "python -m dspark.loadtest.peers " + shlex.join(argv), a.dspark)
+                          command or "python -m dspark.loadtest.peers " + shlex.join(argv), a.dspark, a.repeats)
     return run_peers(a.model, a.gguf, hf_dir, a.peers_python, [int(u) for u in a.users.split(",")], a.requests,
                      a.max_tokens, a.num_prompts, a.max_prompt_tokens, a.seed, a.threads, a.pld_tokens,
                      [s.strip() for s in a.systems.split(",") if s.strip()] or None, a.out_dir, a.name,

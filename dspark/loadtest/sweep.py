@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +21,14 @@ from pathlib import Path
 
 import httpx
 
-from dspark.loadtest.loadgen import LoadConfig, all_users_rate, builtin_prompts, closed_loop, summarize
+from dspark.loadtest.loadgen import (
+    LoadConfig,
+    all_users_rate,
+    builtin_prompts,
+    closed_loop,
+    paired_speedup,
+    summarize,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +40,7 @@ MODES = {
     "dspark adaptive": ["--speculative", "dspark", "--draft-policy", "adaptive"],
     "ngram": ["--speculative", "ngram"],
     "dspark+ngram": ["--speculative", "dspark+ngram", "--draft-policy", "adaptive"],
+    "default": [],  # the configured defaults (configs/default.yaml), as `peers --dspark=` serves them
 }
 
 
@@ -102,19 +111,32 @@ def _delta(after: dict, before: dict, prefix: str) -> float:
     return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
 
 
-COUNTERS = ("dspark_spec_rounds_total", "dspark_spec_accepted_tokens_total", "dspark_spec_draft_tokens_total",
+def _by_drafter(after: dict, before: dict) -> dict[str, list[float]]:
+    """{proposer: [rounds, draft tokens, accepted tokens]} over a run, from the counters' drafter label (a hybrid's
+    rounds are counted under the proposer whose draft was verified)."""
+    out: dict[str, list[float]] = {}
+    for j, name in enumerate(COUNTERS[:3]):
+        for k, v in after.items():
+            m = re.fullmatch(name + r'\{drafter="([^"]*)"\}', k)
+            if m:
+                out.setdefault(m.group(1), [0.0, 0.0, 0.0])[j] += v - before.get(k, 0.0)
+    return out
+
+
+COUNTERS = ("dspark_spec_rounds_total", "dspark_spec_draft_tokens_total", "dspark_spec_accepted_tokens_total",
             "dspark_step_seconds_sum", "dspark_scheduler_seconds_sum")
 
 
 def measure(server: Server, prompts: list[dict], users: int, requests_per_user: int, max_tokens: int,
-            temperature: float, slo: float) -> dict:
+            temperature: float, slo: float, ignore_eos: bool = True) -> dict:
     """One closed-loop run: its requests, wall time, and the server's speculation counters over it."""
-    cfg = LoadConfig(server.url, server.model, prompts, max_tokens, temperature, slo)
+    cfg = LoadConfig(server.url, server.model, prompts, max_tokens, temperature, slo, ignore_eos=ignore_eos)
     before = scrape(server.url)
     results, wall = asyncio.run(closed_loop(cfg, users, requests_per_user))
     after = scrape(server.url)
     counters = {k: _delta(after, before, k) for k in COUNTERS}
-    return {"results": results, "wall": wall, "counters": counters, "all_users": all_users_rate(results, users)}
+    return {"results": results, "wall": wall, "counters": counters, "all_users": all_users_rate(results, users),
+            "drafters": _by_drafter(after, before)}
 
 
 def combine(runs: list[dict], users: int) -> dict:
@@ -126,7 +148,14 @@ def combine(runs: list[dict], users: int) -> dict:
     rounds, accepted = c["dspark_spec_rounds_total"], c["dspark_spec_accepted_tokens_total"]
     step_s = c["dspark_step_seconds_sum"]
     ok = [r for r in results if r.ok]
-    s.update(requests_tps=[round(r.tokens_per_s, 2) for r in ok], requests_tokens=[r.tokens for r in ok])
+    s.update(requests_tps=[round(r.tokens_per_s, 2) for r in ok], requests_tokens=[r.tokens for r in ok],
+             requests_prompt=[r.prompt for r in ok])
+    per: dict[str, list[float]] = {}
+    for run in runs:
+        for d, xs in run.get("drafters", {}).items():
+            per[d] = [a + b for a, b in zip(per.get(d, [0.0, 0.0, 0.0]), xs)]
+    s["proposers"] = {d: {"rounds_share": r / rounds, "tau": (r + acc) / r, "draft_per_round": dt / r}
+                      for d, (r, dt, acc) in per.items() if r and rounds}
     s.update(concurrency=users, tau=(rounds + accepted) / rounds if rounds else None,
              draft_per_round=c["dspark_spec_draft_tokens_total"] / rounds if rounds else None,
              scheduler_share=c["dspark_scheduler_seconds_sum"] / step_s if step_s else None,
@@ -146,16 +175,18 @@ def run_point(server: Server, prompts: list[dict], users: int, requests_per_user
 def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed", max_tokens: int = 64,
           temperature: float = 0.0, slo: float = 0.0, requests_total: int = 32, server_flags: list[str] = (),
           out_dir: str = "docs", name: str | None = None, write_md: str | None = "docs/benchmarks.md",
-          repeats: int = 1) -> dict:
+          repeats: int = 1, ignore_eos: bool = True) -> dict:
     """Every mode's server runs for the whole sweep, and at each concurrency the modes take turns, `repeats`
     times in rotating order: a machine whose speed drifts by 10-20% over minutes (a shared VM) then slows every
     mode alike, where one mode after another would charge the drift to whichever ran later."""
-    prompts = builtin_prompts(prompt_set, 48)
+    # groups: a pool of exactly --requests prompts, so that --requests 5k sends `peers --by-group k`'s (its math
+    # prompts are drawn afresh for each pool size, not as prefixes of a larger pool)
+    prompts = builtin_prompts(prompt_set, requests_total if prompt_set == "groups" else 48)
     name = name or f"sweep-t{temperature:g}"
     data = {"modes": {m: [] for m in modes},
             "config": {"prompt_set": prompt_set, "max_tokens": max_tokens, "temperature": temperature,
                        "slo_tokens_per_s": slo, "requests_total": requests_total, "server_flags": list(server_flags),
-                       "concurrencies": concurrencies, "repeats": repeats}}
+                       "concurrencies": concurrencies, "repeats": repeats, "ignore_eos": ignore_eos}}
     servers: dict[str, Server] = {}
     try:
         for mode in modes:
@@ -166,16 +197,20 @@ def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed",
             for r in range(repeats):
                 for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
                     runs[mode].append(measure(servers[mode], prompts, c, max(2, requests_total // c), max_tokens,
-                                              temperature, slo))
+                                              temperature, slo, ignore_eos))
             for mode in modes:
                 p = combine(runs[mode], c)
                 data["modes"][mode].append(p)
                 tau = f"{p['tau']:.2f}" if p["tau"] else "-"
+                base = data["modes"].get("none", [])
+                vs = per_prompt_speedup(p, base[-1]) if mode != "none" and base else None
                 print(f"{mode:>16} c={c:<3} total {p['total_tokens_per_s']:7.1f} tok/s  all users active "
                       f"{p['all_users_tokens_per_s']:7.1f}  per-user p50 "
                       f"{p['per_user_tokens_per_s']['p50']:6.1f}  ttft p50 {p['ttft_s']['p50'] * 1e3:6.0f} ms  "
                       f"tau {tau}  errors {sum(p['errors'].values())}"
-                      + (f"  runs {p['runs_total_tokens_per_s']}" if repeats > 1 else ""), flush=True)
+                      + (f"  runs {p['runs_total_tokens_per_s']}" if repeats > 1 else "")
+                      + (f"  per prompt vs none {vs['median']:.2f}x ({vs['p10']:.2f}-{vs['p90']:.2f})" if vs else ""),
+                      flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -261,6 +296,13 @@ def adaptive_vs_fixed(data: dict) -> list[dict]:
     return rows
 
 
+def per_prompt_speedup(p: dict, q: dict) -> dict | None:
+    """loadgen.paired_speedup of two saved sweep points (None for points saved before requests_prompt was kept)."""
+    if "requests_prompt" not in p or "requests_prompt" not in q:
+        return None
+    return paired_speedup(zip(p["requests_prompt"], p["requests_tps"]), zip(q["requests_prompt"], q["requests_tps"]))
+
+
 def _paired(p: dict, q: dict) -> list[float]:
     """Per-run total tokens/s ratios of two modes, run i with run i (they ran back to back)."""
     a, b = p.get("runs_total_tokens_per_s", []), q.get("runs_total_tokens_per_s", [])
@@ -277,10 +319,12 @@ def markdown(data: dict, name: str, chart: str) -> str:
            f"{cfg['temperature']:g} --concurrency {','.join(map(str, cfg['concurrencies']))} --requests "
            f"{cfg['requests_total']}" + (f" --repeats {repeats}" if repeats > 1 else "")
            + (f" --slo {cfg['slo_tokens_per_s']:g}" if cfg["slo_tokens_per_s"] else "")
-           + (f" -- {flags}" if flags else ""))
+           + ("" if cfg.get("ignore_eos", True) else " --ignore-eos off") + (f" -- {flags}" if flags else ""))
     lines = [f"<!-- bench:{name} -->", f"## Load sweep, temperature {cfg['temperature']:g}: per-user vs total tokens/s",
              "", f"Command: `{cmd}`. The real HTTP server (SSE streaming) in each mode, closed loop with N users, "
-             f"{cfg['max_tokens']} tokens per request, {cfg['prompt_set']} prompts; {runs}. "
+             f"{cfg['max_tokens']} tokens per request"
+             + (", ignore_eos" if cfg.get("ignore_eos", True) else ", stopping at EOS")
+             + f", {cfg['prompt_set']} prompts; {runs}. "
              "tau and the scheduler's share of step time are read from the server's /metrics for each point. "
              "'All users active': tokens/s until the first user was done, i.e. without the drain at the end, where "
              "the last users run at a lower concurrency than the point's.",
@@ -297,6 +341,20 @@ def markdown(data: dict, name: str, chart: str) -> str:
             lines.append(f"| {mode} | {p['concurrency']} | {p['total_tokens_per_s']:.1f} | {active} | {u['p50']:.1f} / "
                          f"{u['p90']:.1f} | {p['ttft_s']['p50'] * 1e3:.0f} | {p['tpot_s']['p50'] * 1e3:.1f} | {tau} | "
                          f"{dpr} | {share} | {sum(p['errors'].values())} |")
+    base = data["modes"].get("none", [])
+    rows = [(mode, p, per_prompt_speedup(p, base[i]) if i < len(base) else None)
+            for mode, points in data["modes"].items() if mode != "none" for i, p in enumerate(points)]
+    if any(vs or p.get("proposers") for _, p, vs in rows):
+        lines += ["", "Per prompt against none (each prompt's tok/s over none's on the same prompt, then the median "
+                  "and p10-p90 over prompts: `loadgen.paired_speedup`), and the verified rounds by proposer (share "
+                  "of rounds, tau, draft tokens per round), from the server's counters:", "",
+                  "| mode | users | per-user vs none, per prompt: median (p10-p90) | rounds by proposer |",
+                  "|---|---|---|---|"]
+        for mode, p, vs in rows:
+            props = "; ".join(f"{d}: {100 * x['rounds_share']:.0f}%, tau {x['tau']:.2f}, {x['draft_per_round']:.1f}"
+                              for d, x in sorted(p.get("proposers", {}).items()))
+            cell = f"{vs['median']:.2f}x ({vs['p10']:.2f}-{vs['p90']:.2f}, {vs['prompts']} prompts)" if vs else "-"
+            lines.append(f"| {mode} | {p['concurrency']} | {cell} | {props or '-'} |")
     slo = cfg.get("goodput_slo")
     if slo:
         modes = list(data["modes"])
