@@ -612,7 +612,7 @@ def groups_markdown(data: dict, name: str) -> str:
         """Prompt by prompt against the base (median, min-max over the prompts), or the ratio of the p50s for a
         run saved before requests were paired."""
         p, b = point(entry, t, g), point(base, t, g) if base else None
-        if not p or not b:
+        if not p or not b or entry is base:
             return ""
         if "requests_prompt" in p and "requests_prompt" in b:
             vs = paired_speedup(zip(p["requests_prompt"], p["requests_tps"]),
@@ -628,8 +628,8 @@ def groups_markdown(data: dict, name: str) -> str:
              f"same client; {cfg['threads']} threads each, {cfg['cpu']}. Cells: per-user tok/s, p50 over requests "
              "(against this server without speculation, prompt by prompt: the median of the per-prompt ratios and "
              "their min-max). Every system is up, and they take turns prompt by prompt, "
-             f"{cfg.get('repeats', 1)} time(s) over each group. llama.cpp is sent top_k 0, top_p 1, min_p 0 so that "
-             "T=1 is the plain distribution for every system.", "",
+             f"each group's prompts {cfg.get('repeats', 1)} time(s) over. llama.cpp is sent top_k 0, top_p 1, "
+             "min_p 0 so that T=1 is the plain distribution for every system.", "",
              "| system | " + " | ".join(f"T={t} {g}" for t, g in cols) + " |", "|---|" + "---|" * len(cols)]
     for n, e in data["systems"].items():
         if e.get("error") and not e.get("points"):
