@@ -315,7 +315,8 @@ def markdown(data: dict, name: str, chart: str) -> str:
     runs = "one run" if repeats == 1 else (f"{repeats} runs per point, the modes taking turns in rotating order; "
                                            "each figure is over all of a point's runs together")
     flags = " ".join(cfg["server_flags"])
-    cmd = (f"dspark loadtest sweep --prompts {cfg['prompt_set']} --max-tokens {cfg['max_tokens']} --temperature "
+    cmd = (f"dspark loadtest sweep --modes '{','.join(data['modes'])}' --name {name} --prompts {cfg['prompt_set']}"
+           f" --max-tokens {cfg['max_tokens']} --temperature "
            f"{cfg['temperature']:g} --concurrency {','.join(map(str, cfg['concurrencies']))} --requests "
            f"{cfg['requests_total']}" + (f" --repeats {repeats}" if repeats > 1 else "")
            + (f" --slo {cfg['slo_tokens_per_s']:g}" if cfg["slo_tokens_per_s"] else "")
