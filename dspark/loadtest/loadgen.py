@@ -293,8 +293,8 @@ def paired_speedup(rates: Iterable[tuple[int, float]], base: Iterable[tuple[int,
     then the median of those ratios and their spread (min, p10, p90, max).
 
     Why not the ratio of two p50s: at batch 1 speculation's gain is a property of the text (1.0x on one prompt,
-    2.5x on the next), so the p50 over a mix of prompts sits on whichever prompt lands in the middle. The same 30
-    held-out prompts read 1.22x that way in one sweep and 1.43x in the next (docs/benchmarks.md, sweep-agreement)."""
+    2.5x on the next), so the p50 over a mix of prompts sits on whichever prompt lands in the middle: the sweep's
+    held-out prompts read 1.22x that way in one run and 1.43x in the next (docs/benchmarks.md, sweep-agreement)."""
     def by_prompt(pairs: Iterable[tuple[int, float]]) -> dict[int, float]:
         out: dict[int, list[float]] = {}
         for i, rate in pairs:
