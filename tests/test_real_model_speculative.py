@@ -82,3 +82,36 @@ def test_sampled_distribution_matches_target():
     assert_multi_token_rounds(eng, case.policy)
     joint = exact_joint(eng, ids, case)
     assert tv(counts, joint, n) < tv_bound(joint, n)
+
+
+@pytest.fixture(scope="module")
+def group_reference():
+    """`peers --by-group`'s five groups (code, chat, math, edit: rewrite a given function, multiturn: a later turn
+    of a held-out conversation), 4 prompts each, and the target's own greedy continuations."""
+    from dspark.loadtest.loadgen import group_prompts
+
+    eng = LLMEngine(settings())
+    groups = group_prompts(lambda t: len(eng.tokenizer.encode(t)), 4)
+    ps = [eng.tokenizer.encode_chat(b["messages"]) for g in groups.values() for b in g]
+    assert len(ps) == 20
+    return ps, [s.output_ids for s in eng.generate(ps, SamplingParams(temperature=0, max_tokens=48))]
+
+
+@pytest.mark.parametrize("method", ["dspark+ngram", "suffix", "dspark+suffix"])
+def test_model_free_and_hybrid_greedy_identical_on_every_group(method, group_reference):
+    """Issue 38's bar in float32: the default (dspark+ngram) and suffix decoding, alone and beside the drafter, under
+    the adaptive policy, give the target's greedy text on every prompt of every group."""
+    if "dspark" in method:
+        need("dspark")
+    ps, ref = group_reference
+    eng = LLMEngine(settings(speculative=method, draft_policy="adaptive", suffix_min_score=1.0))
+    cheap_drafting(eng)
+    for _ in range(2 if "suffix" in method else 1):  # suffix: a second pass drafts from the first's outputs too
+        seqs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=48))
+        mismatched = [i for i, s in enumerate(seqs) if s.output_ids != ref[i]]
+        assert not mismatched, f"{len(mismatched)} of {len(ps)} differ, first {mismatched[:5]}"
+    sources = {p for *_, p in eng.round_log}
+    assert sources == set(method.split("+")), sources  # every proposer of the method drafted
+    assert eng.stats["accepted_tokens"] > 0
+    assert eng.block_manager.num_free == eng.block_manager.num_blocks
+    eng.block_manager.check()
