@@ -245,3 +245,28 @@ def test_sweep_groups_prompts_are_peers_by_group_prompts():
     groups = group_prompts(lambda t: len(tok.encode(t)), 3)
     assert list(groups) == ["code", "chat", "math", "edit", "multiturn"]
     assert builtin_prompts("groups", 15) == [groups[g][i] for i in range(3) for g in groups]
+
+
+def test_by_group_a_system_that_dies_keeps_its_figures_and_the_others_go_on(monkeypatch):
+    async def fake_loop(cfg, users, per_user):
+        r = Result(ok=True, tokens=4, chunks=4, usage=True, latency=1.0, text="x", ttft=0.1, last=0.4)
+        return [r], 1.0
+
+    class Up:
+        def __init__(self, url, dies_after=None):
+            self.url, self.model, self.calls, self.dies_after, self.returncode = url, "m", 0, dies_after, 1
+            self.proc = self
+
+        def poll(self):
+            self.calls += 1
+            return 1 if self.dies_after is not None and self.calls > self.dies_after else None
+
+    monkeypatch.setattr(peers, "closed_loop", fake_loop)
+    system = lambda n: peers.System(n, "dspark", ["dspark", "serve"], flags=[])  # noqa: E731
+    up = {"a": (system("a"), Up("a")), "b": (system("b"), Up("b", dies_after=1))}
+    data = {"systems": {n: {"points": [], "error": None} for n in up}}
+    groups = {g: [{"messages": [{"role": "user", "content": c}]} for c in "xyz"] for g in ("chat", "code")}
+    peers.measure_groups(up, groups, [0.0], 4, len, data)
+    assert [(p["group"], p["requests"]) for p in data["systems"]["a"]["points"]] == [("chat", 3), ("code", 3)]
+    assert [(p["group"], p["requests"]) for p in data["systems"]["b"]["points"]] == [("chat", 1)]
+    assert "b: server exited with 1" in data["systems"]["b"]["error"]

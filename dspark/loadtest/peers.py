@@ -49,13 +49,11 @@ from dspark.engine.settings import DEFAULT_MODEL, resolve_model
 from dspark.engine.training.prompts import (  # noqa: F401
     GROUPS,
     HUMANEVAL_ASK,
-    edit_prompts,
     heldout_text,
     humaneval_prompts,
     iter_json_array,
     prompt_set,
     sharegpt_first_turns,
-    sharegpt_heldout_dialogues,
     sharegpt_prompts,
 )
 from dspark.loadtest.loadgen import (
@@ -474,14 +472,22 @@ def measure_groups(up: dict[str, tuple[System, Server]], groups: dict[str, list[
             raise RuntimeError(f"{name}: server exited with {server.proc.returncode}")
         return r
 
+    dead: set[str] = set()  # a system that failed keeps its figures so far; the others go on
     for t in temperatures:
         for g, bodies in groups.items():
             results: dict[str, list[Result]] = {name: [] for name in up}
             for k in range(repeats * len(bodies)):
-                names = list(up)
-                for name in names[k % len(names):] + names[: k % len(names)]:
-                    results[name].append(ask(name, bodies[k % len(bodies)], k % len(bodies), t))
+                names = [n for n in up if n not in dead]
+                for name in names[k % len(names):] + names[: k % len(names)] if names else []:
+                    try:
+                        results[name].append(ask(name, bodies[k % len(bodies)], k % len(bodies), t))
+                    except RuntimeError as e:
+                        dead.add(name)
+                        data["systems"][name]["error"] = str(e)
+                        print(str(e), file=sys.stderr, flush=True)
             for name, rs in results.items():
+                if not rs:
+                    continue
                 recount_tokens(rs, count_tokens, max_tokens)
                 wall = sum(r.latency for r in rs)
                 p = summarize(rs, wall)
