@@ -198,12 +198,11 @@ def sweep(modes: list[str], concurrencies: list[int], prompt_set: str = "mixed",
                 for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
                     runs[mode].append(measure(servers[mode], prompts, c, max(2, requests_total // c), max_tokens,
                                               temperature, slo, ignore_eos))
-            for mode in modes:
-                p = combine(runs[mode], c)
+            points = {mode: combine(runs[mode], c) for mode in modes}
+            for mode, p in points.items():
                 data["modes"][mode].append(p)
                 tau = f"{p['tau']:.2f}" if p["tau"] else "-"
-                base = data["modes"].get("none", [])
-                vs = per_prompt_speedup(p, base[-1]) if mode != "none" and base else None
+                vs = per_prompt_speedup(p, points["none"]) if mode != "none" and "none" in points else None
                 print(f"{mode:>16} c={c:<3} total {p['total_tokens_per_s']:7.1f} tok/s  all users active "
                       f"{p['all_users_tokens_per_s']:7.1f}  per-user p50 "
                       f"{p['per_user_tokens_per_s']['p50']:6.1f}  ttft p50 {p['ttft_s']['p50'] * 1e3:6.0f} ms  "
