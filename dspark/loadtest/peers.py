@@ -61,10 +61,9 @@ from dspark.loadtest.loadgen import (
     Result,
     closed_loop,
     group_prompts,
-    paired_speedup,
     summarize,
 )
-from dspark.loadtest.sweep import REPO, Server, answers_ok, free_port
+from dspark.loadtest.sweep import REPO, Server, answers_ok, free_port, per_prompt_speedup
 
 
 def default_gguf() -> str:
@@ -313,22 +312,37 @@ def run_peers(model: str, gguf: str, hf_dir: str, peers_python: str, users: list
     return save(data, out_dir, name, write_md, markdown)
 
 
+FAILURES = (RuntimeError, httpx.HTTPError, OSError)  # a system that fails these is recorded, the others go on
+
+
+def failed(data: dict, name: str, e: Exception) -> None:
+    data["systems"][name]["error"] = f"{type(e).__name__}: {e}"
+    print(f"{name}: {data['systems'][name]['error']}", file=sys.stderr, flush=True)
+
+
+def start_entry(s: System, v: dict, data: dict, log_dir: Path) -> Server | None:
+    """The system's entry in data["systems"], and its server started (None, with the error recorded, if not)."""
+    data["systems"][s.name] = {"version": system_version(s, v), "command": s.command(), "points": [], "error": None}
+    try:
+        return start(s, log_dir)
+    except FAILURES as e:
+        failed(data, s.name, e)
+        return None
+
+
 def run_each(chosen: list[System], v: dict, data: dict, log_dir: Path, measure_one: Callable) -> None:
     """Start each system in turn, measure_one(server, system, points) it, stop it; a failure is recorded in
     data["systems"] and the other systems still run."""
     for s in chosen:
-        entry = {"version": system_version(s, v), "command": s.command(), "points": [], "error": None}
-        data["systems"][s.name] = entry
-        server = None
+        server = start_entry(s, v, data, log_dir)
+        if server is None:
+            continue
         try:
-            server = start(s, log_dir)
-            measure_one(server, s, entry["points"])
-        except (RuntimeError, httpx.HTTPError, OSError) as e:
-            entry["error"] = f"{type(e).__name__}: {e}"
-            print(f"{s.name}: {entry['error']}", file=sys.stderr, flush=True)
+            measure_one(server, s, data["systems"][s.name]["points"])
+        except FAILURES as e:
+            failed(data, s.name, e)
         finally:
-            if server is not None:
-                server.stop()
+            server.stop()
 
 
 def save(data: dict, out_dir: str, name: str, write_md: str | None, render: Callable[[dict, str], str]) -> dict:
@@ -469,7 +483,7 @@ def measure_groups(up: dict[str, tuple[System, Server]], groups: dict[str, list[
         (r,), _ = asyncio.run(closed_loop(cfg, 1, 1))
         r.prompt = i
         if server.proc.poll() is not None:
-            raise RuntimeError(f"{name}: server exited with {server.proc.returncode}")
+            raise RuntimeError(f"server exited with {server.proc.returncode}")
         return r
 
     dead: set[str] = set()  # a system that failed keeps its figures so far; the others go on
@@ -481,10 +495,9 @@ def measure_groups(up: dict[str, tuple[System, Server]], groups: dict[str, list[
                 for name in names[k % len(names):] + names[: k % len(names)] if names else []:
                     try:
                         results[name].append(ask(name, bodies[k % len(bodies)], k % len(bodies), t))
-                    except RuntimeError as e:
+                    except FAILURES as e:
                         dead.add(name)
-                        data["systems"][name]["error"] = str(e)
-                        print(str(e), file=sys.stderr, flush=True)
+                        failed(data, name, e)
             for name, rs in results.items():
                 if not rs:
                     continue
@@ -524,13 +537,9 @@ def run_groups(model: str, gguf: str, hf_dir: str, peers_python: str, per_group:
     up: dict[str, tuple[System, Server]] = {}
     try:
         for s in chosen:
-            data["systems"][s.name] = {"version": system_version(s, v), "command": s.command(), "points": [],
-                                       "error": None}
-            try:
-                up[s.name] = (s, start(s, log_dir))
-            except (RuntimeError, httpx.HTTPError, OSError) as e:
-                data["systems"][s.name]["error"] = f"{type(e).__name__}: {e}"
-                print(f"{s.name}: {data['systems'][s.name]['error']}", file=sys.stderr, flush=True)
+            server = start_entry(s, v, data, log_dir)
+            if server is not None:
+                up[s.name] = (s, server)
         measure_groups(up, groups, [0.0, 1.0], max_tokens, count, data, repeats)
     finally:
         for _, server in up.values():
@@ -621,8 +630,7 @@ def groups_markdown(data: dict, name: str) -> str:
         if not p or not b or entry is base:
             return ""
         if "requests_prompt" in p and "requests_prompt" in b:
-            vs = paired_speedup(zip(p["requests_prompt"], p["requests_tps"]),
-                                zip(b["requests_prompt"], b["requests_tps"]))
+            vs = per_prompt_speedup(p, b)
             return f" ({vs['median']:.2f}x, {vs['min']:.2f}-{vs['max']:.2f})" if vs else ""
         x, y = fig(entry, t, g), fig(base, t, g)
         return f" ({x / y:.2f}x)" if x is not None and y else ""
