@@ -172,6 +172,14 @@ class LLMEngine:
         if graphs:  # before the cost profile, so that it times the steps as they will run
             self.runner.enable_graphs(1 + draft_len, min(settings.max_graph_batch, settings.max_num_seqs),
                                       settings.max_graph_tokens, self.max_model_len, self.tap_layers)
+        if settings.compile_on:  # before the cost profile too
+            try:
+                self.runner.enable_compile(self.max_model_len, self.tap_layers)
+            except Exception as e:  # auto: serve eagerly rather than not at all; on: the asker hears why
+                if settings.torch_compile == "on":
+                    raise
+                self.runner.compiled = None
+                log.warning("torch.compile of the decode step failed, decoding eagerly: %s: %s", type(e).__name__, e)
         if policy is not None and policy.adaptive:
             ctx = self._scratch_context()  # built once, outside what is timed
             self.cost.profile(self._profile_step, min(512, settings.max_num_batched_tokens, self.max_model_len),
@@ -181,10 +189,11 @@ class LLMEngine:
         self.last_step_tokens = 0
         self.last_step_bytes_to_host = 0  # what the last step copied from the logits' device (ids, counts, logprobs)
         log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d), "
-                 "%s on %s %s, weights %s, deterministic %s, CUDA graphs %s", settings.model, num_blocks, bs,
+                 "%s on %s %s, weights %s, deterministic %s, CUDA graphs %s, compiled decode %s", settings.model,
+                 num_blocks, bs,
                  self.max_model_len, settings.speculative_method, draft_len, attention, settings.device, dtype,
                  self.weights_summary, "on" if settings.row_invariant else "off",
-                 "on" if self.runner.graphs is not None else "off")
+                 "on" if self.runner.graphs is not None else "off", "on" if self.runner.compiled else "off")
 
     def _target_heads(self, dtype: torch.dtype):
         """The whole embedding (and an untied LM head) for the drafter on rank 0 under tensor parallelism."""

