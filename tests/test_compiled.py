@@ -45,6 +45,11 @@ def test_compiled_decode_gives_the_eager_steps_bits(quantization, dtype):
         assert got.output_ids == want.output_ids
         assert [lp[1] for lp in got.logprobs] == [lp[1] for lp in want.logprobs]  # the same bits, not only argmax
     assert calls[0] >= len(TEXTS) * 38
+    # a batch (rows together: bf16) and its requests alone
+    prompts = [eager.tokenizer.encode(t) for t in TEXTS]
+    want = [s.output_ids for s in eager.generate(prompts, params)]
+    assert [s.output_ids for s in compiled.generate(prompts, params)] == want
+    assert [s.output_ids for s in compiled.generate(prompts[:1], params)] == want[:1]
 
 
 @needs_compiler

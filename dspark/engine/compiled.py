@@ -11,8 +11,9 @@ bit), and attention reads whole pages masked past the length, as the torch backe
 So a compiled decode step, an eager verification step and an eager batched step score a token alike, and greedy
 speculation keeps plain decoding's text (tests/test_compiled.py checks the logits bit for bit).
 
-The graph is compiled once, at start-up, for one token of one request, dynamic in the number of KV pages (a
-request's length never compiles it again); the engine calls it only for steps it fits (`fits`).
+Two graphs are compiled at start-up: one token of one request, and any number of rows (decode rows of a batch,
+drafts to verify), both dynamic in the number of KV pages (a length never compiles again); the engine calls them
+for the steps they fit (`fits`), and runs prefill chunks eagerly.
 """
 
 from __future__ import annotations
@@ -65,12 +66,21 @@ class DecodeAttention:
 
 
 class CompiledDecode:
-    """The target's batch-1 decode forward as one compiled graph; `run` returns what CausalLM.forward does."""
+    """The target's forward for decode-shaped steps (every request brings one token, or drafts to verify: at most
+    `max_q` rows) as compiled graphs: one for a lone decode row, one dynamic in the number of rows. `run`
+    returns what CausalLM.forward does.
+
+    Every row attends as a decode row of its own (its request's pages, masked past its position), the layout of
+    the torch backend's `--deterministic` verification, so a draft row gets the bits its decode step would.
+    `max_rows` 1 keeps only the lone decode row: float32 attention is not batch-invariant on the CPU (the torch
+    backend gives each row its own SDPA call there), so only a lone row can be compiled with eager's bits."""
 
     def __init__(self, model: CausalLM, kv_caches: list, block_size: int, scratch_block: int,
-                 hidden_layers: tuple[int, ...], max_model_len: int):
+                 hidden_layers: tuple[int, ...], max_model_len: int, max_q: int = 1, max_rows: int = 1):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.scratch_block, self.hidden_layers = scratch_block, hidden_layers
+        self.max_q, self.max_rows = max_q, max_rows
+        self.max_pages = max(MIN_PAGES, -(-max_model_len // block_size))
         self.dtype = kv_caches[0][0].dtype
         model.model.rotary_emb.reserve(max_model_len, kv_caches[0][0].device)  # no position read back in the graph
         # eager's roundings (every cast to bf16 rounds where eager rounds): the same bits as the eager step
@@ -83,34 +93,50 @@ class CompiledDecode:
                           hidden_layers=self.hidden_layers)
 
     def fits(self, meta: AttentionMetadata, hidden_layers: tuple[int, ...]) -> bool:
-        return meta.q_lens == [1] and hidden_layers == self.hidden_layers
+        return (hidden_layers == self.hidden_layers and max(meta.q_lens) <= self.max_q
+                and sum(meta.q_lens) <= self.max_rows)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        kv_len, bs = meta.kv_lens[0], self.block_size
-        n_pages = max(MIN_PAGES, -(-kv_len // bs))
-        have = min(n_pages, meta.block_tables.shape[1])
-        pages = torch.full((1, n_pages), self.scratch_block, dtype=torch.long, device=ids.device)
-        pages[0, :have] = meta.block_tables[0, :have]
-        mask = torch.zeros(1, 1, 1, n_pages * bs, dtype=self.dtype, device=ids.device)
-        mask[..., kv_len:] = float("-inf")
-        return self._call(ids, positions, meta.slot_mapping, pages, mask)
+        """Each row's pages (its request's, padded with the scratch block) and mask (-inf past its position)."""
+        bs, dev = self.block_size, ids.device
+        n_pages = max(MIN_PAGES, -(-max(meta.kv_lens) // bs))
+        table = meta.block_tables[:, :n_pages]
+        if table.shape[1] < n_pages:
+            pad = torch.full((len(table), n_pages - table.shape[1]), self.scratch_block, dtype=table.dtype,
+                             device=dev)
+            table = torch.cat([table, pad], 1)
+        if len(ids) == 1:
+            pages = table
+        else:
+            owner = torch.repeat_interleave(torch.arange(len(meta.q_lens), device=dev),
+                                            torch.tensor(meta.q_lens, device=dev))
+            pages = table[owner]
+        past = torch.arange(n_pages * bs, device=dev)[None, :] > positions[:, None]
+        mask = torch.zeros(len(ids), 1, 1, n_pages * bs, dtype=self.dtype, device=dev).masked_fill_(
+            past[:, None, None, :], float("-inf"))
+        return self._call(ids, positions, meta.slot_mapping, pages.long(), mask)
 
     def _call(self, ids, positions, slots, pages, mask):
-        torch._dynamo.mark_dynamic(pages, 1)
-        torch._dynamo.mark_dynamic(mask, 3)
+        if len(ids) > 1:  # rows: one graph for any count from 2 (a count of 1 is the lone decode row's graph)
+            for t in (ids, positions, slots, pages, mask):
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=max(2, self.max_rows))
+        torch._dynamo.mark_dynamic(pages, 1, min=MIN_PAGES, max=self.max_pages)
+        torch._dynamo.mark_dynamic(mask, 3, min=MIN_PAGES * self.block_size, max=self.max_pages * self.block_size)
         return self.fn(ids, positions, slots, pages, mask, self.kv_caches)
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile now (the first call), on a step that writes and reads only the scratch block; returns seconds."""
+        """Compile now (the first calls), on steps that write and read only the scratch block; returns seconds."""
         dev = self.kv_caches[0][0].device
         t0 = time.perf_counter()
-        pages = torch.full((1, MIN_PAGES), self.scratch_block, dtype=torch.long, device=dev)
-        mask = torch.zeros(1, 1, 1, MIN_PAGES * self.block_size, dtype=self.dtype, device=dev)
-        mask[..., 1:] = float("-inf")
-        slot = torch.tensor([self.scratch_block * self.block_size], device=dev)
-        zero = torch.zeros(1, dtype=torch.long, device=dev)
-        self._call(zero, zero, slot, pages, mask)
+        for rows in (1, 2) if self.max_rows > 1 else (1,):
+            pages = torch.full((rows, MIN_PAGES), self.scratch_block, dtype=torch.long, device=dev)
+            mask = torch.zeros(rows, 1, 1, MIN_PAGES * self.block_size, dtype=self.dtype, device=dev)
+            mask[..., rows:] = float("-inf")
+            slots = self.scratch_block * self.block_size + torch.arange(rows, device=dev)
+            self._call(torch.zeros(rows, dtype=torch.long, device=dev), torch.arange(rows, device=dev), slots,
+                       pages, mask)
         self.compile_seconds = time.perf_counter() - t0
-        log.info("compiled the batch-1 decode step in %.1f s (Inductor, CPU)", self.compile_seconds)
+        log.info("compiled the decode step (%s) in %.1f s (Inductor, CPU)",
+                 f"1 row, and 2-{self.max_rows} rows" if self.max_rows > 1 else "1 row", self.compile_seconds)
         return self.compile_seconds

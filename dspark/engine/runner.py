@@ -74,13 +74,14 @@ class ModelRunner:
                                  capture)
         return self.graphs.capture_all()
 
-    def enable_compile(self, max_model_len: int, tap_layers: tuple[int, ...] = ()) -> float:
-        """Serve batch-1 decode steps (with these drafter taps) from one Inductor graph (dspark/engine/compiled.py),
-        compiled now; returns the seconds it took."""
+    def enable_compile(self, max_model_len: int, tap_layers: tuple[int, ...] = (), max_q: int = 1,
+                       max_rows: int = 1) -> float:
+        """Serve decode-shaped steps (requests of up to max_q rows, up to max_rows in all, with these drafter taps)
+        from Inductor graphs (dspark/engine/compiled.py), compiled now; returns the seconds it took."""
         from dspark.engine.compiled import CompiledDecode
 
         self.compiled = CompiledDecode(self.model, self.kv_caches, self.block_size, self.scratch_block,
-                                       hidden_layers(tap_layers), max_model_len)
+                                       hidden_layers(tap_layers), max_model_len, max_q, max_rows)
         return self.compiled.warm_up()
 
     def bucket(self, q_lens: list[int], tap_layers: tuple[int, ...] = ()):
