@@ -1,9 +1,10 @@
-"""Batch-1 decode steps on the CPU as one Inductor graph (`--compile`).
+"""Decode and verification steps on the CPU as Inductor graphs (`--torch-compile`).
 
 An eager batch-1 step of a small model dispatches about 2,000 small ops (norms, RoPE, views, dtype casts, the
 paged gather), and on a 2-core CPU that dispatch costs as much as the matmuls (docs/benchmarks.md,
 int4-step-profile). torch.compile of the whole step (30 layers, paged attention, final norm: one graph, one call)
-fuses the small ops into a few C++ kernels and calls the quantized matmuls and SDPA directly.
+fuses the small ops into a few C++ kernels and calls the quantized matmuls and SDPA directly (section
+compiled-decode). Compiling each layer apart, around eager attention, did not pay (section quantization).
 
 Same bits as the eager step: Inductor runs with `emulate_precision_casts` (every cast to bf16 rounds where eager
 rounds), RMSNorm calls eager's kernel (model.eager_rms_norm: Inductor's own reduction order differed in the last
@@ -39,10 +40,10 @@ def can_compile() -> bool:
 
 
 class DecodeAttention:
-    """Paged attention for steps where each request brings one token, written to be traced: the step's slots,
-    pages ([B, P], padded with the scratch block) and additive mask ([B, 1, 1, P * block_size], -inf past each
-    length) are tensors, so one graph serves every length. Whole pages, masked: TorchPagedAttention's
-    `--deterministic` layout, hence its bits."""
+    """Paged attention where every row is a decode row of its own, written to be traced: the step's slots, each
+    row's pages ([T, P], its request's, padded with the scratch block) and additive mask ([T, 1, 1, P *
+    block_size], -inf past the row's position) are tensors, so one graph serves every length. Whole pages,
+    masked: TorchPagedAttention's `--deterministic` layout, hence its bits."""
 
     def __init__(self, slots: torch.Tensor, pages: torch.Tensor, mask: torch.Tensor):
         self.slots, self.pages, self.mask = slots, pages, mask

@@ -76,8 +76,9 @@ class Settings(BaseSettings):
                              "flashinfer): decode and verification steps replay CUDA graphs of the target "
                              "forward, captured at start-up per padded batch shape")
     torch_compile: str = Field("auto", description="on | off | auto (on for int8 / int4 on the CPU where a C++ "
-                               "compiler is found): batch-1 decode steps run one torch.compile (Inductor) graph of the "
-                               "target forward, compiled at start-up (logged), with the eager step's bits")
+                               "compiler is found): decode steps (and, in bfloat16, verification steps) run "
+                               "torch.compile (Inductor) graphs of the target forward, compiled at start-up "
+                               "(logged), with the eager step's bits")
     max_graph_batch: int = Field(64, description="CUDA graphs: largest batch (requests) captured")
     max_graph_tokens: int = Field(512, description="CUDA graphs: most rows (batch tokens) of a captured step")
     # speculative decoding
@@ -267,7 +268,7 @@ class Settings(BaseSettings):
 
     @property
     def compile_on(self) -> bool:
-        """Whether batch-1 decode steps run compiled (dspark/engine/compiled.py): `auto` where Inductor can build
+        """Whether decode-shaped steps run compiled (dspark/engine/compiled.py): `auto` where Inductor can build
         the step (int8 / int4 on the CPU, one rank, a C++ compiler), `on` or an error saying why not."""
         from dspark.engine.compiled import can_compile
 
