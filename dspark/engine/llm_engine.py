@@ -192,9 +192,8 @@ class LLMEngine:
         self.last_step_bytes_to_host = 0  # what the last step copied from the logits' device (ids, counts, logprobs)
         log.info("engine ready: %s, %d KV blocks x %d tokens, max_model_len %d, speculative %s (draft_len %d), "
                  "%s on %s %s, weights %s, deterministic %s, CUDA graphs %s, compiled decode %s", settings.model,
-                 num_blocks, bs,
-                 self.max_model_len, settings.speculative_method, draft_len, attention, settings.device, dtype,
-                 self.weights_summary, "on" if settings.row_invariant else "off",
+                 num_blocks, bs, self.max_model_len, settings.speculative_method, draft_len, attention,
+                 settings.device, dtype, self.weights_summary, "on" if settings.row_invariant else "off",
                  "on" if self.runner.graphs is not None else "off", "on" if self.runner.compiled else "off")
 
     def _target_heads(self, dtype: torch.dtype):
