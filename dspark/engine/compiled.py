@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dspark.engine.model import CausalLM
-from dspark.kernels.base import AttentionMetadata
+from dspark.kernels.base import AttentionMetadata, write_paged_kv
 
 log = logging.getLogger("dspark.engine")
 
@@ -52,10 +52,9 @@ class DecodeAttention:
         pass
 
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
+        write_paged_kv(kv_cache, self.slots, k, v)
         k_cache, v_cache = kv_cache
         n_kv, d = k_cache.shape[-2:]
-        k_cache.view(-1, n_kv, d).index_copy_(0, self.slots, k.to(k_cache.dtype))
-        v_cache.view(-1, n_kv, d).index_copy_(0, self.slots, v.to(v_cache.dtype))
         b, h = q.shape[0], q.shape[1]
         flat = self.pages.reshape(-1)
         keys = k_cache.index_select(0, flat).view(b, -1, n_kv, d).transpose(1, 2).to(q.dtype)
@@ -87,7 +86,6 @@ class CompiledDecode:
         # eager's roundings (every cast to bf16 rounds where eager rounds): the same bits as the eager step
         self.fn = torch.compile(self._forward, dynamic=False, fullgraph=True,
                                 options={"emulate_precision_casts": True})
-        self.compile_seconds = 0.0
 
     def _forward(self, ids, positions, slots, pages, mask, kv_caches):
         return self.model(ids, positions, DecodeAttention(slots, pages, mask), kv_caches,
@@ -137,7 +135,7 @@ class CompiledDecode:
             slots = self.scratch_block * self.block_size + torch.arange(rows, device=dev)
             self._call(torch.zeros(rows, dtype=torch.long, device=dev), torch.arange(rows, device=dev), slots,
                        pages, mask)
-        self.compile_seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         log.info("compiled the decode step (%s) in %.1f s (Inductor, CPU)",
-                 f"1 row, and 2-{self.max_rows} rows" if self.max_rows > 1 else "1 row", self.compile_seconds)
-        return self.compile_seconds
+                 f"1 row, and 2-{self.max_rows} rows" if self.max_rows > 1 else "1 row", seconds)
+        return seconds

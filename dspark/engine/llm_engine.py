@@ -180,7 +180,6 @@ class LLMEngine:
             except Exception as e:  # auto: serve eagerly rather than not at all; on: the asker hears why
                 if settings.torch_compile == "on":
                     raise
-                self.runner.compiled = None
                 log.warning("torch.compile of the decode step failed, decoding eagerly: %s: %s", type(e).__name__, e)
         if policy is not None and policy.adaptive:
             ctx = self._scratch_context()  # built once, outside what is timed

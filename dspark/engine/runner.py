@@ -80,9 +80,11 @@ class ModelRunner:
         from Inductor graphs (dspark/engine/compiled.py), compiled now; returns the seconds it took."""
         from dspark.engine.compiled import CompiledDecode
 
-        self.compiled = CompiledDecode(self.model, self.kv_caches, self.block_size, self.scratch_block,
-                                       hidden_layers(tap_layers), max_model_len, max_q, max_rows)
-        return self.compiled.warm_up()
+        compiled = CompiledDecode(self.model, self.kv_caches, self.block_size, self.scratch_block,
+                                  hidden_layers(tap_layers), max_model_len, max_q, max_rows)
+        seconds = compiled.warm_up()  # steps use it only once it has compiled
+        self.compiled = compiled
+        return seconds
 
     def bucket(self, q_lens: list[int], tap_layers: tuple[int, ...] = ()):
         """The CUDA-graph bucket a step of these query lengths (and drafter taps) replays, or None: run eagerly."""

@@ -23,6 +23,15 @@ class AttentionMetadata:
     block_size: int
 
 
+def write_paged_kv(kv_cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+    """Write k/v [T, Hkv, D] at the flat cache `slots` of one layer's paged cache (cast to the cache's dtype)."""
+    k_cache, v_cache = kv_cache
+    n_kv, d = k_cache.shape[-2:]
+    k_cache.view(-1, n_kv, d).index_copy_(0, slots, k if k.dtype == k_cache.dtype else k.to(k_cache.dtype))
+    v_cache.view(-1, n_kv, d).index_copy_(0, slots, v if v.dtype == v_cache.dtype else v.to(v_cache.dtype))
+
+
 class AttentionBackend(Protocol):
     def plan(self, meta: AttentionMetadata) -> None:
         """Build per-step index structures once; reused by every layer."""

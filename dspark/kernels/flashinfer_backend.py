@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark.kernels.base import AttentionMetadata
+from dspark.kernels.base import AttentionMetadata, write_paged_kv
 
 WORKSPACE_BYTES = 256 * 2**20
 
@@ -73,10 +73,7 @@ def write_kv(kv_cache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     """Check the layer's attention scale against the planned one, then write k/v at `slots` of the paged cache."""
     if abs(scale - planned) > 1e-6 * planned:
         raise ValueError(f"attention scale {scale} differs from the planned {planned}")
-    k_cache, v_cache = kv_cache
-    hkv, d = k_cache.shape[-2:]
-    k_cache.view(-1, hkv, d).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, hkv, d).index_copy_(0, slots, v.to(v_cache.dtype))
+    write_paged_kv(kv_cache, slots, k, v)
 
 
 def _indptr(lens: list[int]) -> torch.Tensor:

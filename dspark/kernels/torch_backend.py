@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dspark.kernels.base import AttentionMetadata
+from dspark.kernels.base import AttentionMetadata, write_paged_kv
 
 
 class TorchPagedAttention:
@@ -130,11 +130,7 @@ class TorchPagedAttention:
                 ~seen[:, None, None, :], float("-inf"))
 
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
-        k_cache, v_cache = kv_cache
-        n_kv, d = k_cache.shape[-2:]
-        k_flat, v_flat = k_cache.view(-1, n_kv, d), v_cache.view(-1, n_kv, d)
-        k_flat.index_copy_(0, self.slot_mapping, k if k.dtype == k_flat.dtype else k.to(k_flat.dtype))
-        v_flat.index_copy_(0, self.slot_mapping, v if v.dtype == v_flat.dtype else v.to(v_flat.dtype))
+        write_paged_kv(kv_cache, self.slot_mapping, k, v)
         if self.units is not None:
             return torch.cat([unit._attend(q[a:b], kv_cache, scale) for unit, a, b in self.units])
         if self.parts is None:
@@ -221,10 +217,7 @@ class TorchGraphAttention:
                                         meta.block_size))
 
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
-        k_cache, v_cache = kv_cache
-        n_kv, d = k_cache.shape[-2:]
-        k_cache.view(-1, n_kv, d).index_copy_(0, self.slots, k.to(k_cache.dtype))
-        v_cache.view(-1, n_kv, d).index_copy_(0, self.slots, v.to(v_cache.dtype))
+        write_paged_kv(kv_cache, self.slots, k, v)
         out = torch.full_like(q, float("nan"))
         n = self.rows  # the reference writes those rows' K/V again, to the same slots
         out[:n] = self.ref.forward(layer_idx, q[:n], k[:n], v[:n], kv_cache, scale)
