@@ -1,10 +1,12 @@
 """`--torch-compile`: batch-1 decode steps as one Inductor graph (dspark/engine/compiled.py), with the eager step's
-bits, so greedy speculation (eager verification) keeps plain decoding's text."""
+bits, so greedy speculation (eager verification) keeps plain decoding's text. The eager reference runs the
+fixed-order norms that a compiled engine runs in every step (model.sum_of_squares)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TEST_MODEL as TEST_MODEL_DIR
 
 from dspark.engine.compiled import can_compile
@@ -35,6 +37,7 @@ def test_compiled_decode_gives_the_eager_steps_bits(quantization, dtype):
     base = Settings(model=TEST_MODEL, dtype=dtype, quantization=quantization, deterministic="on",
                     speculative="none", num_kv_blocks=256)
     eager = LLMEngine(base.model_copy(update={"torch_compile": "off"}))
+    eager.model.fixed_order_norms_()  # the arithmetic a compiled engine's eager steps (prefill, the rest) run
     compiled = LLMEngine(base.model_copy(update={"torch_compile": "on"}))
     assert eager.runner.compiled is None and compiled.runner.compiled is not None
     calls = counting(compiled)
@@ -83,23 +86,31 @@ def test_torch_compile_setting():
         Settings(model=TEST_MODEL, torch_compile="yes")
 
 
-def test_rms_norm_is_eagers_kernel_inside_a_compiled_graph():
-    """Inductor's own RMSNorm sums the squares in another order when it fuses the norm with the residual add
-    before it; the custom op keeps eager's kernel, so a residual + norm gives eager's bits compiled."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim", [576, 64, 100, 7])
+def test_a_fixed_order_rms_norm_gives_eagers_bits_inside_a_compiled_graph(dtype, dim):
+    """Inductor's own RMSNorm sums the squares in another order than aten's when it fuses the norm with the
+    residual add before it; the fixed-order norm (model.sum_of_squares) is elementwise adds only, so a residual +
+    norm gives eager's bits compiled. It is still RMSNorm: within float rounding of F.rms_norm."""
     from dspark.engine.model import RMSNorm
 
     torch.manual_seed(0)
-    norm = RMSNorm(576, 1e-5).to(torch.bfloat16)
+    norm = RMSNorm(dim, 1e-5).to(dtype)
     with torch.no_grad():
-        norm.weight.copy_(torch.randn(576))
+        norm.weight.copy_(torch.randn(dim))
+    norm.fixed_order = True
 
     def f(x, y):
         return norm(x + y)
 
     compiled = torch.compile(f, options={"emulate_precision_casts": True}) if can_compile() else f
-    for _ in range(20):
-        x, y = torch.randn(2, 576).bfloat16() * 4, torch.randn(2, 576).bfloat16()
+    for rows in (1, 2, 5):
+        x, y = (torch.randn(rows, dim) * 4).to(dtype), torch.randn(rows, dim).to(dtype)
         assert torch.equal(compiled(x, y), f(x, y))
+        h = (x + y).float()
+        want = norm.weight.float() * F.rms_norm(h, (dim,), None, 1e-5)
+        torch.testing.assert_close(f(x, y).float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_a_failed_compile_falls_back_to_eager_under_auto_and_fails_under_on(monkeypatch, caplog):
@@ -113,6 +124,7 @@ def test_a_failed_compile_falls_back_to_eager_under_auto_and_fails_under_on(monk
     base = Settings(model=TEST_MODEL, quantization="int8", speculative="none", num_kv_blocks=64)
     engine = LLMEngine(base)  # auto
     assert engine.runner.compiled is None
+    assert not engine.model.model.norm.fixed_order  # eager after all: aten's norm
     assert "decoding eagerly: RuntimeError: no compiler after all" in caplog.text
     prompt = engine.tokenizer.encode("1, 2, 3,")
     assert len(engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4))[0].output_ids) == 4

@@ -7,8 +7,9 @@ fuses the small ops into a few C++ kernels and calls the quantized matmuls and S
 compiled-decode). Compiling each layer apart, around eager attention, did not pay (section quantization).
 
 Same bits as the eager step: Inductor runs with `emulate_precision_casts` (every cast to bf16 rounds where eager
-rounds), RMSNorm calls eager's kernel (model.eager_rms_norm: Inductor's own reduction order differed in the last
-bit), and attention reads whole pages masked past the length, as the torch backend does in `--deterministic`.
+rounds), RMSNorm sums its squares in a fixed order of elementwise adds in every step of a compiled engine
+(model.sum_of_squares: Inductor's own reduction order differed in the last bit from aten's), and attention reads
+whole pages masked past the length, as the torch backend does in `--deterministic`.
 So a compiled decode step, an eager verification step and an eager batched step score a token alike, and greedy
 speculation keeps plain decoding's text (tests/test_compiled.py checks the logits bit for bit).
 

@@ -25,17 +25,21 @@ from dspark.engine.quantization import Quantizer, int4_fits
 from dspark.kernels.base import AttentionBackend
 
 
-@torch.library.custom_op("dspark::rms_norm", mutates_args=())
-def eager_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """F.rms_norm as eager runs it, opaque to torch.compile: Inductor's own reduction sums the squares in another
-    order where the norm fuses with the residual add before it, which changed a layer's output in the last bit
-    at some lengths (dspark/engine/compiled.py promises the eager step's bits)."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x^2 over the last dim as a fixed tree of elementwise adds (halve, then add the odd ends last).
 
-
-@eager_rms_norm.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x)
+    Elementwise float adds round the same in eager aten and in Inductor's C++ (no FMA contraction, no reordering),
+    so eager and compiled steps get the same bits from this, where a reduction kernel's summation order is the
+    kernel's own (Inductor's fused norm and aten's differed in the last bit). About 2 log2(n) small ops."""
+    s, ends = x * x, []
+    while s.shape[-1] > 1:
+        half = s.shape[-1] // 2
+        if s.shape[-1] % 2:
+            ends.append(s[..., 2 * half:])
+        s = s[..., :half] + s[..., half:2 * half]
+    for end in reversed(ends):
+        s = s + end
+    return s
 
 
 class RMSNorm(nn.Module):
@@ -43,15 +47,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fixed_order = False  # CausalLM.fixed_order_norms_(): eager and compiled steps give the same bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # HF's: weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), in fewer dispatched ops
         fp32 = x.dtype == torch.float32 and self.weight.dtype == torch.float32
-        w = self.weight if fp32 else None
-        if torch.compiler.is_compiling():
-            y = eager_rms_norm(x if fp32 else x.float(), w, self.eps)
-        else:
-            y = F.rms_norm(x if fp32 else x.float(), self.weight.shape, w, self.eps)
+        xf = x if fp32 else x.float()
+        if self.fixed_order:
+            y = xf * torch.rsqrt(sum_of_squares(xf) / xf.shape[-1] + self.eps)
+            return self.weight * y if fp32 else self.weight * y.to(x.dtype)
+        y = F.rms_norm(xf, self.weight.shape, self.weight if fp32 else None, self.eps)
         return y if fp32 else self.weight * y.to(x.dtype)
 
 
@@ -350,6 +355,15 @@ class CausalLM(nn.Module):
                 layer.self_attn.qkv, layer.self_attn.o, layer.mlp.gate_up, layer.mlp.down))]:
             if isinstance(proj, ServingLinear):
                 proj.per_row = True
+        return self
+
+    def fixed_order_norms_(self, on: bool = True) -> CausalLM:
+        """Every RMSNorm sums its squares in a fixed order (model.sum_of_squares), the one way to get the same
+        bits eagerly and from an Inductor graph: the engine turns it on with its compiled decode
+        (dspark/engine/compiled.py), so prefill, eager verification and compiled steps score a token alike."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fixed_order = on
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -80,9 +80,14 @@ class ModelRunner:
         from Inductor graphs (dspark/engine/compiled.py), compiled now; returns the seconds it took."""
         from dspark.engine.compiled import CompiledDecode
 
-        compiled = CompiledDecode(self.model, self.kv_caches, self.block_size, self.scratch_block,
-                                  hidden_layers(tap_layers), max_model_len, max_q, max_rows)
-        seconds = compiled.warm_up()  # steps use it only once it has compiled
+        self.model.fixed_order_norms_()  # the norms' bits alike in eager and compiled steps
+        try:
+            compiled = CompiledDecode(self.model, self.kv_caches, self.block_size, self.scratch_block,
+                                      hidden_layers(tap_layers), max_model_len, max_q, max_rows)
+            seconds = compiled.warm_up()  # steps use it only once it has compiled
+        except Exception:
+            self.model.fixed_order_norms_(False)  # eager after all: aten's norm, fewer ops
+            raise
         self.compiled = compiled
         return seconds
 
