@@ -111,9 +111,11 @@ def test_tp2_matches_tp1_logits_and_greedy_text(tp1, spec):
         logits, taps = step_logits(eng, prompts)
         ref_logits, ref_taps = step_logits(tp1, prompts)
         assert logits.shape == ref_logits.shape == (sum(map(len, prompts)), tp1.model_config.vocab_size)
-        assert (logits - ref_logits).abs().max() < 1e-5
+        # the all-reduces sum in another order than one matmul: 1e-5 of the scale, as the default model's test
+        # below (1e-5 absolute read 1.0014e-5 on an AVX2-only EPYC)
+        assert (logits - ref_logits).abs().max() < 1e-5 * max(1.0, ref_logits.abs().max())
         if spec == "dspark":  # the drafter's taps: whole on rank 0 after the all-reduces
-            assert (taps - ref_taps).abs().max() < 1e-5
+            assert (taps - ref_taps).abs().max() < 1e-5 * max(1.0, ref_taps.abs().max())
         out = [s.output_ids for s in eng.generate(prompts, greedy)]
         assert out == ref_plain
         if spec == "dspark":
