@@ -53,10 +53,11 @@ class RMSNorm(nn.Module):
         # HF's: weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype), in fewer dispatched ops
         fp32 = x.dtype == torch.float32 and self.weight.dtype == torch.float32
         xf = x if fp32 else x.float()
-        if self.fixed_order:
+        if not self.fixed_order:
+            y = F.rms_norm(xf, self.weight.shape, self.weight if fp32 else None, self.eps)
+        else:
             y = xf * torch.rsqrt(sum_of_squares(xf) / xf.shape[-1] + self.eps)
-            return self.weight * y if fp32 else self.weight * y.to(x.dtype)
-        y = F.rms_norm(xf, self.weight.shape, self.weight if fp32 else None, self.eps)
+            y = self.weight * y if fp32 else y
         return y if fp32 else self.weight * y.to(x.dtype)
 
 
