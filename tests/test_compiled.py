@@ -13,6 +13,7 @@ from dspark.engine.compiled import can_compile
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
+from dspark.kernels import cpu_quant
 
 TEST_MODEL = str(TEST_MODEL_DIR)
 needs_compiler = pytest.mark.skipif(not can_compile(), reason="Inductor needs a C++ compiler")
@@ -32,7 +33,10 @@ def counting(engine: LLMEngine) -> list[int]:
 
 
 @needs_compiler
-@pytest.mark.parametrize(("quantization", "dtype"), [("int4", "bfloat16"), ("int8", "float32")])
+@pytest.mark.parametrize(("quantization", "dtype"), [
+    ("int4", "bfloat16"), ("int8", "float32"),
+    pytest.param("w4a8", "float32", marks=pytest.mark.skipif(cpu_quant.unavailable() is not None,
+                                                              reason="w4a8's kernels do not build here"))])
 def test_compiled_decode_gives_the_eager_steps_bits(quantization, dtype):
     base = Settings(model=TEST_MODEL, dtype=dtype, quantization=quantization, deterministic="on",
                     speculative="none", num_kv_blocks=256)

@@ -211,7 +211,8 @@ class LLMEngine:
         q = getattr(self.model, "quantizer", None)
         if q is None:
             return str(self.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-        group = f" (group {q.group_size})" if q.scheme == "int4" else ""
+        group = (f" (group {q.group_size})" if q.scheme == "int4" else
+                 " (int4 groups of 32 x int8 activations, the head int8 blocks of 32)" if q.scheme == "w4a8" else "")
         stored = f", {q.from_file} projections' codes as stored in the GGUF" if q.from_file else ""
         kept = f", kept in float: {', '.join(q.skipped)}" if q.skipped else ""
         return f"{q.scheme}{group}{stored}{kept}"

@@ -434,7 +434,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         ckpt = open_gguf(gguf)
         names = [k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
         direct = set()
-        if quantization == "int4" and group_size == 32 and device == "cpu":
+        if (quantization == "w4a8" or quantization == "int4" and group_size == 32) and device == "cpu":
             direct = {n for n in names if n.removesuffix(".weight").rpartition(".")[2] in PROJECTIONS
                       and int4_fits(*model.get_parameter(n).shape, group_size) and ckpt.stores_q4(n)}
         model = _assign(model, ckpt.state_dict([n for n in names if n not in direct], dtype, device), cfg, device)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-SCHEMES = ("none", "int8", "int4")
+SCHEMES = ("none", "int8", "int4", "w4a8")
+QUANTIZED = SCHEMES[1:]
 # int4 codes, scales and zeros of one weight [N, K]: (codes [N, K] in 0..15, scale [N, K/g], zero [N, K/g])
 Int4Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -32,13 +33,15 @@ Int4Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class QuantLinear:
     """One serving projection on quantized weights; called like ServingLinear (x [..., in] -> [..., out])."""
 
+    act_dtype = torch.bfloat16  # what the kernel takes in (the aten kernels are vectorized for bf16 only)
+
     def __init__(self, out_features: int, bias: torch.Tensor | None):
         self.out_features = out_features
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = self._mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))
+        y = self._mm(x.reshape(-1, x.shape[-1]).to(self.act_dtype))
         y = y.to(x.dtype).view(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -73,6 +76,45 @@ class Int4Linear(QuantLinear):
 
     def _mm(self, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
+
+
+class W4A8Linear(QuantLinear):
+    """int4 weights in groups of 32 (w = (q - 8) * scale + zero, as Int4Linear) times int8 activations quantized
+    per block of 32 as the row comes in: llama.cpp's Q4_1 x Q8_1 (dspark/kernels/cpu_quant.py)."""
+
+    act_dtype = torch.float32
+
+    def __init__(self, codes: Int4Codes, bias: torch.Tensor | None = None):
+        from dspark.kernels import cpu_quant
+
+        cpu_quant.load()
+        q, scale, zero = codes
+        super().__init__(q.shape[0], bias)
+        self.w, self.d, self.m = cpu_quant.pack_int4(q, scale, zero - 8 * scale)
+
+    def _mm(self, x):
+        return torch.ops.dspark_cpu.w4a8_mm(x.contiguous(), self.w, self.d, self.m)
+
+
+class W8A8Linear(QuantLinear):
+    """int8 weights in blocks of 32 inputs (w = q * d: a GGUF's Q8_0 codes, recovered exactly from its float
+    values) times int8 activations per block of 32: llama.cpp's Q8_0 x Q8_0, for w4a8's LM head."""
+
+    act_dtype = torch.float32
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        from dspark.kernels import cpu_quant
+
+        cpu_quant.load()
+        n, k = weight.shape
+        w = weight.float().view(n, k // 32, 32)
+        d = w.abs().amax(-1) / 127
+        q = (w / d.clamp(min=1e-30)[..., None]).round_().clamp_(-127, 127).to(torch.int8).view(n, k)
+        super().__init__(n, bias)
+        self.w, self.d = cpu_quant.pack_int8(q, d)
+
+    def _mm(self, x):
+        return torch.ops.dspark_cpu.w8a8_mm(x.contiguous(), self.w, self.d)
 
 
 def int4_codes(weight: torch.Tensor, group_size: int) -> Int4Codes:
@@ -138,6 +180,8 @@ class Quantizer:
             return None
         n = sum(lin.out_features for lin in linears)
         k = linears[0].in_features
+        if self.scheme == "w4a8":
+            return self._w4a8(linears, names, head, n, k)
         # the checkpoint's own 4-bit codes: read (unpacked from its blocks) only where int4 can use them
         use_stored = self.scheme == "int4" and self.codes is not None and self.group_size == 32
         stored = [self.codes(name) if use_stored else None for name in names]
@@ -153,3 +197,20 @@ class Quantizer:
                  for c, lin in zip(stored, linears)]
         self.from_file += sum(c is not None for c in stored)
         return Int4Linear(tuple(torch.cat(p) for p in zip(*parts)), self.group_size, bias)
+
+    def _w4a8(self, linears: list[nn.Linear], names: list[str], head: bool, n: int, k: int) -> QuantLinear | None:
+        """w4a8 (groups of 32 whatever `group_size`): the projections int4, from the checkpoint's own Q4_0 /
+        Q4_1 codes where it has them; the head int8 in blocks of 32, as a Q8_0 file stores it."""
+        from dspark.kernels import cpu_quant
+
+        if not cpu_quant.fits(n, k):
+            self.skipped.append(names[0])
+            return None
+        bs = [lin.bias for lin in linears]
+        bias = None if bs[0] is None else torch.cat([b.detach() for b in bs])
+        if head:
+            return W8A8Linear(torch.cat([lin.weight.detach() for lin in linears]), bias)
+        stored = [self.codes(name) if self.codes is not None else None for name in names]
+        parts = [c if c is not None else int4_codes(lin.weight.detach(), 32) for c, lin in zip(stored, linears)]
+        self.from_file += sum(c is not None for c in stored)
+        return W4A8Linear(tuple(torch.cat(p) for p in zip(*parts)), bias)

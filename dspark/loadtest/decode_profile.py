@@ -21,6 +21,7 @@ import time
 import torch
 
 from dspark.engine.llm_engine import LLMEngine
+from dspark.engine.quantization import SCHEMES
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import Settings
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--quantization", default="none", choices=SCHEMES)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of decode steps")
     ap.add_argument("--profile-batch", type=int, default=1, help="concurrent requests in the profiled steps")
     ap.add_argument("--profile-steps", type=int, default=20)

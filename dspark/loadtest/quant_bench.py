@@ -48,7 +48,8 @@ def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) ->
     """The decoder's projections alone, per kernel: every layer's own (random) weights, so that each call streams
     its weight from memory as in a real step; milliseconds for all of them, per row count."""
     from dspark.engine.model_config import ModelConfig
-    from dspark.engine.quantization import Int4Linear, Int8Linear, int4_codes
+    from dspark.engine.quantization import Int4Linear, Int8Linear, W4A8Linear, W8A8Linear, int4_codes
+    from dspark.kernels import cpu_quant
 
     c = ModelConfig.from_dir(base.model)
     n_layers = layers or c.num_hidden_layers
@@ -58,17 +59,21 @@ def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) ->
     kinds = {"bf16 oneDNN": lambda w: (lambda x, p=torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()):
                                        torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")),
              "int8": Int8Linear, "int4 g32": lambda w: Int4Linear(int4_codes(w, 32), 32)}
+    if not cpu_quant.unavailable():
+        kinds["w4a8"] = lambda w: W4A8Linear(int4_codes(w, 32))
     torch.manual_seed(0)
     weights = [[torch.randn(n, k) * 0.02 for n, k in shapes] for _ in range(n_layers)]
     built = {name: [[make(w) for w in ws] for ws in weights] for name, make in kinds.items()}
     del weights
     print(f"\n== the decoder's {4 * n_layers} projections (q|k|v, o, gate|up, down x {n_layers} layers), bf16 "
-          "activations: ms for all of them")
+          "activations (w4a8: float32, quantized to int8 in the kernel): ms for all of them")
     print(f"{'rows':>4} " + " ".join(f"{name:>12}" for name in kinds))
     for r in rows:
-        xs = {k: torch.randn(r, k).bfloat16() for _, k in shapes}
+        xs32 = {k: torch.randn(r, k) for _, k in shapes}
         cells = []
         for name in kinds:
+            xs = {k: x if name == "w4a8" else x.bfloat16() for k, x in xs32.items()}
+
             def once(name=name, xs=xs):
                 for projs in built[name]:
                     for proj, (_, k) in zip(projs, shapes):
@@ -82,6 +87,25 @@ def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) ->
                 ts.append(time.perf_counter() - t0)
             cells.append(sorted(ts)[5] * 1e3)
         print(f"{r:4d} " + " ".join(f"{ms:12.2f}" for ms in cells))
+    head = torch.randn(c.vocab_size, h) * 0.02
+    heads = {"int8": Int8Linear(head)}
+    if not cpu_quant.unavailable():
+        heads["w8a8 (w4a8's)"] = W8A8Linear(head)
+    print(f"\n== the LM head ({c.vocab_size} x {h}): ms a call")
+    print(f"{'rows':>4} " + " ".join(f"{name:>14}" for name in heads))
+    for r in rows:
+        x = torch.randn(r, h)
+        cells = []
+        for name, proj in heads.items():
+            xr = x.bfloat16() if name == "int8" else x
+            ts = []
+            for i in range(14):
+                t0 = time.perf_counter()
+                proj(xr)
+                if i >= 3:
+                    ts.append(time.perf_counter() - t0)
+            cells.append(sorted(ts)[5] * 1e3)
+        print(f"{r:4d} " + " ".join(f"{ms:14.2f}" for ms in cells))
 
 
 def scheme(name: str) -> dict:
@@ -191,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--schemes", nargs="+", default=["none", "int8", "int4"],
-                    help="none | int8 | int4, each optionally +det / -det (--deterministic on / off)")
+                    help="none | int8 | int4 | w4a8, each optionally +det / -det (--deterministic on / off)")
     ap.add_argument("--speculative", default="dspark+ngram")
     ap.add_argument("--per-group", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
