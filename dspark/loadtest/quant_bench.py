@@ -63,16 +63,24 @@ def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) ->
         kinds["w4a8"] = lambda w: W4A8Linear(int4_codes(w, 32))
     torch.manual_seed(0)
     weights = [[torch.randn(n, k) * 0.02 for n, k in shapes] for _ in range(n_layers)]
-    built = {name: [[make(w) for w in ws] for ws in weights] for name, make in kinds.items()}
+    kinds["float32"] = lambda w: (lambda x, w=w: torch.nn.functional.linear(x, w))
+    built = {}
+    for name, make in list(kinds.items()):
+        try:
+            built[name] = [[make(w) for w in ws] for ws in weights]
+        except RuntimeError as e:  # bf16 oneDNN needs AVX512 (or AVX-NE-CONVERT)
+            print(f"({name}: not on this host: {str(e).splitlines()[0]})")
+            del kinds[name]
     del weights
     print(f"\n== the decoder's {4 * n_layers} projections (q|k|v, o, gate|up, down x {n_layers} layers), bf16 "
-          "activations (w4a8: float32, quantized to int8 in the kernel): ms for all of them")
+          "activations (w4a8: float32, quantized to int8 in the kernel; float32: float32 weights, MKL): ms for all "
+          "of them")
     print(f"{'rows':>4} " + " ".join(f"{name:>12}" for name in kinds))
     for r in rows:
         xs32 = {k: torch.randn(r, k) for _, k in shapes}
         cells = []
         for name in kinds:
-            xs = {k: x if name == "w4a8" else x.bfloat16() for k, x in xs32.items()}
+            xs = {k: x if name in ("w4a8", "float32") else x.bfloat16() for k, x in xs32.items()}
 
             def once(name=name, xs=xs):
                 for projs in built[name]:
