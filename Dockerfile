@@ -44,14 +44,20 @@ FROM ${PYTHON_IMAGE} AS cpu
 LABEL org.opencontainers.image.title="dspark (CPU)" \
       org.opencontainers.image.description="OpenAI-compatible LLM server with speculative decoding"
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DSPARK_HOST=0.0.0.0
-# g++: Inductor compiles the decode step's kernels at start-up (--torch-compile auto, int8 / int4); without a C++
-# compiler the engine decodes eagerly. Debian's g++, unpinned as the CUDA stage's python3 is (security updates).
+# g++: Inductor compiles the decode step's kernels at start-up (--torch-compile auto, int8 / int4 / w4a8); without
+# a C++ compiler the engine decodes eagerly (and auto quantization takes int4 over w4a8). Debian's g++, unpinned as the CUDA stage's python3 is (security updates).
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin dspark && mkdir /models
 COPY --from=cpu-builder /opt/venv /opt/venv
 COPY --from=cpu-builder /app /app
 WORKDIR /app
+# --quantization w4a8's kernels (auto picks them for a Q4 GGUF in float32, dspark/kernels/cpu_quant.py): built here
+# once, not at every start; the server's user owns the folder (torch's builder takes a lock file in it)
+ENV TORCH_EXTENSIONS_DIR=/opt/torch_extensions
+RUN mkdir -p /opt/torch_extensions \
+    && python -c "from dspark.kernels import cpu_quant; cpu_quant.unavailable() or cpu_quant.load()" \
+    && chown -R 10001:10001 /opt/torch_extensions
 USER 10001:10001
 EXPOSE 8000
 STOPSIGNAL SIGTERM

@@ -50,8 +50,9 @@ def load() -> None:
     from torch.utils.cpp_extension import load_inline
 
     t0 = time.perf_counter()
-    load_inline("dspark_cpu_quant", [SOURCE.read_text()], is_python_module=False,
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"])
+    # the torch version in the name: the builder's cache notices a changed source, not another torch's headers
+    name = "dspark_cpu_quant_" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
+    load_inline(name, [SOURCE.read_text()], is_python_module=False, extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"])
     seconds = time.perf_counter() - t0
     if seconds > 2:
         log.info("built the w4a8 kernels in %.0f s (cached for the next start)", seconds)
