@@ -94,7 +94,11 @@ def test_default_server_answers_the_openai_client(default_server):
 
     client = OpenAI(base_url=default_server.url + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
-    q = [{"role": "user", "content": "What is the capital of France?"}]
+    # "What is the capital of France?" alone is a coin flip for this model: its first token's top two logits
+    # are 0.09 apart in float32 ("The" / "L"), and with int8 activations (w4a8, the default on AVX2 hosts) it
+    # answers "L'Étoile, la Marseillaise, ...", as llama.cpp does on the same GGUF. Asked for a sentence, float32,
+    # bfloat16, int4 and w4a8 all answer "The capital of France is Paris."
+    q = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=q, max_tokens=24, temperature=0)
     assert "Paris" in chat.choices[0].message.content
     assert chat.choices[0].finish_reason in ("stop", "length")

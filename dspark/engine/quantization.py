@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dspark.kernels import cpu_quant
+
 SCHEMES = ("none", "int8", "int4", "w4a8")
 QUANTIZED = SCHEMES[1:]
 # int4 codes, scales and zeros of one weight [N, K]: (codes [N, K] in 0..15, scale [N, K/g], zero [N, K/g])
@@ -85,8 +87,6 @@ class W4A8Linear(QuantLinear):
     act_dtype = torch.float32
 
     def __init__(self, codes: Int4Codes, bias: torch.Tensor | None = None):
-        from dspark.kernels import cpu_quant
-
         cpu_quant.load()
         q, scale, zero = codes
         super().__init__(q.shape[0], bias)
@@ -103,8 +103,6 @@ class W8A8Linear(QuantLinear):
     act_dtype = torch.float32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        from dspark.kernels import cpu_quant
-
         cpu_quant.load()
         n, k = weight.shape
         w = weight.float().view(n, k // 32, 32)
@@ -180,37 +178,22 @@ class Quantizer:
             return None
         n = sum(lin.out_features for lin in linears)
         k = linears[0].in_features
-        if self.scheme == "w4a8":
-            return self._w4a8(linears, names, head, n, k)
+        # w4a8: groups of 32 whatever `group_size`, and the head int8 in blocks of 32 as a Q8_0 file stores it
+        w4a8 = self.scheme == "w4a8"
+        group = 32 if w4a8 else self.group_size
         # the checkpoint's own 4-bit codes: read (unpacked from its blocks) only where int4 can use them
-        use_stored = self.scheme == "int4" and self.codes is not None and self.group_size == 32
+        use_stored = self.scheme != "int8" and self.codes is not None and group == 32 and not (w4a8 and head)
         stored = [self.codes(name) if use_stored else None for name in names]
-        int8 = self.scheme == "int8" or (head and any(c is None for c in stored))
-        if not int8 and not int4_fits(n, k, self.group_size):
+        int8 = self.scheme == "int8" or (head and (w4a8 or any(c is None for c in stored)))
+        if not (cpu_quant.fits(n, k) if w4a8 else int8 or int4_fits(n, k, group)):
             self.skipped.append(names[0])
             return None
         bs = [lin.bias for lin in linears]
         bias = None if bs[0] is None else torch.cat([b.detach() for b in bs])
         if int8:
-            return Int8Linear(torch.cat([lin.weight.detach() for lin in linears]), bias)
-        parts = [c if c is not None else int4_codes(lin.weight.detach(), self.group_size)
-                 for c, lin in zip(stored, linears)]
+            weight = torch.cat([lin.weight.detach() for lin in linears])
+            return W8A8Linear(weight, bias) if w4a8 else Int8Linear(weight, bias)
+        parts = [c if c is not None else int4_codes(lin.weight.detach(), group) for c, lin in zip(stored, linears)]
         self.from_file += sum(c is not None for c in stored)
-        return Int4Linear(tuple(torch.cat(p) for p in zip(*parts)), self.group_size, bias)
-
-    def _w4a8(self, linears: list[nn.Linear], names: list[str], head: bool, n: int, k: int) -> QuantLinear | None:
-        """w4a8 (groups of 32 whatever `group_size`): the projections int4, from the checkpoint's own Q4_0 /
-        Q4_1 codes where it has them; the head int8 in blocks of 32, as a Q8_0 file stores it."""
-        from dspark.kernels import cpu_quant
-
-        if not cpu_quant.fits(n, k):
-            self.skipped.append(names[0])
-            return None
-        bs = [lin.bias for lin in linears]
-        bias = None if bs[0] is None else torch.cat([b.detach() for b in bs])
-        if head:
-            return W8A8Linear(torch.cat([lin.weight.detach() for lin in linears]), bias)
-        stored = [self.codes(name) if self.codes is not None else None for name in names]
-        parts = [c if c is not None else int4_codes(lin.weight.detach(), 32) for c, lin in zip(stored, linears)]
-        self.from_file += sum(c is not None for c in stored)
-        return W4A8Linear(tuple(torch.cat(p) for p in zip(*parts)), bias)
+        codes = tuple(torch.cat(p) for p in zip(*parts))
+        return W4A8Linear(codes, bias) if w4a8 else Int4Linear(codes, group, bias)

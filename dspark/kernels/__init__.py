@@ -1,5 +1,6 @@
 """Attention kernels: the contract (base.py), one module per backend (torch_backend.py, flashinfer_backend.py),
-and `make_backend`, the one place that picks one by name."""
+and `make_backend`, the one place that picks one by name. Besides them, cpu_quant: the int8-activation matmuls of
+`--quantization w4a8` (used by dspark/engine/quantization.py)."""
 
 from __future__ import annotations
 
