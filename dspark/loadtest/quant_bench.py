@@ -44,6 +44,18 @@ print(json.dumps({"rss_mb": rss / 1024, "weights": e.weights_summary}))
 """
 
 
+def median_ms(once) -> float:
+    """Milliseconds a call of `once`: the median of 11 timed calls after 3 warm-up ones."""
+    for _ in range(3):
+        once()
+    ts = []
+    for _ in range(11):
+        t0 = time.perf_counter()
+        once()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[5] * 1e3
+
+
 def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) -> None:
     """The decoder's projections alone, per kernel: every layer's own (random) weights, so that each call streams
     its weight from memory as in a real step; milliseconds for all of them, per row count."""
@@ -86,14 +98,7 @@ def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) ->
                 for projs in built[name]:
                     for proj, (_, k) in zip(projs, shapes):
                         proj(xs[k])
-            for _ in range(3):
-                once()
-            ts = []
-            for _ in range(11):
-                t0 = time.perf_counter()
-                once()
-                ts.append(time.perf_counter() - t0)
-            cells.append(sorted(ts)[5] * 1e3)
+            cells.append(median_ms(once))
         print(f"{r:4d} " + " ".join(f"{ms:12.2f}" for ms in cells))
     head = torch.randn(c.vocab_size, h) * 0.02
     heads = {"int8": Int8Linear(head)}
@@ -106,13 +111,7 @@ def kernels(base: Settings, rows=(1, 2, 4, 8, 16), layers: int | None = None) ->
         cells = []
         for name, proj in heads.items():
             xr = x.bfloat16() if name == "int8" else x
-            ts = []
-            for i in range(14):
-                t0 = time.perf_counter()
-                proj(xr)
-                if i >= 3:
-                    ts.append(time.perf_counter() - t0)
-            cells.append(sorted(ts)[5] * 1e3)
+            cells.append(median_ms(lambda proj=proj, xr=xr: proj(xr)))
         print(f"{r:4d} " + " ".join(f"{ms:14.2f}" for ms in cells))
 
 
