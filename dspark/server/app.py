@@ -228,7 +228,7 @@ def create_app(engine: AsyncLLM, settings) -> FastAPI:
         if not engine.alive:
             engine.start()
         yield
-        engine.shutdown()
+        await engine.shutdown()
 
     app = FastAPI(title="dspark", version="0.1.0", lifespan=lifespan)
     app.state.server = srv

@@ -87,9 +87,11 @@ class AsyncLLM:
         self.client.start(self._on_outputs, self._on_dead)
         self._started = True
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
+        """Stop the core off the event loop: the streams uvicorn has just cancelled at the end of a drain end (and
+        their connections close) meanwhile, rather than after the core has stopped."""
         self._closed = True  # streams cut after this must not send their aborts to a closed core
-        self.client.shutdown()
+        await asyncio.to_thread(self.client.shutdown)
 
     def _on_dead(self, reason: str) -> None:
         if self._dead is not None:
