@@ -1,10 +1,16 @@
-"""The torch paged-attention backend equals dense causal attention on ragged batches with scattered pages."""
+"""The torch paged-attention backend equals dense causal attention on ragged batches with scattered pages; so does
+its `row_op` mode, cpu_attention.cpp's op, whose rows are also the same bits alone, in any batch, on any thread
+count."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from dspark.kernels import cpu_quant, cpu_rows_op
 from dspark.kernels.base import AttentionMetadata
 from dspark.kernels.torch_backend import TorchPagedAttention
+
+needs_op = pytest.mark.skipif(cpu_quant.unavailable() is not None, reason="cpu_attention.cpp does not build here")
 
 
 def dense(q, k, v, scale):
@@ -48,9 +54,9 @@ def make_case(q_lens, kv_lens, seed=0, head_dim=8):
     return meta, torch.cat(qs), torch.cat(ks), torch.cat(vs), (kc, vc), ref
 
 
-def run_case(q_lens, kv_lens, seed=0):
+def run_case(q_lens, kv_lens, seed=0, row_op=False):
     meta, q, k, v, cache, ref = make_case(q_lens, kv_lens, seed)
-    be = TorchPagedAttention()
+    be = TorchPagedAttention(row_op, row_op, row_op)
     be.plan(meta)
     out = be.forward(0, q, k, v, cache, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -110,3 +116,55 @@ def test_decode_bf16_close_to_fp32():
     out = be.forward(0, q.bfloat16(), k.bfloat16(), v.bfloat16(), (kc.bfloat16(), vc.bfloat16()), q.shape[-1] ** -0.5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def paged(seed, cache_dtype, rows=6, n_kv=3, h=9, d=64, bs=16, blocks=40, pages=8):
+    """Random q [rows, h, d], paged caches, each row's own scattered pages and a length crossing pages."""
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(blocks, bs, n_kv, d, generator=g).to(cache_dtype)
+    vc = torch.randn(blocks, bs, n_kv, d, generator=g).to(cache_dtype)
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:pages] for _ in range(rows)])
+    lens = torch.tensor([1, 7, 16, 17, 100, 128][:rows])
+    return torch.randn(rows, h, d, generator=g) * 3, kc, vc, tables, lens
+
+
+@needs_op
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_row_op_equals_float64_attention(cache_dtype):
+    assert cpu_rows_op()
+    q, kc, vc, tables, lens = paged(0, cache_dtype)
+    out = torch.ops.dspark_cpu.paged_attention(q, kc, vc, tables, lens, 0.125)
+    g = q.shape[1] // kc.shape[2]
+    for t in range(len(q)):
+        keys = kc[tables[t]].flatten(0, 1)[: lens[t]].double().repeat_interleave(g, 1)  # [L, H, D]
+        values = vc[tables[t]].flatten(0, 1)[: lens[t]].double().repeat_interleave(g, 1)
+        p = torch.softmax(torch.einsum("hd,lhd->hl", q[t].double(), keys) * 0.125, -1)
+        torch.testing.assert_close(out[t].double(), torch.einsum("hl,lhd->hd", p, values), atol=1e-5, rtol=1e-5)
+
+
+@needs_op
+def test_row_op_gives_a_row_the_same_bits_alone_in_any_batch_and_on_any_thread_count():
+    assert cpu_rows_op()
+    q, kc, vc, tables, lens = paged(1, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        every = torch.ops.dspark_cpu.paged_attention(q, kc, vc, tables, lens, 0.125)
+        torch.set_num_threads(1)
+        assert torch.equal(every, torch.ops.dspark_cpu.paged_attention(q, kc, vc, tables, lens, 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    for t in range(len(q)):
+        alone = torch.ops.dspark_cpu.paged_attention(q[t : t + 1], kc, vc, tables[t : t + 1], lens[t : t + 1], 0.125)
+        assert torch.equal(alone[0], every[t])
+    reordered = torch.ops.dspark_cpu.paged_attention(q.flip(0), kc, vc, tables.flip(0), lens.flip(0), 0.125)
+    assert torch.equal(reordered.flip(0), every)
+
+
+@needs_op
+def test_row_op_backend_equals_dense_on_decode_verify_and_mixed_steps():
+    """Short rows by the op, longer chunks by SDPA (one call each), in one step."""
+    assert cpu_rows_op()
+    run_case([1, 1, 1], [5, 17, 1], row_op=True)
+    run_case([7, 1, 4, 13], [7, 9, 22, 30], seed=1, row_op=True)
+    for seed, q_lens in enumerate([[40, 1, 1, 5], [1, 33, 8, 17, 1], [17, 16]]):
+        run_case(q_lens, [q + 3 * seed + 2 for q in q_lens], seed=seed, row_op=True)

@@ -21,12 +21,14 @@ TEXTS = ["1, 2, 3, 4, 5, 6, 7, 8,", "def f(x):\n    return x\n\ndef f(", "the ca
 
 
 def counting(engine: LLMEngine) -> list[int]:
-    """Counts the steps the compiled graph ran (it must run, or the comparison proves nothing)."""
-    calls, run = [0], engine.runner.compiled.run
+    """Counts the steps the compiled graph ran (it must run, or the comparison proves nothing), and of them those
+    of several rows."""
+    calls, run = [0, 0], engine.runner.compiled.run
 
-    def counted(*a):
+    def counted(ids, *a):
         calls[0] += 1
-        return run(*a)
+        calls[1] += len(ids) > 1
+        return run(ids, *a)
 
     engine.runner.compiled.run = counted
     return calls
@@ -60,10 +62,14 @@ def test_compiled_decode_gives_the_eager_steps_bits(quantization, dtype):
 
 
 @needs_compiler
-def test_greedy_speculation_on_compiled_decoding_keeps_plain_decodings_text():
-    """Plain decoding runs the graph; speculation verifies drafts eagerly (k+1 rows) and decodes undrafted steps
-    with the graph: the same text and logprobs."""
-    base = Settings(model=TEST_MODEL, dtype="bfloat16", quantization="int4", deterministic="on",
+@pytest.mark.parametrize(("quantization", "dtype"), [
+    ("int4", "bfloat16"),
+    pytest.param("w4a8", "float32", marks=pytest.mark.skipif(cpu_quant.unavailable() is not None,
+                                                              reason="w4a8's kernels do not build here"))])
+def test_greedy_speculation_on_compiled_decoding_keeps_plain_decodings_text(quantization, dtype):
+    """Plain decoding runs the graph; speculation verifies drafts (k+1 rows) with the rows graph (bf16, or float32
+    rows by cpu_attention.cpp's op) and decodes undrafted steps with the lone row's: the same text and logprobs."""
+    base = Settings(model=TEST_MODEL, dtype=dtype, quantization=quantization, deterministic="on",
                     torch_compile="on", draft_policy="fixed", num_kv_blocks=256)
     plain = LLMEngine(base.model_copy(update={"speculative": "none"}))
     spec = LLMEngine(base.model_copy(update={"speculative": "ngram", "ngram_min": 1}))
@@ -74,7 +80,7 @@ def test_greedy_speculation_on_compiled_decoding_keeps_plain_decodings_text():
         want, got = plain.generate([prompt], params)[0], spec.generate([prompt], params)[0]
         assert got.output_ids == want.output_ids
         assert [lp[1] for lp in got.logprobs] == [lp[1] for lp in want.logprobs]
-    assert spec.stats["accepted_tokens"] > 0 and calls[0] > 0
+    assert spec.stats["accepted_tokens"] > 0 and calls[0] > 0 and calls[1] > 0  # drafts verified by the graph
 
 
 def test_torch_compile_setting():

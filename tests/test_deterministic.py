@@ -15,19 +15,20 @@ from openai import AsyncOpenAI
 from dspark.engine.llm_engine import LLMEngine
 from dspark.engine.sampling import SamplingParams
 from dspark.engine.settings import DEFAULT_MODEL, Settings, resolve_model
+from dspark.kernels import cpu_quant, cpu_rows_op
 from dspark.kernels.base import AttentionMetadata
 from dspark.kernels.torch_backend import TorchPagedAttention
 
 TEST_MODEL = "models/tiny-qwen3-5m"
 
 
-def attend(cache, tables, q, q_lens, kv_lens, one_call_each: bool | None, bs: int = 16):
-    """One step of TorchPagedAttention over `cache` (None: --deterministic off)."""
+def attend(cache, tables, q, q_lens, kv_lens, one_call_each: bool | None, bs: int = 16, row_op: bool = False):
+    """One step of TorchPagedAttention over `cache` (None: --deterministic off; row_op: cpu_attention.cpp's op)."""
     n_kv, d = cache[0].shape[-2:]
     meta = AttentionMetadata(q_lens, kv_lens, tables[: len(kv_lens)], torch.tensor(
         [int(tables[r][p // bs]) * bs + p % bs for r, (ql, kl) in enumerate(zip(q_lens, kv_lens))
          for p in range(kl - ql, kl)]), bs)
-    backend = TorchPagedAttention(one_call_each is not None, bool(one_call_each))
+    backend = TorchPagedAttention(one_call_each is not None, bool(one_call_each), row_op)
     backend.plan(meta)
     k, v = cache[0].view(-1, n_kv, d)[meta.slot_mapping], cache[1].view(-1, n_kv, d)[meta.slot_mapping]
     return backend.forward(0, q, k, v, cache, d**-0.5)
@@ -43,7 +44,8 @@ TABLES = torch.tensor([[3, 7, 1, 9, 0, 0, 0, 0], [2, 5, 11, 4, 6, 0, 0, 0], [8, 
                        [12, 13, 14, 15, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]])
 
 
-def rows_as_decoded(one_call_each: bool | None, lone: bool, dtype=torch.bfloat16, n_kv=2, h=4) -> list[bool]:
+def rows_as_decoded(one_call_each: bool | None, lone: bool, dtype=torch.bfloat16, n_kv=2, h=4, row_op=False
+                    ) -> list[bool]:
     """A step where request 0 verifies 8 rows (positions 28..35: its keys cross 32, where a cut at the exact length
     changed SDPA's bits) beside request 1 decoding one token (or alone): for each verified row, whether it got the
     very bits its own decode step gives it (with the same request 1 beside it). Heads default to the tiny model's;
@@ -51,13 +53,14 @@ def rows_as_decoded(one_call_each: bool | None, lone: bool, dtype=torch.bfloat16
     cache, q = random_cache(dtype, n_kv, h)
     kv, q_lens = ([36], [8]) if lone else ([36, 71], [8, 1])
     q = q[: sum(q_lens)]
-    together = attend(cache, TABLES, q, q_lens, kv, one_call_each)
+    together = attend(cache, TABLES, q, q_lens, kv, one_call_each, row_op=row_op)
     same = []
     for i in range(8):
         if lone:
-            alone = attend(cache, TABLES, q[i : i + 1], [1], [kv[0] - 7 + i], one_call_each)
+            alone = attend(cache, TABLES, q[i : i + 1], [1], [kv[0] - 7 + i], one_call_each, row_op=row_op)
         else:
-            alone = attend(cache, TABLES, torch.stack([q[i], q[8]]), [1, 1], [kv[0] - 7 + i, kv[1]], one_call_each)
+            alone = attend(cache, TABLES, torch.stack([q[i], q[8]]), [1, 1], [kv[0] - 7 + i, kv[1]], one_call_each,
+                           row_op=row_op)
         same.append(torch.equal(together[i], alone[0]))
     return same
 
@@ -82,25 +85,35 @@ F32_HEADS = {"dtype": torch.float32, "n_kv": 3, "h": 9}
 threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: float32 SDPA is batch-invariant as is")
 
 
+no_op = pytest.mark.skipif(cpu_quant.unavailable() is not None, reason="cpu_attention.cpp does not build here")
+row_ops = [False, pytest.param(True, marks=no_op)]
+
+
+@pytest.mark.parametrize("row_op", row_ops)
 @pytest.mark.parametrize("lone", [True, False])
-def test_in_float32_a_verified_row_attends_as_its_decode_step_would(lone):
-    assert all(rows_as_decoded(True, lone, **F32_HEADS))
+def test_in_float32_a_verified_row_attends_as_its_decode_step_would(lone, row_op):
+    assert not row_op or cpu_rows_op()
+    assert all(rows_as_decoded(True, lone, **F32_HEADS, row_op=row_op))
 
 
-def decoded_alone_and_in_batches(one_call_each: bool | None, dtype=torch.bfloat16, n_kv=2, h=4) -> list[bool]:
+def decoded_alone_and_in_batches(one_call_each: bool | None, dtype=torch.bfloat16, n_kv=2, h=4, row_op=False
+                                 ) -> list[bool]:
     """Request 0's decode row (36 keys) alone, then beside 1..4 other requests decoding, verifying or prefilling:
     whether each batch gives it the lone bits."""
     cache, q = random_cache(dtype, n_kv, h)
-    alone = attend(cache, TABLES, q[:1], [1], [36], one_call_each)[0]
+    alone = attend(cache, TABLES, q[:1], [1], [36], one_call_each, row_op=row_op)[0]
     others = [([1], [71]), ([1, 4], [71, 20]), ([1, 8, 1], [71, 20, 50]), ([1, 1, 4, 17], [71, 20, 50, 30])]
-    return [torch.equal(alone, attend(cache, TABLES, q[: 1 + sum(ql)], [1, *ql], [36, *kl], one_call_each)[0])
+    return [torch.equal(alone, attend(cache, TABLES, q[: 1 + sum(ql)], [1, *ql], [36, *kl], one_call_each,
+                                      row_op=row_op)[0])
             for ql, kl in others]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_decode_row_attends_alike_alone_and_in_any_batch(dtype):
+@pytest.mark.parametrize(("dtype", "row_op"), [(torch.bfloat16, False), (torch.float32, False),
+                                               pytest.param(torch.float32, True, marks=no_op)])
+def test_a_decode_row_attends_alike_alone_and_in_any_batch(dtype, row_op):
+    assert not row_op or cpu_rows_op()
     heads = F32_HEADS if dtype == torch.float32 else {"dtype": dtype}
-    assert all(decoded_alone_and_in_batches(dtype == torch.float32, **heads))
+    assert all(decoded_alone_and_in_batches(dtype == torch.float32, **heads, row_op=row_op))
 
 
 @threads

@@ -41,7 +41,7 @@ def can_compile() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
-STEP_INPUTS = ("ids", "positions", "slots", "pages", "mask")
+STEP_INPUTS = ("ids", "positions", "slots", "pages", "seen")
 
 
 def step_guards(entries) -> list[bool]:
@@ -63,12 +63,13 @@ def own_code(method):
 
 class DecodeAttention:
     """Paged attention where every row is a decode row of its own, written to be traced: the step's slots, each
-    row's pages ([T, P], its request's, padded with the scratch block) and additive mask ([T, 1, 1, P *
-    block_size], -inf past the row's position) are tensors, so one graph serves every length. Whole pages,
-    masked: TorchPagedAttention's `--deterministic` layout, hence its bits."""
+    row's pages ([T, P], its request's, padded with the scratch block) and what it sees are tensors, so one graph
+    serves every length. `seen`: an additive mask ([T, 1, 1, P * block_size], -inf past the row's position; whole
+    pages, masked: TorchPagedAttention's `--deterministic` layout, hence its bits), or with `row_op` the number of
+    keys each row sees ([T]), for cpu_attention.cpp's op as TorchPagedAttention's row_op calls it."""
 
-    def __init__(self, slots: torch.Tensor, pages: torch.Tensor, mask: torch.Tensor):
-        self.slots, self.pages, self.mask = slots, pages, mask
+    def __init__(self, slots: torch.Tensor, pages: torch.Tensor, seen: torch.Tensor, row_op: bool):
+        self.slots, self.pages, self.seen, self.row_op = slots, pages, seen, row_op
 
     def plan(self, meta: AttentionMetadata) -> None:  # the step's tensors came with the constructor
         pass
@@ -76,13 +77,15 @@ class DecodeAttention:
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
         write_paged_kv(kv_cache, self.slots, k, v)
         k_cache, v_cache = kv_cache
+        if self.row_op:
+            return torch.ops.dspark_cpu.paged_attention(q, k_cache, v_cache, self.pages, self.seen, scale)
         n_kv, d = k_cache.shape[-2:]
         b, h = q.shape[0], q.shape[1]
         flat = self.pages.reshape(-1)
         keys = k_cache.index_select(0, flat).view(b, -1, n_kv, d).transpose(1, 2).to(q.dtype)
         values = v_cache.index_select(0, flat).view(b, -1, n_kv, d).transpose(1, 2).to(q.dtype)
         # GQA as rows of the KV head, as the torch backend's decode path does
-        out = F.scaled_dot_product_attention(q.view(b, n_kv, h // n_kv, d), keys, values, attn_mask=self.mask,
+        out = F.scaled_dot_product_attention(q.view(b, n_kv, h // n_kv, d), keys, values, attn_mask=self.seen,
                                              scale=scale)
         return out.reshape(b, h, d)
 
@@ -94,14 +97,16 @@ class CompiledDecode:
 
     Every row attends as a decode row of its own (its request's pages, masked past its position), the layout of
     the torch backend's `--deterministic` verification, so a draft row gets the bits its decode step would.
-    `max_rows` 1 keeps only the lone decode row: float32 attention is not batch-invariant on the CPU (the torch
-    backend gives each row its own SDPA call there), so only a lone row can be compiled with eager's bits."""
+    `max_rows` 1 keeps only the lone decode row: float32 SDPA is not batch-invariant on the CPU (the torch
+    backend gives each row its own SDPA call there), so only a lone row can be compiled with eager's bits, unless
+    the rows are attended by cpu_attention.cpp's op (`row_op`, as the torch backend then does)."""
 
     def __init__(self, model: CausalLM, kv_caches: list, block_size: int, scratch_block: int,
-                 hidden_layers: tuple[int, ...], max_model_len: int, max_q: int = 1, max_rows: int = 1):
+                 hidden_layers: tuple[int, ...], max_model_len: int, max_q: int = 1, max_rows: int = 1,
+                 row_op: bool = False):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.scratch_block, self.hidden_layers = scratch_block, hidden_layers
-        self.max_q, self.max_rows = max_q, max_rows
+        self.max_q, self.max_rows, self.row_op = max_q, max_rows, row_op
         self.max_pages = max(MIN_PAGES, -(-max_model_len // block_size))
         self.dtype = kv_caches[0][0].dtype
         model.model.rotary_emb.reserve(max_model_len, kv_caches[0][0].device)  # no position read back in the graph
@@ -109,8 +114,8 @@ class CompiledDecode:
         self.fn = torch.compile(own_code(self._forward), dynamic=False, fullgraph=True,
                                 options={"emulate_precision_casts": True, "guard_filter_fn": step_guards})
 
-    def _forward(self, ids, positions, slots, pages, mask, kv_caches):
-        return self.model(ids, positions, DecodeAttention(slots, pages, mask), kv_caches,
+    def _forward(self, ids, positions, slots, pages, seen, kv_caches):
+        return self.model(ids, positions, DecodeAttention(slots, pages, seen, self.row_op), kv_caches,
                           hidden_layers=self.hidden_layers)
 
     def fits(self, meta: AttentionMetadata, hidden_layers: tuple[int, ...]) -> bool:
@@ -118,7 +123,8 @@ class CompiledDecode:
                 and sum(meta.q_lens) <= self.max_rows)
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        """Each row's pages (its request's, padded with the scratch block) and mask (-inf past its position)."""
+        """Each row's pages (its request's, padded with the scratch block) and mask (-inf past its position), or
+        with the row op its number of keys."""
         bs, dev = self.block_size, ids.device
         n_pages = max(MIN_PAGES, -(-max(meta.kv_lens) // bs))
         table = meta.block_tables[:, :n_pages]
@@ -132,18 +138,22 @@ class CompiledDecode:
             owner = torch.repeat_interleave(torch.arange(len(meta.q_lens), device=dev),
                                             torch.tensor(meta.q_lens, device=dev))
             pages = table[owner]
+        if self.row_op:
+            return self._call(ids, positions, meta.slot_mapping, pages.long(), positions + 1)
         past = torch.arange(n_pages * bs, device=dev)[None, :] > positions[:, None]
         mask = torch.zeros(len(ids), 1, 1, n_pages * bs, dtype=self.dtype, device=dev).masked_fill_(
             past[:, None, None, :], float("-inf"))
         return self._call(ids, positions, meta.slot_mapping, pages.long(), mask)
 
-    def _call(self, ids, positions, slots, pages, mask):
+    def _call(self, ids, positions, slots, pages, seen):
         if len(ids) > 1:  # rows: one graph for any count from 2 (a count of 1 is the lone decode row's graph)
-            for t in (ids, positions, slots, pages, mask):
+            for t in (ids, positions, slots, pages, seen):
                 torch._dynamo.mark_dynamic(t, 0, min=2, max=max(2, self.max_rows))
         torch._dynamo.mark_dynamic(pages, 1, min=MIN_PAGES, max=self.max_pages)
-        torch._dynamo.mark_dynamic(mask, 3, min=MIN_PAGES * self.block_size, max=self.max_pages * self.block_size)
-        return self.fn(ids, positions, slots, pages, mask, self.kv_caches)
+        if not self.row_op:
+            torch._dynamo.mark_dynamic(seen, 3, min=MIN_PAGES * self.block_size,
+                                       max=self.max_pages * self.block_size)
+        return self.fn(ids, positions, slots, pages, seen, self.kv_caches)
 
     @torch.inference_mode()
     def warm_up(self) -> float:
@@ -154,9 +164,10 @@ class CompiledDecode:
             pages = torch.full((rows, MIN_PAGES), self.scratch_block, dtype=torch.long, device=dev)
             mask = torch.zeros(rows, 1, 1, MIN_PAGES * self.block_size, dtype=self.dtype, device=dev)
             mask[..., rows:] = float("-inf")
+            seen = torch.arange(1, rows + 1, device=dev) if self.row_op else mask
             slots = self.scratch_block * self.block_size + torch.arange(rows, device=dev)
             self._call(torch.zeros(rows, dtype=torch.long, device=dev), torch.arange(rows, device=dev), slots,
-                       pages, mask)
+                       pages, seen)
         seconds = time.perf_counter() - t0
         log.info("compiled the decode step (%s) in %.1f s (Inductor, CPU)",
                  f"1 row, and 2-{self.max_rows} rows" if self.max_rows > 1 else "1 row", seconds)

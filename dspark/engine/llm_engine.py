@@ -174,8 +174,10 @@ class LLMEngine:
                                       settings.max_graph_tokens, self.max_model_len, self.tap_layers)
         if settings.compile_on:  # before the cost profile too
             try:
-                # rows together only where the torch backend attends them together (bf16: batch-invariant SDPA)
-                rows = settings.max_num_batched_tokens if dtype == torch.bfloat16 else 1
+                # rows together only where the torch backend's rows are batch-invariant: bf16 SDPA, or float32 rows
+                # by cpu_attention.cpp's op (row_op)
+                together = dtype == torch.bfloat16 or getattr(backend, "row_op", False)
+                rows = settings.max_num_batched_tokens if together else 1
                 self.runner.enable_compile(self.max_model_len, self.tap_layers, 1 + draft_len, rows)
             except Exception as e:  # auto: serve eagerly rather than not at all; on: the asker hears why
                 if settings.torch_compile == "on":

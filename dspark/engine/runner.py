@@ -83,7 +83,8 @@ class ModelRunner:
         self.model.fixed_order_norms_()  # the norms' bits alike in eager and compiled steps
         try:
             compiled = CompiledDecode(self.model, self.kv_caches, self.block_size, self.scratch_block,
-                                      hidden_layers(tap_layers), max_model_len, max_q, max_rows)
+                                      hidden_layers(tap_layers), max_model_len, max_q, max_rows,
+                                      row_op=getattr(self.backend, "row_op", False))
             seconds = compiled.warm_up()  # steps use it only once it has compiled
         except Exception:
             self.model.fixed_order_norms_(False)  # eager after all: aten's norm, fewer ops

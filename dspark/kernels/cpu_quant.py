@@ -9,11 +9,13 @@ the same with AVX2 vpmaddubsw, on weights repacked into tiles of 8 output column
 
 The ops are built from cpu_quant.cpp by torch's own extension builder on first use (about a minute, then cached
 under torch's extensions directory), so they need AVX2, a C++ compiler and ninja, as Inductor needs a compiler.
+The same build carries cpu_attention.cpp's row-invariant paged attention (used by dspark/kernels/torch_backend.py).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import shutil
 import time
@@ -23,7 +25,7 @@ import torch
 
 log = logging.getLogger("dspark.engine")
 
-SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+SOURCES = [Path(__file__).with_name(f) for f in ("cpu_quant.cpp", "cpu_attention.cpp")]
 BLOCK = 32  # inputs per scale, weights and activations alike
 TILE = 8  # output columns per tile
 
@@ -50,9 +52,13 @@ def load() -> None:
     from torch.utils.cpp_extension import load_inline
 
     t0 = time.perf_counter()
-    # the torch version in the name: the builder's cache notices a changed source, not another torch's headers
-    name = "dspark_cpu_quant_" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    load_inline(name, [SOURCE.read_text()], is_python_module=False, extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"])
+    # the torch version and the sources' hash in the name: the builder's cache notices neither another torch's
+    # headers nor, across processes, that two checkouts' sources differ (each would rebuild over the other's)
+    sources = [f.read_text() for f in SOURCES]
+    digest = hashlib.sha256("".join(sources).encode()).hexdigest()[:12]
+    name = f"dspark_cpu_{''.join(c if c.isalnum() else '_' for c in torch.__version__)}_{digest}"
+    load_inline(name, sources, is_python_module=False,
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"])
     seconds = time.perf_counter() - t0
     if seconds > 2:
         log.info("built the w4a8 kernels in %.0f s (cached for the next start)", seconds)
@@ -61,6 +67,10 @@ def load() -> None:
     @torch.library.register_fake("dspark_cpu::w4a8_mm")
     def _(x, w, d, m):
         return x.new_empty(x.shape[0], w.shape[0] * TILE)
+
+    @torch.library.register_fake("dspark_cpu::paged_attention")
+    def _(q, k_cache, v_cache, pages, lens, scale):
+        return q.new_empty(q.shape, dtype=torch.float32)
 
     @torch.library.register_fake("dspark_cpu::w8a8_mm")
     def _(x, w, d):

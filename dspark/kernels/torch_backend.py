@@ -31,7 +31,7 @@ class TorchPagedAttention:
 
     SHORT_Q = 16  # query rows up to this many (decode, drafts to verify) go in the short part of a mixed step
 
-    def __init__(self, row_invariant: bool = False, one_call_each: bool = False):
+    def __init__(self, row_invariant: bool = False, one_call_each: bool = False, row_op: bool = False):
         # `--deterministic` (issue 39): every step attends whole pages, masked, and short rows (drafts to verify)
         # are attended as decode rows, each a one-query request of its own length, so that a row gets the very
         # bits its decode step would give it.
@@ -42,7 +42,10 @@ class TorchPagedAttention:
         # other bits on another thread, and how the (batch, head) items are spread over threads depends on the
         # batch (e.g. 3 KV heads, 2 threads: a lone request's head 2 runs on thread 1, in a batch of 2 on thread
         # 0). bf16 SDPA (oneDNN's brgemm) is batch-invariant as is.
+        # `row_op` (float32 on a CPU where dspark/kernels/cpu_attention.cpp builds): one_call_each's short rows all
+        # in one call of that op instead, whose rows are batch-invariant by construction.
         self.row_invariant, self.one_call_each = row_invariant, row_invariant and one_call_each
+        self.row_op = self.one_call_each and row_op
 
     def plan(self, meta: AttentionMetadata) -> None:
         self.parts = self.units = None
@@ -71,8 +74,16 @@ class TorchPagedAttention:
         """`one_call_each`: one lone-request plan per call, each over a range of the flat tokens: a token of a
         short row (decode, a draft to verify) as the decode step of its own position; a longer chunk whole."""
         self.slot_mapping, self.units, start = meta.slot_mapping, [], 0
+        self.op_rows = None  # row_op: (token indices, or None for all; their pages [T, P]; keys seen [T])
+        owner, lens, tok = [], [], []
         for r, (ql, kl) in enumerate(zip(meta.q_lens, meta.kv_lens)):
             table = meta.block_tables[r : r + 1]
+            if self.row_op and ql <= self.SHORT_Q:
+                owner += [r] * ql
+                lens += range(kl - ql + 1, kl + 1)
+                tok += range(start, start + ql)
+                start += ql
+                continue
             calls = [(1, kl - ql + i + 1) for i in range(ql)] if ql <= self.SHORT_Q else [(ql, kl)]
             for q_len, kv_len in calls:
                 unit = TorchPagedAttention(row_invariant=True)
@@ -80,6 +91,12 @@ class TorchPagedAttention:
                                              meta.block_size))
                 self.units.append((unit, start, start + q_len))
                 start += q_len
+        if tok:
+            dev = meta.slot_mapping.device
+            n_pages = -(-max(lens) // meta.block_size)
+            pages = meta.block_tables[:, :n_pages][torch.tensor(owner, device=dev)]
+            index = None if len(tok) == start else torch.tensor(tok, device=dev)
+            self.op_rows = (index, pages, torch.tensor(lens, device=dev))
 
     def _plan(self, meta: AttentionMetadata) -> None:
         dev = meta.slot_mapping.device
@@ -132,7 +149,18 @@ class TorchPagedAttention:
     def forward(self, layer_idx, q, k, v, kv_cache, scale):
         write_paged_kv(kv_cache, self.slot_mapping, k, v)
         if self.units is not None:
-            return torch.cat([unit._attend(q[a:b], kv_cache, scale) for unit, a, b in self.units])
+            if self.op_rows is None:
+                return torch.cat([unit._attend(q[a:b], kv_cache, scale) for unit, a, b in self.units])
+            index, pages, lens = self.op_rows
+            rows = torch.ops.dspark_cpu.paged_attention(q if index is None else q[index], *kv_cache, pages, lens,
+                                                        scale)
+            if index is None:
+                return rows
+            out = torch.empty_like(q)
+            out[index] = rows
+            for unit, a, b in self.units:
+                out[a:b] = unit._attend(q[a:b], kv_cache, scale)
+            return out
         if self.parts is None:
             return self._attend(q, kv_cache, scale)
         out = torch.empty_like(q)
