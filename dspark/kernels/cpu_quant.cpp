@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -114,10 +115,14 @@ torch::Tensor tiled_mm(const torch::Tensor& x, const torch::Tensor& w, const tor
               "w: [N/8, K/32, ", tile_bytes, "] for x's K = ", K);
   TORCH_CHECK(d.sizes() == torch::IntArrayRef({T, nb, 8}) && d.scalar_type() == torch::kFloat && d.is_contiguous());
   if (m) TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == torch::kFloat && m->is_contiguous());
-  auto codes = torch::empty({M, K}, torch::kChar);
-  auto xd = torch::empty({M, nb}, torch::kFloat), xs = torch::empty({M, nb}, torch::kFloat);
-  quantize_rows(x.data_ptr<float>(), M, K, codes.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
-  const Rows rows{codes.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>(), K, nb};
+  // the quantized rows in the calling thread's buffers, kept between calls (121 calls a batch-1 step of the default model)
+  thread_local std::vector<int8_t> codes;
+  thread_local std::vector<float> xd, xs;
+  codes.resize(M * K);
+  xd.resize(M * nb);
+  xs.resize(M * nb);
+  quantize_rows(x.data_ptr<float>(), M, K, codes.data(), xd.data(), xs.data());
+  const Rows rows{codes.data(), xd.data(), xs.data(), K, nb};
   auto out = torch::empty({M, N}, torch::kFloat);
   const W* W_ = reinterpret_cast<const W*>(w.data_ptr());
   const float *D = d.data_ptr<float>(), *Mn = m ? m->data_ptr<float>() : nullptr;
