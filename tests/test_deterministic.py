@@ -1,7 +1,8 @@
 """`--deterministic` (issue 39): a token's logits are the same bits whatever step it runs in, so greedy speculation
 gives plain decoding's text in bfloat16 too. Attention reads whole pages (masked) and attends each draft row as a
-decode row (in float32 each row, and each longer chunk, as its own SDPA call); float projections run one row per
-call; quantized ones compute each row alone already."""
+decode row (in float32 all of them by cpu_attention.cpp's op, or each as its own SDPA call where it does not build,
+and each longer chunk as its own SDPA call); float projections run one row per call; quantized ones compute each row
+alone already."""
 
 from __future__ import annotations
 
