@@ -70,7 +70,7 @@ def test_greedy_speculation_on_compiled_decoding_keeps_plain_decodings_text(quan
     """Plain decoding runs the graph; speculation verifies drafts (k+1 rows) with the rows graph (bf16, or float32
     rows by cpu_attention.cpp's op) and decodes undrafted steps with the lone row's: the same text and logprobs."""
     base = Settings(model=TEST_MODEL, dtype=dtype, quantization=quantization, deterministic="on",
-                    torch_compile="on", draft_policy="fixed", num_kv_blocks=256)
+                    torch_compile="full", draft_policy="fixed", num_kv_blocks=256)
     plain = LLMEngine(base.model_copy(update={"speculative": "none"}))
     spec = LLMEngine(base.model_copy(update={"speculative": "ngram", "ngram_min": 1}))
     calls = counting(spec)

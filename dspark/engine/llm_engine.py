@@ -175,12 +175,14 @@ class LLMEngine:
         if settings.compile_on:  # before the cost profile too
             try:
                 # rows together only where the torch backend's rows are batch-invariant: bf16 SDPA, or float32 rows
-                # by cpu_attention.cpp's op (row_op)
-                together = dtype == torch.bfloat16 or getattr(backend, "row_op", False)
+                # by cpu_attention.cpp's op (row_op), under `full` only: that graph took 258 s more to compile on a
+                # cold start of the default model (AVX2 host; docs/benchmarks.md, peers-decode-rate-avx2-rowop)
+                together = dtype == torch.bfloat16 or (settings.torch_compile == "full"
+                                                       and getattr(backend, "row_op", False))
                 rows = settings.max_num_batched_tokens if together else 1
                 self.runner.enable_compile(self.max_model_len, self.tap_layers, 1 + draft_len, rows)
             except Exception as e:  # auto: serve eagerly rather than not at all; on: the asker hears why
-                if settings.torch_compile == "on":
+                if settings.torch_compile in ("on", "full"):
                     raise
                 log.warning("torch.compile of the decode step failed, decoding eagerly: %s: %s", type(e).__name__, e)
         if policy is not None and policy.adaptive:

