@@ -1,6 +1,7 @@
 """Attention kernels: the contract (base.py), one module per backend (torch_backend.py, flashinfer_backend.py),
 and `make_backend`, the one place that picks one by name. Besides them, cpu_quant: the int8-activation matmuls of
-`--quantization w4a8` (used by dspark/engine/quantization.py)."""
+`--quantization w4a8` (used by dspark/engine/quantization.py), built together with cpu_attention.cpp's row-invariant
+paged attention (the torch backend's float32 `--deterministic` rows, `cpu_rows_op`)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-#include <cstring>
 #include <vector>
 
 namespace {
